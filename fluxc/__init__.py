@@ -1,0 +1,34 @@
+"""fluxc: Flux Attention as a torch.compile pass.
+
+    model = fluxc.compile(model, router_ckpt)        # or route="full" / "sparse" / per-layer
+    torch.compile(model, backend="flux", options={"router_ckpt": ...})
+
+Importing fluxc registers its custom ops and nothing else: no CUDA init, no Triton import, no changes to
+logging, environment or torch configuration.
+"""
+
+from fluxc.api import FluxModule, compile, last_route, sites
+from fluxc.checkpoint import Fingerprint, read_checkpoint, save_routers
+from fluxc.config import FluxConfig
+from fluxc.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    ConfigError,
+    CorruptCheckpointError,
+    FluxError,
+    ImplementationError,
+    NoAttentionError,
+    NotTracedError,
+    RouteError,
+)
+from fluxc.generate import generate
+from fluxc.passes import RouteState, SiteInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "CheckpointMismatchError", "ConfigError", "CorruptCheckpointError", "Fingerprint",
+    "FluxConfig", "FluxError", "FluxModule", "ImplementationError", "NoAttentionError", "NotTracedError",
+    "RouteError", "RouteState", "SiteInfo", "compile", "generate", "last_route", "read_checkpoint",
+    "save_routers", "sites",
+]

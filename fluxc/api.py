@@ -1,0 +1,139 @@
+"""Public API: `compile`, `sites`, `last_route`."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from fluxc.backend import FluxBackend, RouteSpec, backend_from_options, parse_route, resolve_config
+from fluxc.checkpoint import Fingerprint, read_checkpoint
+from fluxc.config import FluxConfig
+from fluxc.errors import ConfigError, NotTracedError
+from fluxc.passes import RouteState, SiteInfo
+
+log = logging.getLogger("fluxc")
+_ids = itertools.count()
+
+
+def _forward(*args: Any, _fluxc_model: nn.Module, **kwargs: Any) -> Any:
+    return _fluxc_model(*args, **kwargs)
+
+
+def _private_forward(model: nn.Module) -> types.FunctionType:
+    # A code object of its own per compiled module: Dynamo caches per code object, so modules never
+    # share (or exhaust) each other's cache entries.
+    code = _forward.__code__.replace(co_name=f"fluxc_forward_{next(_ids)}")
+    fn = types.FunctionType(code, _forward.__globals__, code.co_name)
+    fn.__kwdefaults__ = {"_fluxc_model": model}
+    return fn
+
+
+def model_fingerprint(model: nn.Module) -> Fingerprint | None:
+    """Fingerprint from an HF-style config, when the model has one."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    text = getattr(cfg, "get_text_config", lambda: cfg)()
+    try:
+        heads = text.num_attention_heads
+        return Fingerprint(type(model).__name__, text.num_hidden_layers, heads,
+                           getattr(text, "num_key_value_heads", None) or heads,
+                           getattr(text, "head_dim", None) or text.hidden_size // heads)
+    except AttributeError:
+        return None
+
+
+class FluxModule(nn.Module):
+    """`model` running its Flux-rewritten graph; called exactly like `model`."""
+
+    def __init__(self, model: nn.Module, backend: FluxBackend) -> None:
+        super().__init__()
+        self.model = model
+        self.route_state = backend.state
+        self.routers: nn.ModuleList | None = None
+        self._backend = backend
+        backend.on_routers = self._set_routers
+        self._compiled = torch.compile(_private_forward(model), backend=backend, fullgraph=True)
+
+    def _set_routers(self, routers: nn.ModuleList) -> None:
+        self.routers = routers
+
+    @property
+    def flux_config(self) -> FluxConfig:
+        return self._backend.config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._compiled(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+
+def compile(model: nn.Module, router_ckpt: str | None = None, *, config: FluxConfig | dict | None = None,
+            route: RouteSpec = None) -> FluxModule:
+    """Return `model` with every attention site routed between full and sparse attention.
+
+    `route=None` uses the routers of `router_ckpt`; `"full"`, `"sparse"` or one `"full"`/`"sparse"` per layer
+    forces the branches. The graph is traced on the first call (like `torch.compile`).
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(config, dict):
+        config = FluxConfig.from_dict(config)
+    elif config is not None and not isinstance(config, FluxConfig):
+        raise ConfigError(f"config must be a FluxConfig or a dict, got {type(config).__name__}")
+    parse_route(route)
+    ckpt = read_checkpoint(router_ckpt) if router_ckpt is not None else None
+    config = resolve_config(config, ckpt)
+    fingerprint = model_fingerprint(model)
+    if ckpt is not None and fingerprint is not None:
+        ckpt.check_model(fingerprint)  # fail before any tensor is touched
+    backend = FluxBackend(config, checkpoint=ckpt, route=route, architecture=type(model).__name__,
+                          require_sites=True)
+    return FluxModule(model, backend)
+
+
+def _backend_of(m: Any) -> FluxBackend:
+    if isinstance(m, FluxModule):
+        return m._backend
+    callback = getattr(getattr(m, "dynamo_ctx", None), "callback", None)  # torch.compile(..., backend="flux")
+    options = getattr(callback, "kwargs", {}).get("options") if callback is not None else None
+    if isinstance(options, dict):
+        return backend_from_options(options)
+    if isinstance(callback, FluxBackend):
+        return callback
+    raise ConfigError(f"{type(m).__name__} is not a fluxc-compiled model; use fluxc.compile(model, ...) or "
+                      f"torch.compile(model, backend='flux', options={{...}})")
+
+
+def sites(m: Any, *example_args: Any, **example_kwargs: Any) -> list[SiteInfo]:
+    """The attention sites found in `m`'s traced graph, one record per site (routed or kept as-is).
+
+    Traced on the first call of `m`; pass example inputs to trace now (they are run once, without grad).
+    """
+    backend = _backend_of(m)
+    if backend.sites is None and (example_args or example_kwargs):
+        with torch.no_grad():
+            m(*example_args, **example_kwargs)
+    if backend.sites is None:
+        raise NotTracedError("the model has not been traced yet: call it once, or pass example inputs to "
+                             "fluxc.sites(m, *args, **kwargs)")
+    return list(backend.sites)
+
+
+def last_route(m: Any) -> torch.Tensor:
+    """bool [batch, num_layers] of the last prefill's decisions (True = full attention)."""
+    if isinstance(m, RouteState):
+        return m.last()
+    backend = _backend_of(m)
+    if backend.sites is None:
+        raise NotTracedError("no prefill has run yet: call the model first")
+    return backend.state.last()

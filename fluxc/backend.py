@@ -1,0 +1,161 @@
+"""The `flux` torch.compile backend: run the Flux pass on Dynamo's graph, then compile it.
+
+Registered through the ``torch_dynamo_backends`` entry point, so ``torch.compile(model, backend="flux",
+options={...})`` works without importing fluxc first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fluxc.checkpoint import Fingerprint, RouterCheckpoint, read_checkpoint
+from fluxc.config import FluxConfig
+from fluxc.errors import ConfigError, NoAttentionError, RouteError
+from fluxc.passes import PassOptions, RouteState, SiteInfo, flux_pass
+
+log = logging.getLogger("fluxc")
+
+RouteSpec = str | Sequence[str] | Sequence[bool] | None
+OPTION_KEYS = ("router_ckpt", "route", "config", "state", "compiler", "architecture")
+
+
+def parse_route(route: RouteSpec) -> str | tuple[bool, ...] | None:
+    """None (routers), 'full', 'sparse', or a per-layer tuple (True = full)."""
+    if route is None or route in ("full", "sparse"):
+        return route
+    if isinstance(route, str):
+        raise RouteError(f"route={route!r} is not a route; use None (router), 'full', 'sparse', or a per-layer list")
+    out = []
+    for i, r in enumerate(route):
+        if r in ("full", True):
+            out.append(True)
+        elif r in ("sparse", False):
+            out.append(False)
+        else:
+            raise RouteError(f"route[{i}]={r!r} is not 'full' or 'sparse'")
+    return tuple(out)
+
+
+class FluxBackend:
+    """Callable Dynamo backend holding what the rewrite needs across graphs of one model."""
+
+    def __init__(self, config: FluxConfig, *, checkpoint: RouterCheckpoint | None = None, route: RouteSpec = None,
+                 state: RouteState | None = None, architecture: str | None = None, require_sites: bool = False,
+                 on_routers: Callable[[nn.ModuleList], None] | None = None) -> None:
+        self.config = config
+        self.checkpoint = checkpoint
+        self.route = parse_route(route)
+        if self.route is None and checkpoint is None:
+            raise ConfigError("route=None asks for the router but no router checkpoint was given; pass router_ckpt, "
+                              "or route='full' / 'sparse' / a per-layer list")
+        self.state = state if state is not None else RouteState()
+        self.architecture = architecture
+        self.require_sites = require_sites
+        self.routers: nn.ModuleList | None = None
+        self.on_routers = on_routers
+        self.sites: list[SiteInfo] | None = None
+        self.graphs = 0
+
+    def _routers_for(self, sites: list[SiteInfo], device: torch.device) -> nn.ModuleList | None:
+        if self.route is not None:
+            return None
+        if self.routers is None:
+            assert self.checkpoint is not None
+            first = sites[0]
+            self.checkpoint.check_model(Fingerprint(self.architecture or "?", len(sites), first.q_heads,
+                                                    first.kv_heads, first.head_dim)
+                                        if self.checkpoint.fingerprint is None else
+                                        Fingerprint(self.checkpoint.fingerprint.architecture
+                                                    if self.architecture is None else self.architecture,
+                                                    len(sites), first.q_heads, first.kv_heads, first.head_dim))
+            self.routers = self.checkpoint.load_routers(device)
+            if self.on_routers is not None:
+                self.on_routers(self.routers)
+        return self.routers
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        from fluxc.passes.rewrite import analyse
+
+        _, infos, _ = analyse(gm.graph)
+        if not infos:
+            if self.require_sites:
+                raise NoAttentionError("no attention site found in the traced model (looked for SDPA, "
+                                       "matmul-softmax-matmul attention and flash-attn calls); fluxc has nothing to route")
+            log.info("fluxc: a graph with no attention site is compiled unchanged")
+            return self._compile(gm, example_inputs)
+        route = self.route
+        if route in ("full", "sparse"):
+            route = tuple([route == "full"] * len(infos))
+        q_device = next((n.meta["example_value"].device for n in gm.graph.nodes
+                         if isinstance(n.meta.get("example_value"), torch.Tensor)), torch.device("cpu"))
+        routers = self._routers_for(infos, q_device)
+        result = flux_pass(gm, PassOptions(self.config, route, routers, self.state))
+        if result.prefill or self.sites is None:
+            self.sites = result.sites
+        self.graphs += 1
+        return self._compile(gm, example_inputs)
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        if self.config.compiler == "eager":
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, list(example_inputs))
+
+
+# One backend per options dict of a torch.compile call (Dynamo calls the backend once per graph).
+_BACKENDS: dict[int, tuple[dict, FluxBackend]] = {}
+
+
+def backend_from_options(options: dict[str, Any] | None) -> FluxBackend:
+    options = {} if options is None else options
+    unknown = set(options) - set(OPTION_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown flux backend option(s) {sorted(unknown)}; known: {list(OPTION_KEYS)}")
+    key = id(options)
+    if key in _BACKENDS and _BACKENDS[key][0] is options:
+        return _BACKENDS[key][1]
+    config = options.get("config")
+    if isinstance(config, dict):
+        config = FluxConfig.from_dict(config)
+    ckpt = read_checkpoint(options["router_ckpt"]) if options.get("router_ckpt") is not None else None
+    config = resolve_config(config, ckpt)
+    if "compiler" in options:
+        config = config.replace(compiler=options["compiler"])
+    backend = FluxBackend(config, checkpoint=ckpt, route=options.get("route"), state=options.get("state"),
+                          architecture=options.get("architecture"))
+    _BACKENDS[key] = (options, backend)
+    return backend
+
+
+def resolve_config(config: FluxConfig | None, ckpt: RouterCheckpoint | None) -> FluxConfig:
+    """The user's config, checked against the checkpoint's method fields (no silent override)."""
+    if ckpt is None:
+        return config or FluxConfig()
+    if config is None:
+        return ckpt.config
+    ours, theirs = config.method_dict(), ckpt.config.method_dict()
+    diff = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+    if diff:
+        raise ConfigError(f"config differs from the router checkpoint's on {diff} (yours, checkpoint's); the routers "
+                          f"were trained for the checkpoint's values: drop those fields or retrain")
+    return config
+
+
+def flux_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None,
+                 mode: str | None = None) -> Callable:
+    """Entry point of ``torch.compile(model, backend="flux", options={...})``.
+
+    Options: ``router_ckpt`` (path), ``route`` (None | 'full' | 'sparse' | per-layer list), ``config``
+    (FluxConfig or dict), ``state`` (a `RouteState` to read decisions from), ``compiler``
+    ('inductor' | 'eager'), ``architecture`` (name checked against the checkpoint).
+    """
+    if mode is not None:
+        raise ConfigError(f"mode={mode!r} is not supported by the flux backend; leave mode unset")
+    return backend_from_options(options)(gm, example_inputs)

@@ -1,0 +1,162 @@
+"""`fluxc::routed_attention`: one attention site with a per-sequence FA/SA choice.
+
+The custom op is the boundary between the graph pass and the implementations: the reference below
+runs anywhere (plain PyTorch); GPU kernels (``fluxc.kernels``) plug in through ``impl``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fluxc.errors import ImplementationError
+from fluxc.ops.masks import allowed_mask, sparse_allowed
+
+log = logging.getLogger("fluxc")
+
+_PATTERNS = ("streaming", "triangle")
+_MATHS = ("sdpa", "eager")
+
+
+def _expand_kv(x: Tensor, n_rep: int) -> Tensor:
+    # (B, Hkv, T, D) -> (B, Hkv * n_rep, T, D), query head h reads kv head h // n_rep.
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def routed_attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, route: Tensor,
+                               qpos: Tensor, key_start: Tensor, *, is_causal: bool, scale: float,
+                               softcap: float, math: str, softmax_fp32: bool, pattern: str, sink: int,
+                               window: int, block: int, block_exact: bool, n_last: int) -> Tensor:
+    """Plain-PyTorch routed attention. q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), route (B,) bool."""
+    batch, q_heads, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    sa = sparse_allowed(qpos, key_start, kv_len, pattern=pattern, sink=sink, window=window, block=block,
+                        block_exact=block_exact, n_last=n_last, prefill=q_len > 1)  # (B, Tq, Tk)
+    keep = (route.view(batch, 1, 1) | sa).unsqueeze(1)  # (B, 1, Tq, Tk): full rows keep everything
+    if math == "sdpa":
+        if attn_mask is None:
+            mask = allowed_mask(None, is_causal, batch, q_len, kv_len, q.device) & keep
+        elif attn_mask.dtype == torch.bool:
+            mask = attn_mask & keep
+        else:
+            mask = torch.where(keep, attn_mask, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=q_heads != k.shape[1])
+    n_rep = q_heads // k.shape[1]
+    scores = torch.matmul(q, _expand_kv(k, n_rep).transpose(2, 3)) * scale  # (B, Hq, Tq, Tk)
+    if softcap > 0.0:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attn_mask is None:
+        if is_causal:
+            scores = scores.masked_fill(~allowed_mask(None, True, batch, q_len, kv_len, q.device), float("-inf"))
+    elif attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    else:
+        scores = scores + attn_mask
+    scores = scores.masked_fill(~keep, float("-inf"))
+    if softmax_fp32:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, _expand_kv(v, n_rep))
+
+
+def _check_args(math: str, pattern: str, impl: str) -> None:
+    if math not in _MATHS:
+        raise ImplementationError(f"routed_attention: math={math!r} is unknown; use one of {_MATHS}")
+    if pattern not in _PATTERNS:
+        raise ImplementationError(f"routed_attention: pattern={pattern!r} is unknown; use one of {_PATTERNS}")
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation that will run for `impl` on `device`; explicit requests never fall back."""
+    if impl == "reference":
+        return "reference"
+    if impl in ("triton", "flex"):
+        if device.type != "cuda":
+            raise ImplementationError(
+                f"impl={impl!r} needs CUDA tensors but got device {device}; use impl='reference' or 'auto'"
+            )
+        return impl
+    if impl == "auto":
+        if device.type == "cuda":
+            return "triton"
+        return "reference"
+    raise ImplementationError(f"impl={impl!r} is unknown; use 'auto', 'reference', 'triton' or 'flex'")
+
+
+@torch.library.custom_op("fluxc::routed_attention", mutates_args=())
+def routed_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, route: Tensor, qpos: Tensor,
+                     key_start: Tensor, is_causal: bool, scale: float, softcap: float, math: str,
+                     softmax_fp32: bool, pattern: str, sink: int, window: int, block: int,
+                     block_exact: bool, n_last: int, impl: str) -> Tensor:
+    """Attention of one site: full for sequences with route True, sparse (SA pattern on top of the
+    model's own mask) for the others. Returns (B, Hq, Tq, Dv), contiguous."""
+    _check_args(math, pattern, impl)
+    chosen = resolve_impl(impl, q.device)
+    if chosen != "reference":
+        from fluxc.ops.dispatch import run_kernel  # GPU path: imported only when used
+
+        out = run_kernel(chosen, q, k, v, attn_mask, route, qpos, key_start, is_causal=is_causal,
+                         scale=scale, softcap=softcap, pattern=pattern, sink=sink, window=window,
+                         block=block, block_exact=block_exact, n_last=n_last, explicit=impl != "auto")
+        if out is not None:
+            return out
+    out = routed_attention_reference(q, k, v, attn_mask, route, qpos, key_start, is_causal=is_causal,
+                                     scale=scale, softcap=softcap, math=math, softmax_fp32=softmax_fp32,
+                                     pattern=pattern, sink=sink, window=window, block=block,
+                                     block_exact=block_exact, n_last=n_last)
+    return out.contiguous()
+
+
+@routed_attention.register_fake
+def _(q, k, v, attn_mask, route, qpos, key_start, is_causal, scale, softcap, math, softmax_fp32, pattern,
+      sink, window, block, block_exact, n_last, impl):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("fluxc::routed_attention_backward", mutates_args=())
+def routed_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
+                              route: Tensor, qpos: Tensor, key_start: Tensor, is_causal: bool, scale: float,
+                              softcap: float, math: str, softmax_fp32: bool, pattern: str, sink: int,
+                              window: int, block: int, block_exact: bool,
+                              n_last: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of the reference w.r.t. (q, k, v), by recomputation (the op stays opaque to tracing)."""
+    with torch.enable_grad():
+        q_, k_, v_ = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out = routed_attention_reference(q_, k_, v_, attn_mask, route, qpos, key_start, is_causal=is_causal,
+                                         scale=scale, softcap=softcap, math=math, softmax_fp32=softmax_fp32,
+                                         pattern=pattern, sink=sink, window=window, block=block,
+                                         block_exact=block_exact, n_last=n_last)
+        gq, gk, gv = torch.autograd.grad(out, (q_, k_, v_), grad)
+    return gq, gk, gv
+
+
+@routed_attention_backward.register_fake
+def _(grad, q, k, v, attn_mask, route, qpos, key_start, is_causal, scale, softcap, math, softmax_fp32,
+      pattern, sink, window, block, block_exact, n_last):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_STATIC = ("is_causal", "scale", "softcap", "math", "softmax_fp32", "pattern", "sink", "window", "block",
+           "block_exact", "n_last")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, route, qpos, key_start, *static, _impl = inputs
+    ctx.save_for_backward(q, k, v, route, qpos, key_start)
+    ctx.attn_mask = attn_mask  # never differentiated: the model's mask is not a trained quantity
+    ctx.static = static
+
+
+def _backward(ctx, grad):
+    q, k, v, route, qpos, key_start = ctx.saved_tensors
+    gq, gk, gv = routed_attention_backward(grad.contiguous(), q, k, v, ctx.attn_mask, route, qpos, key_start,
+                                           *ctx.static)
+    return (gq, gk, gv) + (None,) * (4 + len(_STATIC) + 1)
+
+
+routed_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,64 @@
+"""Plain-PyTorch semantics of the model's own mask and of the SA pattern (reference, any device).
+
+Positions are read off the model's mask, so the same code serves HF masks (left/right padding,
+native sliding windows, static caches) and plain ``is_causal`` attention:
+- a query's position is the largest key index its row may see (causal attention sees itself);
+- a query row is real when it sees something and its position is new (right-padding rows repeat
+  the last real position, left-padding rows see nothing);
+- a sequence starts at its first key that any query may see (left padding shifts it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def allowed_mask(attn_mask: Tensor | None, is_causal: bool, batch: int, q_len: int, kv_len: int,
+                 device: torch.device) -> Tensor:
+    """The model's own mask as bool 'may attend', broadcast to (B, H', Tq, Tk) with H' in {1, H}."""
+    if attn_mask is None:
+        if not is_causal:
+            return torch.ones(batch, 1, q_len, kv_len, dtype=torch.bool, device=device)
+        # SDPA's is_causal is top-left aligned: query i sees keys 0..i.
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()  # (Tq, Tk)
+        return causal.expand(batch, 1, q_len, kv_len)
+    if attn_mask.dtype == torch.bool:
+        allowed = attn_mask
+    else:
+        allowed = attn_mask > torch.finfo(attn_mask.dtype).min / 2
+    while allowed.dim() < 4:
+        allowed = allowed.unsqueeze(0)
+    return allowed.expand(batch, allowed.shape[1], q_len, kv_len)
+
+
+def mask_positions(allowed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(qpos (B, Tq) int64, valid (B, Tq) bool, key_start (B,) int64) from an allowed mask (B, H', Tq, Tk)."""
+    seen = allowed.any(dim=1)  # (B, Tq, Tk)
+    kv_len = seen.shape[-1]
+    key_idx = torch.arange(kv_len, device=seen.device)  # (Tk,)
+    qpos = torch.where(seen, key_idx, -1).amax(dim=-1)  # (B, Tq)
+    prev = torch.cummax(qpos, dim=1).values  # running max up to and including row i
+    prev = torch.cat([torch.full_like(prev[:, :1], -1), prev[:, :-1]], dim=1)  # max over rows < i
+    valid = (qpos >= 0) & (qpos > prev)  # (B, Tq)
+    key_seen = seen.any(dim=1)  # (B, Tk)
+    key_start = torch.where(key_seen, key_idx, kv_len).amin(dim=-1).clamp_max(kv_len - 1)  # (B,)
+    return qpos, valid, key_start
+
+
+def sparse_allowed(qpos: Tensor, key_start: Tensor, kv_len: int, *, pattern: str, sink: int, window: int,
+                   block: int, block_exact: bool, n_last: int, prefill: bool) -> Tensor:
+    """SA pattern (B, Tq, Tk) bool, in positions counted from each sequence's first key."""
+    keys = torch.arange(kv_len, device=qpos.device)[None, None, :]  # (1, 1, Tk)
+    p = qpos[:, :, None]  # (B, Tq, 1)
+    start = key_start[:, None, None]  # (B, 1, 1)
+    if block_exact:
+        key_block = torch.div(keys - start, block, rounding_mode="floor")
+        query_block = torch.div(p - start, block, rounding_mode="floor")
+        sa = (key_block < sink // block) | (key_block > query_block - window // block)
+    else:
+        sa = (keys - start < sink) | (p - keys < window)
+    if pattern == "triangle" and prefill:
+        last = qpos.amax(dim=1)[:, None, None]  # (B, 1, 1) last prompt position
+        sa = sa | (p > last - n_last)
+    return sa

@@ -1,0 +1,112 @@
+"""The Layer Router (BRIEF §1): pooled pre-RoPE queries -> MLP -> 2 logits (index 1 = full attention)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ROUTER_PARAM_NAMES = (
+    "feature.0.weight", "feature.0.bias", "feature.2.weight", "feature.2.bias",
+    "head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias", "head.4.weight", "head.4.bias",
+)
+
+
+class LayerRouter(nn.Module):
+    """Per-layer router MLP: Linear(D,h1) SiLU Linear(h1,h2) | Linear(h2,h3) SiLU Linear(h3,h4) SiLU Linear(h4,2)."""
+
+    def __init__(self, head_dim: int, hidden: tuple[int, int, int, int] = (1024, 256, 512, 128)) -> None:
+        super().__init__()
+        h1, h2, h3, h4 = hidden
+        self.head_dim = head_dim
+        self.feature = nn.Sequential(nn.Linear(head_dim, h1), nn.SiLU(), nn.Linear(h1, h2))
+        self.head = nn.Sequential(nn.Linear(h2, h3), nn.SiLU(), nn.Linear(h3, h4), nn.SiLU(), nn.Linear(h4, 2))
+
+    def weights(self) -> list[Tensor]:
+        """Parameters in the order `fluxc::router_logits` takes them."""
+        named = dict(self.named_parameters())
+        return [named[n] for n in ROUTER_PARAM_NAMES]
+
+    def forward(self, query: Tensor, valid: Tensor | None, pool_size: int) -> Tensor:
+        """query (B, T, H, D), valid (B, T) bool or None -> logits (B, 2) float32."""
+        if valid is None:
+            valid = torch.ones(query.shape[:2], dtype=torch.bool, device=query.device)
+        return router_logits(query, valid, self.weights(), pool_size)
+
+
+def pool_queries(query: Tensor, valid: Tensor, pool_size: int) -> Tensor:
+    """Mean over the first and last `pool_size` real tokens (concatenated), then over heads: (B, D) fp32.
+
+    query (B, T, H, D); valid (B, T) marks real (non-padding) tokens, left or right padded.
+    """
+    valid = valid.to(torch.bool)
+    rank = torch.cumsum(valid.to(torch.int64), dim=1) - 1  # (B, T) index among real tokens
+    n_real = valid.sum(dim=1, keepdim=True)  # (B, 1)
+    weight = ((rank < pool_size).to(torch.float32) + (rank >= n_real - pool_size).to(torch.float32))
+    weight = weight * valid  # (B, T): 2 where a token is in both slices (short prompts count twice)
+    per_token = query.to(torch.float32).mean(dim=2)  # (B, T, D) mean over heads
+    pooled = torch.einsum("bt,btd->bd", weight, per_token)  # (B, D)
+    return pooled / weight.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+def router_logits_reference(query: Tensor, valid: Tensor, weights: list[Tensor], pool_size: int) -> Tensor:
+    w1, b1, w2, b2, w3, b3, w4, b4, w5, b5 = (w.to(torch.float32) for w in weights)
+    x = pool_queries(query, valid, pool_size)  # (B, D)
+    x = F.linear(F.silu(F.linear(x, w1, b1)), w2, b2)
+    x = F.silu(F.linear(x, w3, b3))
+    x = F.silu(F.linear(x, w4, b4))
+    return F.linear(x, w5, b5)  # (B, 2)
+
+
+@torch.library.custom_op("fluxc::router_logits", mutates_args=())
+def router_logits(query: Tensor, valid: Tensor, weights: list[Tensor], pool_size: int) -> Tensor:
+    """Router logits (B, 2) float32 of one layer from its pre-RoPE queries (B, T, H, D)."""
+    return router_logits_reference(query, valid, weights, pool_size)
+
+
+@router_logits.register_fake
+def _(query, valid, weights, pool_size):
+    return query.new_empty((query.shape[0], 2), dtype=torch.float32)
+
+
+@torch.library.custom_op("fluxc::router_logits_backward", mutates_args=())
+def router_logits_backward(grad: Tensor, query: Tensor, valid: Tensor, weights: list[Tensor],
+                           pool_size: int) -> list[Tensor]:
+    """Gradients w.r.t. (query, *weights) by recomputation."""
+    with torch.enable_grad():
+        q_ = query.detach().requires_grad_(True)
+        ws = [w.detach().requires_grad_(True) for w in weights]
+        out = router_logits_reference(q_, valid, ws, pool_size)
+        grads = torch.autograd.grad(out, [q_, *ws], grad)
+    return list(grads)
+
+
+@router_logits_backward.register_fake
+def _(grad, query, valid, weights, pool_size):
+    return [torch.empty_like(query)] + [torch.empty_like(w) for w in weights]
+
+
+def _setup_context(ctx, inputs, output):
+    query, valid, weights, pool_size = inputs
+    ctx.save_for_backward(query, valid, *weights)
+    ctx.pool_size = pool_size
+
+
+def _backward(ctx, grad):
+    query, valid, *weights = ctx.saved_tensors
+    grads = router_logits_backward(grad.contiguous(), query, valid, weights, ctx.pool_size)
+    return grads[0], None, grads[1:], None
+
+
+router_logits.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fluxc::record_route", mutates_args=("state",))
+def record_route(state: Tensor, route: Tensor, layer: int) -> None:
+    """state[:B, layer] = route: keeps the prefill decision of one layer for the decode steps."""
+    state[: route.shape[0], layer].copy_(route)
+
+
+@record_route.register_fake
+def _(state, route, layer):
+    return None

@@ -1,0 +1,261 @@
+"""The Flux rewrite: one router node per layer and one routed-attention op per attention site.
+
+Per routable site, the rewrite inserts (before the site):
+  positions = fluxc::positions(q, k, mask, is_causal)            # once per distinct mask
+  route     = forced constant | argmax(fluxc::router_logits(q_pre_rope, valid, W_l)) == FULL
+              (decode steps, Tq == 1: the route kept from prefill; a fresh 1-token prompt is routed)
+  fluxc::record_route(state, route, l)                           # keeps the decision with the model
+  out       = fluxc::routed_attention(q, k, v, mask, route, qpos, key_start, ...)
+and replaces every use of the site's output with `out`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+import fluxc.ops  # noqa: F401  (registers torch.ops.fluxc.*)
+from fluxc.config import FluxConfig
+from fluxc.errors import ConfigError, RouteError
+from fluxc.passes.graph import layer_number, meta_value, module_path, shape_of
+from fluxc.passes.query import ContentAnalysis, QueryInput, locate_query
+from fluxc.passes.sites import SiteMatch, find_sites
+from fluxc.ops.router import ROUTER_PARAM_NAMES
+
+log = logging.getLogger("fluxc")
+
+#: Rewrite counters, read by tests (Inductor's `counters` idiom). Reset with `counters.clear()`.
+counters: collections.Counter[str] = collections.Counter()
+
+STATE_UNSET = -1
+
+
+class RouteState(nn.Module):
+    """Per-sequence, per-layer decisions of the last prefill: int8 (max_batch, layers), 1 full, 0 sparse,
+    -1 unset. Decode steps read it, so decisions taken at prefill are reused (no host sync)."""
+
+    def __init__(self, max_batch: int = 256) -> None:
+        super().__init__()
+        self.max_batch = max_batch
+        self.register_buffer("route", torch.full((max_batch, 0), STATE_UNSET, dtype=torch.int8), persistent=False)
+
+    def ensure(self, num_layers: int, device: torch.device) -> None:
+        if self.route.shape[1] != num_layers or self.route.device != device:
+            self.route = torch.full((self.max_batch, num_layers), STATE_UNSET, dtype=torch.int8, device=device)
+
+    def last(self) -> torch.Tensor:
+        """bool (batch, layers) of the last prefill (True = full attention)."""
+        rows = (self.route != STATE_UNSET).all(dim=1) if self.route.shape[1] else self.route.new_zeros(0, dtype=torch.bool)
+        return self.route[rows] == 1
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """One attention site as `fluxc.sites` reports it."""
+
+    layer: int
+    module: str
+    kind: str
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+    mask: str
+    softcap: float
+    routable: bool
+    reason: str | None
+    kept: tuple[str, ...]
+    router_input: str | None
+
+    def __str__(self) -> str:
+        status = "routed" if self.routable else f"kept as-is: {self.reason}"
+        return (f"layer {self.layer:>3} {self.module or '?':<28} {self.kind:<10} q{self.q_heads}/kv{self.kv_heads} "
+                f"d{self.head_dim} scale {self.scale:.4g} mask {self.mask:<9} {status}")
+
+
+@dataclass
+class PassOptions:
+    config: FluxConfig
+    route: tuple[bool, ...] | None  # forced per-layer route (True = full), or None: use routers
+    routers: nn.ModuleList | None
+    state: RouteState
+    expected_layers: int | None = None
+
+
+@dataclass
+class PassResult:
+    sites: list[SiteInfo] = field(default_factory=list)
+    prefill: bool = True
+
+
+def _mask_kind(site: SiteMatch) -> str:
+    if site.mask is None:
+        return "causal" if site.is_causal else "none"
+    value = meta_value(site.mask)
+    if site.mask_is_disallow:
+        return "fill"
+    return "bool" if value is not None and value.dtype == torch.bool else "additive"
+
+
+def analyse(graph: fx.Graph) -> tuple[list[SiteMatch], list[SiteInfo], list[QueryInput | None]]:
+    """Find the sites of a graph and their router inputs, without changing the graph."""
+    matches = find_sites(graph)
+    content = ContentAnalysis(graph)
+    infos: list[SiteInfo] = []
+    queries: list[QueryInput | None] = []
+    paths = [module_path(m.anchor) for m in matches]
+    numbers = [layer_number(p) for p in paths]
+    use_numbers = None not in numbers and len(set(numbers)) == len(numbers)
+    for ordinal, (match, path) in enumerate(zip(matches, paths)):
+        q_shape, k_shape = shape_of(match.q), shape_of(match.k)
+        if match.layout == "bthd":
+            q_heads, kv_heads, head_dim = q_shape[2], k_shape[2], q_shape[3]
+        else:
+            q_heads, kv_heads, head_dim = q_shape[1], k_shape[1], q_shape[3]
+        query: QueryInput | None = None
+        if match.routable:
+            found = locate_query(match.q, content, q_heads, head_dim)
+            if isinstance(found, str):
+                match.reason = f"router input not found: {found}"
+            else:
+                query = found
+        queries.append(query)
+        infos.append(SiteInfo(
+            layer=numbers[ordinal] if use_numbers else ordinal, module=path, kind=match.kind, q_heads=q_heads,
+            kv_heads=kv_heads, head_dim=head_dim, scale=match.scale, mask=_mask_kind(match), softcap=match.softcap,
+            routable=match.routable, reason=match.reason, kept=tuple(match.kept),
+            router_input=None if query is None else query.node.name))
+    return matches, infos, queries
+
+
+def check_route(route: tuple[bool, ...] | None, infos: list[SiteInfo], use_routers: bool) -> None:
+    """Raise `RouteError` when a route asks for something the sites cannot do."""
+    if route is not None and len(route) != len(infos):
+        raise RouteError(f"route has {len(route)} entries but the model has {len(infos)} attention sites; "
+                         f"give one 'full'/'sparse' per layer, or 'full'/'sparse' for all")
+    for i, info in enumerate(infos):
+        if info.routable:
+            continue
+        if route is None and use_routers:
+            raise RouteError(f"layer {info.layer} ({info.module}) cannot be routed ({info.reason}) but the router "
+                             f"checkpoint routes it; pass route='full' or a per-layer route with 'full' there")
+        if route is not None and not route[i]:
+            raise RouteError(f"route[{i}]='sparse' asks to route layer {info.layer} ({info.module}), which is kept "
+                             f"as-is: {info.reason}; use 'full' for that layer")
+
+
+def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
+    """Rewrite `gm` in place. Returns the sites found (routed and kept)."""
+    graph = gm.graph
+    matches, infos, queries = analyse(graph)
+    counters["graphs"] += 1
+    counters["sites_found"] += len(matches)
+    if not matches:
+        return PassResult([], True)
+    use_routers = options.route is None
+    check_route(options.route, infos, use_routers)
+    if use_routers:
+        if options.routers is None:
+            raise ConfigError("route=None asks for routers but no router checkpoint was given; pass router_ckpt "
+                              "or a route ('full', 'sparse', or one per layer)")
+        if len(options.routers) != len(matches):
+            raise ConfigError(f"the router checkpoint has {len(options.routers)} layer routers but the model has "
+                              f"{len(matches)} attention sites")
+        for info, router in zip(infos, options.routers):
+            if router.head_dim != info.head_dim:
+                raise ConfigError(f"layer {info.layer}: router input dim {router.head_dim} != head dim {info.head_dim}")
+    device = meta_value(matches[0].q).device
+    batch = shape_of(matches[0].q)[0]
+    if isinstance(batch, int) and batch > options.state.max_batch:
+        raise ConfigError(f"batch size {batch} exceeds RouteState.max_batch={options.state.max_batch}; "
+                          f"build the module with a larger max_batch")
+    options.state.ensure(len(matches), device)
+    if "flux_state" not in dict(gm.named_children()):
+        gm.add_module("flux_state", options.state)
+    if use_routers and "flux_routers" not in dict(gm.named_children()):
+        gm.add_module("flux_routers", options.routers)
+    _register_sources(gm)
+    cfg = options.config
+    prefill = True
+    positions_memo: dict[tuple, tuple[fx.Node, fx.Node, fx.Node]] = {}
+    for layer, (match, info, query) in enumerate(zip(matches, infos, queries)):
+        if not match.routable:
+            counters["sites_kept"] += 1
+            continue
+        q_len = shape_of(match.q)[1 if match.layout == "bthd" else 2]
+        site_prefill = not (isinstance(q_len, int) and q_len == 1)
+        prefill = prefill and site_prefill
+        with graph.inserting_before(match.anchor):
+            q, k, v = match.q, match.k, match.v
+            if match.layout == "bthd":  # flash-attn (B, T, H, D) -> (B, H, T, D)
+                q, k, v = (graph.call_method("transpose", (t, 1, 2)) for t in (q, k, v))
+            mask = match.mask
+            if mask is not None and match.mask_is_disallow:
+                mask = graph.call_function(torch.logical_not, (mask,))
+            key = (mask, match.is_causal, shape_of(match.q), shape_of(match.k)) if mask is None else (match.mask, match.mask_is_disallow)
+            if key not in positions_memo:
+                pos = graph.call_function(torch.ops.fluxc.positions.default, (q, k, mask, match.is_causal))
+                positions_memo[key] = tuple(graph.call_function(operator.getitem, (pos, i)) for i in range(3))
+            qpos, valid, key_start = positions_memo[key]
+            route = _route_node(graph, gm, options, layer, query, valid, q, site_prefill)
+            state = graph.get_attr("flux_state.route")
+            graph.call_function(torch.ops.fluxc.record_route.default, (state, route, layer))
+            out = graph.call_function(torch.ops.fluxc.routed_attention.default, (
+                q, k, v, mask, route, qpos, key_start, match.is_causal, match.scale, match.softcap, match.math,
+                match.softmax_fp32, cfg.pattern, cfg.sink, cfg.window, cfg.block, cfg.block_exact, cfg.n_last,
+                cfg.impl))
+            if match.layout == "bthd":
+                out = graph.call_method("transpose", (out, 1, 2))
+        match.anchor.replace_all_uses_with(out)
+        counters["sites_rewritten"] += 1
+        counters[f"rewrite_{match.kind}"] += 1
+        if use_routers:
+            counters["routers_inserted"] += 1
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return PassResult(infos, prefill)
+
+
+def _register_sources(gm: fx.GraphModule) -> None:
+    # aot_autograd lifts a Dynamo graph's parameters and buffers as inputs and needs a source for each:
+    # give the router weights and the route state one, so Inductor passes the live tensors every call.
+    table = getattr(gm, "_param_name_to_source", None)
+    if table is None:
+        return
+    from torch._dynamo.source import ConstantSource
+
+    for name, _ in [*gm.named_parameters(), *gm.named_buffers()]:
+        if name.startswith(("flux_state.", "flux_routers.")) and name not in table:
+            table[name] = ConstantSource(f"fluxc__{name.replace('.', '__')}")
+
+
+def _route_node(graph: fx.Graph, gm: fx.GraphModule, options: PassOptions, layer: int, query: QueryInput | None,
+                valid: fx.Node, q: fx.Node, prefill: bool) -> fx.Node:
+    """bool (B,) route of one layer (True = full attention)."""
+    first_valid = graph.call_function(operator.getitem, (valid, (slice(None), 0)))  # (B,)
+    if options.route is not None:
+        return graph.call_function(torch.full_like, (first_valid, bool(options.route[layer])))
+    assert query is not None  # routable sites always have one (checked in analyse)
+    x = graph.call_method("permute", (query.node, *query.permutation))
+    if query.merged_heads:
+        head_dim = options.routers[layer].head_dim
+        x = graph.call_method("unflatten", (x, -1, (-1, head_dim)))  # (B, T, H, D)
+    weights = [graph.get_attr(f"flux_routers.{layer}.{name}") for name in ROUTER_PARAM_NAMES]
+    # At decode the router sees the step's single token; its output is used only when nothing is stored.
+    logits = graph.call_function(torch.ops.fluxc.router_logits.default, (x, valid, weights, options.config.pool_size))
+    routed = graph.call_function(operator.eq, (graph.call_function(torch.argmax, (logits, -1)), 1))  # (B,)
+    if prefill:
+        return routed
+    # Decode: reuse the prefill decision when one is stored (decided once, kept with the cache).
+    batch = graph.call_method("size", (q, 0))
+    stored = graph.call_method("select", (graph.call_method("narrow", (graph.get_attr("flux_state.route"), 0, 0, batch)), 1, layer))
+    has = graph.call_function(operator.ge, (stored, 0))
+    return graph.call_function(torch.where, (has, graph.call_function(operator.eq, (stored, 1)), routed))
+
