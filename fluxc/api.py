@@ -105,6 +105,10 @@ def _backend_of(m: Any) -> FluxBackend:
     if isinstance(m, FluxModule):
         return m._backend
     callback = getattr(getattr(m, "dynamo_ctx", None), "callback", None)  # torch.compile(..., backend="flux")
+    if callback is not None:
+        from torch._dynamo.eval_frame import innermost_backend
+
+        callback = innermost_backend(callback)
     options = getattr(callback, "kwargs", {}).get("options") if callback is not None else None
     if isinstance(options, dict):
         return backend_from_options(options)
