@@ -1,0 +1,357 @@
+"""Triton kernels for routed attention.  Imported lazily by ``attention.py`` (this module imports
+Triton at import time; nothing else in the package does).
+
+Three kernels:
+
+* ``_prefill_kernel``: one program per (query block, batch * query head).  The route of the
+  sequence is read from device memory (ROUTE_MODE=0) or fixed at compile time (1 = FA, 2 = SA, used
+  to measure what reading it costs).  The key blocks a query block visits are two segments (the sink
+  segment, then the window segment; for FA the first segment is the whole causal range and the second
+  is empty), and each segment is split into masked edge blocks and unmasked interior blocks, so that
+  SA touches only sink + window + diagonal blocks and interior blocks skip the mask arithmetic.
+* ``_decode_kernel``: flash-decoding.  One program per (key split, batch * kv head) handles all
+  query heads of its GQA group as the rows of one tile; the splits partition the list of key blocks
+  the sequence's branch visits (all causal blocks for FA, sink + window blocks for SA).
+* ``_combine_kernel``: merges the splits' partial outputs with their log-sum-exps.
+
+Scores are kept in the log2 domain (scale pre-multiplied by log2(e), exp2).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NEG_INF = tl.constexpr(float("-inf"))
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1); exact limits at +-inf, no NaN.
+    e = tl.exp2(x * 2.8853900817779268)
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def _allowed(pos, k_idx, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
+             BLOCK_EXACT: tl.constexpr, SA_BLOCK: tl.constexpr, HAS_NW: tl.constexpr,
+             SA_POSSIBLE: tl.constexpr):
+    """(rows, keys) bool: the full routed mask for query positions ``pos`` and keys ``k_idx``."""
+    ok = (k_idx[None, :] <= pos[:, None]) & (k_idx[None, :] < kv_len)
+    if HAS_NW:
+        ok = ok & ((pos[:, None] - k_idx[None, :]) < nw)
+    if SA_POSSIBLE:
+        if BLOCK_EXACT:
+            win = (k_idx // SA_BLOCK)[None, :] > (pos // SA_BLOCK - wblk)[:, None]
+        else:
+            win = (pos[:, None] - k_idx[None, :]) < window
+        sa = win | (k_idx < sink_end)[None, :] | dense_row[:, None]
+        ok = ok & (sa | is_fa)
+    return ok
+
+
+@triton.jit
+def _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_n, offs_d,
+                   blk_lo, blk_hi, pos, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
+                   qk_scale, softcap_in, softcap_out,
+                   MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_EXACT: tl.constexpr,
+                   SA_BLOCK: tl.constexpr, HAS_NW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   SA_POSSIBLE: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
+    """Online-softmax update over key blocks [blk_lo, blk_hi).  MASKED=False: every key of every
+    block is allowed for every row (interior), so no mask and no bounds checks."""
+    for blk in range(blk_lo, blk_hi):
+        k_idx = blk * BLOCK_N + offs_n
+        if USE_TMA:
+            # k_base / v_base are tensor descriptors over this (batch, kv head)'s first kv_len keys:
+            # the copy engine zero-fills keys >= kv_len, so no load mask is needed.
+            kt = tl.trans(k_base.load([blk * BLOCK_N, 0]))
+        else:
+            k_ptrs = k_base + k_idx[None, :] * stride_kn + offs_d[:, None]
+            if MASKED:
+                kt = tl.load(k_ptrs, mask=(k_idx < kv_len)[None, :], other=0.0)
+            else:
+                kt = tl.load(k_ptrs)
+        qk = tl.dot(q, kt, input_precision=DOT_PREC)
+        if HAS_SOFTCAP:
+            s = _tanh(qk * softcap_in) * softcap_out
+        else:
+            s = qk * qk_scale
+        if MASKED:
+            ok = _allowed(pos, k_idx, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
+                          BLOCK_EXACT, SA_BLOCK, HAS_NW, SA_POSSIBLE)
+            s = tl.where(ok, s, NEG_INF)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if USE_TMA:
+            v = v_base.load([blk * BLOCK_N, 0])
+        else:
+            v_ptrs = v_base + k_idx[:, None] * stride_vn + offs_d[None, :]
+            if MASKED:
+                v = tl.load(v_ptrs, mask=(k_idx < kv_len)[:, None], other=0.0)
+            else:
+                v = tl.load(v_ptrs)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _block_ranges(lo, hi, all_lo, all_hi, min_blk, BLOCK_N: tl.constexpr):
+    """Key blocks covering keys [lo, hi) (starting no lower than block min_blk), split into
+    [b_lo, u_lo) masked, [u_lo, u_hi) unmasked (inside [all_lo, all_hi)), [u_hi, b_hi) masked."""
+    b_lo = tl.maximum(lo // BLOCK_N, min_blk)
+    b_hi = tl.where(hi > lo, tl.maximum(tl.cdiv(hi, BLOCK_N), b_lo), b_lo)
+    u_lo = tl.minimum(tl.maximum(tl.cdiv(all_lo, BLOCK_N), b_lo), b_hi)
+    u_hi = tl.maximum(tl.minimum(all_hi // BLOCK_N, b_hi), u_lo)
+    return b_lo, u_lo, u_hi, b_hi
+
+
+@triton.jit
+def _route_flag(ROUTE, b, ROUTE_MODE: tl.constexpr):
+    if ROUTE_MODE == 1:
+        is_fa = tl.full((), 1, tl.int1)
+    elif ROUTE_MODE == 2:
+        is_fa = tl.full((), 0, tl.int1)
+    else:
+        is_fa = tl.load(ROUTE + b) != 0
+    return is_fa
+
+
+@triton.jit
+def _prefill_kernel(Q, K, V, O, ROUTE, KV_LENS, Q_LENS, CU_Q, CU_K,
+                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                    H, GROUP, T_ROWS, num_m_blocks,
+                    qk_scale, softcap_in, softcap_out, sink_end, window, wblk, nw, n_last,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    ROUTE_MODE: tl.constexpr, BLOCK_EXACT: tl.constexpr, SA_BLOCK: tl.constexpr,
+                    TRIANGLE: tl.constexpr, HAS_NW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
+    # Heaviest (latest) query blocks first: better tail balance for the causal sweep.
+    pid_m = num_m_blocks - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kvh = h // GROUP
+    if VARLEN:
+        q0 = tl.load(CU_Q + b)
+        q_len = tl.load(CU_Q + b + 1) - q0
+        k0 = tl.load(CU_K + b)
+        kv_len = tl.load(CU_K + b + 1) - k0
+        q_base = Q + q0.to(tl.int64) * stride_qt + h.to(tl.int64) * stride_qh
+        k_base = K + k0.to(tl.int64) * stride_kt + kvh.to(tl.int64) * stride_kh
+        v_base = V + k0.to(tl.int64) * stride_vt + kvh.to(tl.int64) * stride_vh
+        o_base = O + q0.to(tl.int64) * stride_ot + h.to(tl.int64) * stride_oh
+        row_lim = q_len
+    else:
+        q_len = tl.load(Q_LENS + b).to(tl.int32)
+        kv_len = tl.load(KV_LENS + b).to(tl.int32)
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+        o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        row_lim = T_ROWS
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if USE_TMA:
+        k_base = tl.make_tensor_descriptor(k_base, shape=[kv_len, HEAD_DIM], strides=[stride_kt, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_base = tl.make_tensor_descriptor(v_base, shape=[kv_len, HEAD_DIM], strides=[stride_vt, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+    row_ok = offs_m < q_len
+    pos = kv_len - q_len + offs_m
+    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+
+    n_real = tl.minimum(q_len - start_m, BLOCK_M)
+    p_min = kv_len - q_len + start_m
+    p_max = p_min + n_real - 1
+    a_hi = tl.where(n_real > 0, tl.minimum(p_max + 1, kv_len), 0)  # keys any row may see: < a_hi
+    c_hi = tl.minimum(p_min + 1, kv_len)  # keys every row may see (causally): < c_hi
+
+    is_fa = _route_flag(ROUTE, b, ROUTE_MODE)
+    SA_POSSIBLE: tl.constexpr = ROUTE_MODE != 1
+    if TRIANGLE:
+        dense_lo = kv_len - n_last
+        dense_any = p_max >= dense_lo
+        dense_all = p_min >= dense_lo
+        dense_row = pos >= dense_lo
+    else:
+        dense_any = tl.full((), 0, tl.int1)
+        dense_all = tl.full((), 0, tl.int1)
+        dense_row = tl.full([BLOCK_M], 0, tl.int1)
+    use_full = is_fa | dense_any
+    all_full = is_fa | dense_all
+
+    if HAS_NW:
+        lo_any = tl.maximum(p_min - nw + 1, 0)
+        lo_all = tl.maximum(p_max - nw + 1, 0)
+    else:
+        lo_any = tl.full((), 0, tl.int32)
+        lo_all = tl.full((), 0, tl.int32)
+    if BLOCK_EXACT:
+        w_any = (p_min // SA_BLOCK - wblk + 1) * SA_BLOCK
+        w_all = (p_max // SA_BLOCK - wblk + 1) * SA_BLOCK
+    else:
+        w_any = p_min - window + 1
+        w_all = p_max - window + 1
+
+    # Segment 1: FA -> the whole causal range; SA -> the sinks.
+    hi1 = tl.where(use_full, a_hi, tl.minimum(sink_end, a_hi))
+    ahi1 = tl.where(use_full, tl.where(all_full, c_hi, 0), tl.minimum(sink_end, c_hi))
+    # Segment 2: SA -> the local window (empty for FA).
+    lo2 = tl.where(use_full, a_hi, tl.maximum(w_any, lo_any))
+    alo2 = tl.maximum(w_all, lo_all)
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
+
+    b0, u0, u1, b1 = _block_ranges(lo_any, hi1, lo_all, ahi1, tl.full((), 0, tl.int32), BLOCK_N)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_n, offs_d,
+                                   b0, u0, pos, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
+                                   qk_scale, softcap_in, softcap_out, True, BLOCK_N, BLOCK_EXACT, SA_BLOCK,
+                                   HAS_NW, HAS_SOFTCAP, SA_POSSIBLE, DOT_PREC, USE_TMA)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_n, offs_d,
+                                   u0, u1, pos, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
+                                   qk_scale, softcap_in, softcap_out, False, BLOCK_N, BLOCK_EXACT, SA_BLOCK,
+                                   HAS_NW, HAS_SOFTCAP, SA_POSSIBLE, DOT_PREC, USE_TMA)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_n, offs_d,
+                                   u1, b1, pos, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
+                                   qk_scale, softcap_in, softcap_out, True, BLOCK_N, BLOCK_EXACT, SA_BLOCK,
+                                   HAS_NW, HAS_SOFTCAP, SA_POSSIBLE, DOT_PREC, USE_TMA)
+    if SA_POSSIBLE:
+        c0, v0, v1, c1 = _block_ranges(lo2, a_hi, alo2, c_hi, b1, BLOCK_N)
+        acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_n,
+                                       offs_d, c0, v0, pos, kv_len, sink_end, window, wblk, nw, is_fa,
+                                       dense_row, qk_scale, softcap_in, softcap_out, True, BLOCK_N,
+                                       BLOCK_EXACT, SA_BLOCK, HAS_NW, HAS_SOFTCAP, SA_POSSIBLE, DOT_PREC, USE_TMA)
+        acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_n,
+                                       offs_d, v0, v1, pos, kv_len, sink_end, window, wblk, nw, is_fa,
+                                       dense_row, qk_scale, softcap_in, softcap_out, False, BLOCK_N,
+                                       BLOCK_EXACT, SA_BLOCK, HAS_NW, HAS_SOFTCAP, SA_POSSIBLE, DOT_PREC, USE_TMA)
+        acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_n,
+                                       offs_d, v1, c1, pos, kv_len, sink_end, window, wblk, nw, is_fa,
+                                       dense_row, qk_scale, softcap_in, softcap_out, True, BLOCK_N,
+                                       BLOCK_EXACT, SA_BLOCK, HAS_NW, HAS_SOFTCAP, SA_POSSIBLE, DOT_PREC, USE_TMA)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    out = tl.where(row_ok[:, None], out, 0.0)
+    tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=(offs_m < row_lim)[:, None])
+
+
+@triton.jit
+def _decode_kernel(Q, K, V, OP, LSEP, ROUTE, KV_LENS,
+                   stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                   HQ, HKV, GROUP, num_splits,
+                   qk_scale, softcap_in, softcap_out, sink_end, window, wblk, nw,
+                   HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ROUTE_MODE: tl.constexpr, BLOCK_EXACT: tl.constexpr, SA_BLOCK: tl.constexpr,
+                   HAS_NW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    kvh = pid_bh % HKV
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_ok = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None].to(tl.int64) * stride_qh + offs_d[None, :],
+                mask=g_ok[:, None], other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+
+    kv_len = tl.load(KV_LENS + b).to(tl.int32)
+    p = kv_len - 1
+    pos = tl.zeros([BLOCK_G], dtype=tl.int32) + p
+    dense_row = tl.full([BLOCK_G], 0, tl.int1)
+    is_fa = _route_flag(ROUTE, b, ROUTE_MODE)
+    SA_POSSIBLE: tl.constexpr = ROUTE_MODE != 1
+    if HAS_NW:
+        lo = tl.maximum(p - nw + 1, 0)
+    else:
+        lo = tl.full((), 0, tl.int32)
+    if BLOCK_EXACT:
+        wlo = (tl.maximum(p, 0) // SA_BLOCK - wblk + 1) * SA_BLOCK
+    else:
+        wlo = p - window + 1
+    hi1 = tl.where(is_fa, kv_len, tl.minimum(sink_end, kv_len))
+    lo2 = tl.where(is_fa, kv_len, tl.maximum(wlo, lo))
+    bl1 = lo // BLOCK_N
+    bh1 = tl.where(hi1 > lo, tl.cdiv(hi1, BLOCK_N), bl1)
+    bl2 = tl.maximum(lo2 // BLOCK_N, bh1)
+    bh2 = tl.where(kv_len > lo2, tl.maximum(tl.cdiv(kv_len, BLOCK_N), bl2), bl2)
+    n1 = bh1 - bl1
+    n_blocks = n1 + bh2 - bl2
+    per = tl.cdiv(n_blocks, num_splits)
+    j0 = pid_s * per
+    j1 = tl.minimum(j0 + per, n_blocks)
+
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    m_i = tl.full([BLOCK_G], NEG_INF, dtype=tl.float32)
+    for j in range(j0, j1):
+        blk = tl.where(j < n1, bl1 + j, bl2 + (j - n1))
+        k_idx = blk * BLOCK_N + offs_n
+        kv_ok = k_idx < kv_len
+        kt = tl.load(k_base + k_idx[None, :] * stride_kt + offs_d[:, None],
+                     mask=kv_ok[None, :], other=0.0)
+        qk = tl.dot(q, kt, input_precision=DOT_PREC)
+        if HAS_SOFTCAP:
+            s = _tanh(qk * softcap_in) * softcap_out
+        else:
+            s = qk * qk_scale
+        ok = _allowed(pos, k_idx, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
+                      BLOCK_EXACT, SA_BLOCK, HAS_NW, SA_POSSIBLE)
+        s = tl.where(ok, s, NEG_INF)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
+        pr = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        v = tl.load(v_base + k_idx[:, None] * stride_vt + offs_d[None, :],
+                    mask=kv_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(pr.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), NEG_INF)
+    # partial layout: (B, HQ, num_splits, HEAD_DIM) and (B, HQ, num_splits), contiguous
+    row = (b * HQ + heads).to(tl.int64) * num_splits + pid_s
+    tl.store(OP + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_ok[:, None])
+    tl.store(LSEP + row, lse, mask=g_ok)
+
+
+@triton.jit
+def _combine_kernel(OP, LSEP, O, HQ, num_splits, stride_ob, stride_oh,
+                    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // HQ
+    h = pid % HQ
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < num_splits
+    base = pid.to(tl.int64) * num_splits
+    lse = tl.load(LSEP + base + offs_s, mask=s_ok, other=NEG_INF)
+    m = tl.max(lse, 0)
+    m = tl.where(m == NEG_INF, 0.0, m)
+    w = tl.exp2(lse - m)
+    o = tl.load(OP + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    den = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(den == 0.0, 1.0, den)
+    tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_d, out.to(O.dtype.element_ty))

@@ -1,0 +1,301 @@
+"""Routed attention on the device: hand-written Triton kernels for prefill and decode.
+
+One launch serves a batch whose sequences take different branches: ``route[b] != 0`` selects full
+causal attention (FA) for sequence b, ``route[b] == 0`` the sparse pattern (SA: attention sinks +
+local window, streaming or triangle).  The route, the key lengths and the query lengths are read by
+the kernels from device memory: no host synchronisation, no recompilation when their values change,
+and the launches can be captured in a CUDA graph and replayed with new values written in place.
+
+Triton is imported inside the functions (``import fluxc.kernels.attention`` does not import it).
+On CPU tensors the kernels run only under ``TRITON_INTERPRET=1`` (tests); otherwise use
+``reference.routed_attention_reference``.
+
+Semantics: see ``reference.py`` (the two must agree; the tests check it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ._common import LEN_DTYPES, LOG2E, ROUTE_DTYPES, Pattern, check_qkv, check_vec, resolve_pattern
+from .errors import KernelError
+
+__all__ = ["routed_prefill", "routed_prefill_varlen", "routed_decode", "prefill_config", "decode_config"]
+
+_ROUTE_CONST = {None: 0, "fa": 1, "sa": 2}
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and _interpret():
+        return
+    raise KernelError(
+        f"device={t.device}: the Triton kernels need CUDA tensors (CPU tensors only under TRITON_INTERPRET=1); "
+        "use fluxc.kernels.reference.routed_attention_reference on CPU")
+
+
+def _kernels():
+    from . import _triton_attention  # lazy: keeps `import fluxc.kernels` Triton-free
+
+    return _triton_attention
+
+
+def _scratch_alloc(size: int, alignment: int, stream):
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _ensure_triton_allocator() -> None:
+    """Device-side tensor descriptors (TMA) need Triton's global-memory allocator; install a torch one
+    unless the application already set its own.  Allocations come from torch's caching allocator, so
+    they are CUDA-graph-capture safe."""
+    import triton
+    from triton.runtime import _allocation
+
+    cur = _allocation._allocator
+    cur = cur.get() if hasattr(cur, "get") else cur
+    if isinstance(cur, _allocation.NullAllocator):
+        triton.set_allocator(_scratch_alloc)
+
+
+def _tma_ok(*ts: torch.Tensor) -> bool:
+    """TMA descriptors: Hopper or newer, 16-byte aligned bases and strides."""
+    t0 = ts[0]
+    if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    for t in ts:
+        isz = t.element_size()
+        if t.data_ptr() % 16 or any((st * isz) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Fixed launch configuration (no autotuning: deterministic, CUDA-graph and interpreter safe)."""
+    if device.type != "cuda":
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if head_dim == 128:
+        if dtype == torch.float32:
+            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return dict(BLOCK_N=32, num_warps=4, num_stages=1, SPLIT_WAVES=2)
+    if dtype == torch.float32:
+        return dict(BLOCK_N=32, num_warps=4, num_stages=2, SPLIT_WAVES=4)
+    return dict(BLOCK_N=64, num_warps=4, num_stages=3, SPLIT_WAVES=4)
+
+
+def _pattern_args(pat: Pattern, scale: float) -> dict:
+    if not isinstance(scale, (int, float)) or not scale > 0:
+        raise KernelError(f"scale={scale!r}: expected a positive float (usually head_dim ** -0.5)")
+    softcap = pat.softcap
+    return dict(
+        qk_scale=float(scale) * LOG2E,
+        softcap_in=float(scale) / softcap if softcap > 0 else 1.0,
+        softcap_out=softcap * LOG2E if softcap > 0 else 1.0,
+        sink_end=pat.sink_end,
+        window=pat.window,
+        wblk=pat.window_blocks,
+        nw=pat.native_window,
+    )
+
+
+def _route_arg(route: torch.Tensor) -> torch.Tensor:
+    route = route.contiguous()
+    return route.view(torch.uint8) if route.dtype == torch.bool else route
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _route_mode(route_const) -> int:
+    if route_const not in _ROUTE_CONST:
+        raise KernelError(f"_route_const={route_const!r}: expected None (read from device), 'fa' or 'sa'")
+    return _ROUTE_CONST[route_const]
+
+
+def routed_prefill(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: int, window: int, block: int,
+                   block_exact: bool, pattern: str, n_last: int, softcap: float = 0.0, native_window: int = 0,
+                   out=None, _route_const=None, _config=None, _use_tma=None) -> torch.Tensor:
+    """Routed prefill attention.
+
+    q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), Hq % Hkv == 0, D in {64, 128}, fp16/bf16 (fp32 too).
+    route (B,) bool/int: nonzero = FA.  kv_lens/q_lens (B,) int32: sequence b has kv_lens[b] valid
+    keys and its queries are the last q_lens[b] of them (q row i at position kv_lens[b]-q_lens[b]+i;
+    rows >= q_lens[b] come out as zeros).  Preconditions not checked on the host (that would need a
+    sync): q_lens[b] <= kv_lens[b] <= Tk and q_lens[b] <= Tq.
+
+    Returns (B, Hq, Tq, D) in q's dtype (written into ``out`` when given).
+    ``_route_const`` ('fa'/'sa'), ``_config`` and ``_use_tma`` are for benchmarks and tests: fix the
+    route at compile time / override the launch configuration / force the key-value load path (TMA
+    tensor descriptors, the default on Hopper, or plain pointer loads)."""
+    check_qkv(q, k, v)
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    check_vec(route, "route", B, q.device, ROUTE_DTYPES)
+    check_vec(kv_lens, "kv_lens", B, q.device, LEN_DTYPES)
+    check_vec(q_lens, "q_lens", B, q.device, LEN_DTYPES)
+    pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact, pattern=pattern,
+                          n_last=n_last, softcap=softcap, native_window=native_window)
+    _check_device(q)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise KernelError(f"out: expected shape {tuple(q.shape)}, dtype {q.dtype}, device {q.device}, "
+                          f"contiguous last dim; got {tuple(out.shape)}, {out.dtype}, {out.device}, "
+                          f"strides {out.stride()}")
+    if B == 0 or Hq == 0 or Tq == 0:
+        return out
+    cfg = dict(_config or prefill_config(D, q.dtype, q.device))
+    BM, BN = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    tk = _kernels()
+    use_tma = _tma_ok(k, v) if _use_tma is None else bool(_use_tma)
+    if use_tma and q.device.type == "cuda":
+        _ensure_triton_allocator()
+    num_m = -(-Tq // BM)
+    dummy = kv_lens
+    tk._prefill_kernel[(num_m, B * Hq)](
+        q, k, v, out, _route_arg(route), kv_lens.contiguous(), q_lens.contiguous(), dummy, dummy,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        Hq, Hq // Hkv, Tq, num_m, n_last=pat.n_last, **_pattern_args(pat, scale),
+        HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, ROUTE_MODE=_route_mode(_route_const),
+        BLOCK_EXACT=pat.block_exact, SA_BLOCK=pat.block, TRIANGLE=pat.triangle,
+        HAS_NW=pat.native_window > 0, HAS_SOFTCAP=pat.softcap > 0, VARLEN=False,
+        DOT_PREC=_dot_prec(q.dtype), USE_TMA=use_tma, **cfg)
+    del Tk
+    return out
+
+
+def routed_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, route, *, max_seqlen_q: int, scale: float,
+                          sink: int, window: int, block: int, block_exact: bool, pattern: str, n_last: int,
+                          softcap: float = 0.0, native_window: int = 0, out=None, _config=None,
+                          _use_tma=None) -> torch.Tensor:
+    """Packed (varlen) routed prefill.  q (total_q, Hq, D), k/v (total_k, Hkv, D); sequence b owns
+    query rows [cu_seqlens_q[b], cu_seqlens_q[b+1]) and keys [cu_seqlens_k[b], cu_seqlens_k[b+1]);
+    its queries are the last q_len of its keys, as in ``routed_prefill``.  ``max_seqlen_q`` (a host
+    int, >= every q_len) sizes the grid.  Rows past cu_seqlens_q[-1] come out as zeros."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise KernelError(f"{name}: expected a 3-dim (tokens, heads, head_dim) tensor for the packed layout")
+    check_qkv(q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2))
+    Tq, Hq, D = q.shape
+    Hkv = k.shape[1]
+    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] < 2:
+        raise KernelError(f"cu_seqlens_q.shape={tuple(cu_seqlens_q.shape)}: expected (batch + 1,)")
+    B = cu_seqlens_q.shape[0] - 1
+    check_vec(cu_seqlens_q[1:], "cu_seqlens_q[1:]", B, q.device, LEN_DTYPES)
+    if not isinstance(cu_seqlens_k, torch.Tensor) or cu_seqlens_k.shape != (B + 1,):
+        raise KernelError(f"cu_seqlens_k: expected shape ({B + 1},) like cu_seqlens_q")
+    check_vec(cu_seqlens_k[1:], "cu_seqlens_k[1:]", B, q.device, LEN_DTYPES)
+    check_vec(route, "route", B, q.device, ROUTE_DTYPES)
+    if not isinstance(max_seqlen_q, int) or max_seqlen_q < 0:
+        raise KernelError(f"max_seqlen_q={max_seqlen_q!r}: expected a host int >= the longest query length")
+    pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact, pattern=pattern,
+                          n_last=n_last, softcap=softcap, native_window=native_window)
+    _check_device(q)
+    if out is None:
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise KernelError(f"out: expected shape {tuple(q.shape)}, dtype {q.dtype}, device {q.device}")
+    if B == 0 or max_seqlen_q == 0 or Hq == 0:
+        return out
+    cfg = dict(_config or prefill_config(D, q.dtype, q.device))
+    BM, BN = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    tk = _kernels()
+    use_tma = _tma_ok(k, v) if _use_tma is None else bool(_use_tma)
+    if use_tma and q.device.type == "cuda":
+        _ensure_triton_allocator()
+    num_m = -(-max_seqlen_q // BM)
+    cq, ck = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    tk._prefill_kernel[(num_m, B * Hq)](
+        q, k, v, out, _route_arg(route), cq, cq, cq, ck,
+        0, q.stride(1), q.stride(0), 0, k.stride(1), k.stride(0),
+        0, v.stride(1), v.stride(0), 0, out.stride(1), out.stride(0),
+        Hq, Hq // Hkv, Tq, num_m, n_last=pat.n_last, **_pattern_args(pat, scale),
+        HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, ROUTE_MODE=0,
+        BLOCK_EXACT=pat.block_exact, SA_BLOCK=pat.block, TRIANGLE=pat.triangle,
+        HAS_NW=pat.native_window > 0, HAS_SOFTCAP=pat.softcap > 0, VARLEN=True,
+        DOT_PREC=_dot_prec(q.dtype), USE_TMA=use_tma, **cfg)
+    return out
+
+
+def default_num_splits(B: int, Hkv: int, Tk: int, block_n: int, device: torch.device, waves: int = 4) -> int:
+    """Key splits for decode: enough (batch * kv head * split) programs for ``waves`` per SM, at
+    least 4 key blocks per split.  Host arithmetic on shapes only (no sync)."""
+    programs = max(B * Hkv, 1)
+    want = -(-waves * _num_sms(device) // programs)
+    useful = max(1, -(-Tk // (4 * block_n)))
+    return int(max(1, min(want, useful, 512)))
+
+
+def routed_decode(q, k_cache, v_cache, route, kv_lens, *, scale: float, sink: int, window: int, block: int,
+                  block_exact: bool, softcap: float = 0.0, native_window: int = 0, num_splits: int | None = None,
+                  _route_const=None, _config=None) -> torch.Tensor:
+    """Routed decode (flash-decoding).  q (B, Hq, 1, D); k_cache/v_cache (B, Hkv, Tk, D) with
+    kv_lens[b] valid keys; the query sits at position kv_lens[b] - 1.  FA sequences read all their
+    keys, SA sequences only the sink and window blocks (streaming rule; triangle layers decode as
+    streaming).  Two launches: the split kernel and the combine kernel.  Returns (B, Hq, 1, D)."""
+    check_qkv(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"))
+    B, Hq, Tq, D = q.shape
+    if Tq != 1:
+        raise KernelError(f"q.shape={tuple(q.shape)}: decode takes one query token per sequence "
+                          "(dim 2 must be 1); use routed_prefill for more")
+    Hkv, Tk = k_cache.shape[1], k_cache.shape[2]
+    check_vec(route, "route", B, q.device, ROUTE_DTYPES)
+    check_vec(kv_lens, "kv_lens", B, q.device, LEN_DTYPES)
+    pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact, pattern="streaming",
+                          n_last=0, softcap=softcap, native_window=native_window)
+    _check_device(q)
+    cfg = dict(_config or decode_config(D, q.dtype, q.device))
+    BN = cfg.pop("BLOCK_N")
+    waves = cfg.pop("SPLIT_WAVES", 4)
+    if num_splits is None:
+        num_splits = default_num_splits(B, Hkv, Tk, BN, q.device, waves)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise KernelError(f"num_splits={num_splits!r}: expected a positive int or None (automatic)")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if B == 0 or Hq == 0:
+        return out
+    group = Hq // Hkv
+    block_g = max(16, 1 << (group - 1).bit_length())
+    part_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
+    tk = _kernels()
+    tk._decode_kernel[(num_splits, B * Hkv)](
+        q, k_cache, v_cache, part_o, part_lse, _route_arg(route), kv_lens.contiguous(),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        Hq, Hkv, group, num_splits, **_pattern_args(pat, scale),
+        HEAD_DIM=D, BLOCK_G=block_g, BLOCK_N=BN, ROUTE_MODE=_route_mode(_route_const),
+        BLOCK_EXACT=pat.block_exact, SA_BLOCK=pat.block, HAS_NW=pat.native_window > 0,
+        HAS_SOFTCAP=pat.softcap > 0, DOT_PREC=_dot_prec(q.dtype), **cfg)
+    block_s = max(16, 1 << (num_splits - 1).bit_length())
+    tk._combine_kernel[(B * Hq,)](part_o, part_lse, out, Hq, num_splits, out.stride(0), out.stride(1),
+                                  HEAD_DIM=D, BLOCK_S=block_s, num_warps=4 if block_s <= 64 else 8)
+    return out

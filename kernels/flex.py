@@ -1,0 +1,131 @@
+"""Routed attention lowered through FlexAttention (``torch.nn.attention.flex_attention``): the
+``"flex"`` implementation.  Inductor generates the Triton kernels when compiled.
+
+The routing lives in the ``mask_mod``: it reads ``route``, ``kv_lens`` and ``q_lens`` from device
+tensors, so one compiled kernel serves every route assignment.  The BlockMask, however, is data: it
+must be rebuilt (``build_block_mask``) when routes or lengths change -- a small device computation,
+compiled with ``compile_mask=True`` (needed at 128K, where the eager build runs out of memory).
+
+Differences from the Triton kernels (``attention.py``): keys at positions >= kv_lens[b] must be finite
+(FlexAttention multiplies masked probabilities, zero, by them; a NaN there would leak), and padding
+query rows are zeroed by an extra elementwise op.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ._common import LEN_DTYPES, ROUTE_DTYPES, check_qkv, check_vec, resolve_pattern
+from .errors import KernelError
+
+__all__ = ["make_mask_mod", "build_block_mask", "routed_prefill_flex", "routed_decode_flex"]
+
+
+def make_mask_mod(route, kv_lens, q_lens, *, sink: int, window: int, block: int, block_exact: bool,
+                  pattern: str = "streaming", n_last: int = 0, native_window: int = 0, routed: bool = True):
+    """mask_mod(b, h, q_idx, kv_idx) for the routed rule.  ``routed=False`` gives the plain SA mask
+    (route ignored): the "FlexAttention with the same mask" baseline."""
+    pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact, pattern=pattern,
+                          n_last=n_last, native_window=native_window)
+    bs, wb = pat.block, pat.window_blocks
+    sink_blocks = -(-sink // bs) if pat.block_exact else 0
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        kl = kv_lens[b]
+        ql = q_lens[b]
+        p = kl - ql + q_idx
+        ok = (q_idx < ql) & (kv_idx <= p) & (kv_idx < kl)
+        if pat.native_window:
+            ok = ok & (p - kv_idx < pat.native_window)
+        if pat.block_exact:
+            sa = ((kv_idx // bs) < sink_blocks) | ((kv_idx // bs) > (p // bs - wb))
+        else:
+            sa = (kv_idx < pat.sink_end) | ((p - kv_idx) < pat.window)
+        if pat.triangle:
+            sa = sa | (p >= kl - n_last)
+        if routed:
+            sa = sa | (route[b] != 0)
+        return ok & sa
+
+    return mask_mod
+
+
+def build_block_mask(route, kv_lens, q_lens, B: int, Tq: int, Tk: int, *, sink: int, window: int, block: int,
+                     block_exact: bool, pattern: str = "streaming", n_last: int = 0, native_window: int = 0,
+                     routed: bool = True, block_size: int = 128, compile_mask: bool = False):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mm = make_mask_mod(route, kv_lens, q_lens, sink=sink, window=window, block=block, block_exact=block_exact,
+                       pattern=pattern, n_last=n_last, native_window=native_window, routed=routed)
+    return create_block_mask(mm, B, None, Tq, Tk, device=kv_lens.device, BLOCK_SIZE=block_size,
+                             _compile=compile_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _softcap_mod(softcap: float):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    return score_mod
+
+
+def routed_prefill_flex(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: int, window: int, block: int,
+                        block_exact: bool, pattern: str, n_last: int, softcap: float = 0.0, native_window: int = 0,
+                        out=None, block_mask=None, compile: bool = True, compile_mask: bool | None = None,
+                        ) -> torch.Tensor:
+    """Same contract as ``attention.routed_prefill`` (see flex.py's docstring for the two
+    differences).  ``block_mask``: a prebuilt ``build_block_mask(...)`` for these route/length
+    values; ``compile``: run ``torch.compile(flex_attention)`` (False: eager, for CPU tests)."""
+    check_qkv(q, k, v)
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    check_vec(route, "route", B, q.device, ROUTE_DTYPES)
+    check_vec(kv_lens, "kv_lens", B, q.device, LEN_DTYPES)
+    check_vec(q_lens, "q_lens", B, q.device, LEN_DTYPES)
+    pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact, pattern=pattern,
+                          n_last=n_last, softcap=softcap, native_window=native_window)
+    if block_mask is None:
+        block_mask = build_block_mask(route, kv_lens, q_lens, B, Tq, Tk, sink=sink, window=window, block=block,
+                                      block_exact=block_exact, pattern=pattern, n_last=n_last,
+                                      native_window=native_window,
+                                      compile_mask=(compile and Tk >= 32768) if compile_mask is None
+                                      else compile_mask)
+    if compile:
+        fn = _compiled_flex()
+    else:
+        from torch.nn.attention.flex_attention import flex_attention as fn
+    score_mod = _softcap_mod(pat.softcap) if pat.softcap > 0 else None
+    res = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=float(scale), enable_gqa=Hq != Hkv)
+    valid = (torch.arange(Tq, device=q.device)[None, :] < q_lens[:, None])[:, None, :, None]
+    res = torch.where(valid, res, torch.zeros((), dtype=res.dtype, device=res.device))
+    if out is not None:
+        if out.shape != q.shape or out.dtype != q.dtype:
+            raise KernelError(f"out: expected shape {tuple(q.shape)} and dtype {q.dtype}")
+        out.copy_(res)
+        return out
+    return res
+
+
+def routed_decode_flex(q, k_cache, v_cache, route, kv_lens, *, scale: float, sink: int, window: int, block: int,
+                       block_exact: bool, softcap: float = 0.0, native_window: int = 0, num_splits=None,
+                       block_mask=None, compile: bool = True) -> torch.Tensor:
+    """Same contract as ``attention.routed_decode`` through FlexAttention.  Its decoding kernel
+    chooses its own key split: ``num_splits`` must be None."""
+    if num_splits is not None:
+        raise KernelError(f"num_splits={num_splits!r}: the flex lowering chooses its own key split; pass None")
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise KernelError(f"q.shape={tuple(q.shape)}: decode takes one query token per sequence")
+    B = q.shape[0]
+    q_lens = torch.ones(B, dtype=torch.int32, device=q.device)
+    return routed_prefill_flex(q, k_cache, v_cache, route, kv_lens, q_lens, scale=scale, sink=sink,
+                               window=window, block=block, block_exact=block_exact, pattern="streaming",
+                               n_last=0, softcap=softcap, native_window=native_window, block_mask=block_mask,
+                               compile=compile)

@@ -1,0 +1,245 @@
+"""Shared by the kernel tests (CPU interpreter worker and GPU tests): loading the kernels package,
+random cases, and the error rule.
+
+Error rule (FlashAttention's): a kernel's max-abs error against a float64 reference must be at most
+2x the error PyTorch itself makes computing the same reference in the low-precision dtype (for
+float32 inputs: the float32 reference), plus a tiny floor (1e-5 fp32, 1e-4 fp16/bf16) so that a
+lucky, nearly exact PyTorch result does not make the bound vanish.  NaN never passes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import pathlib
+import random
+import sys
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def load_kernels():
+    """``fluxc.kernels`` when installed; else the ``kernels/`` folder loaded by path (GPU machine
+    without an install, or FLUXC_KERNELS_STANDALONE=1)."""
+    if os.environ.get("FLUXC_KERNELS_STANDALONE", "0") in ("", "0"):
+        try:
+            pkg = importlib.import_module("fluxc.kernels")
+            importlib.import_module("fluxc.kernels.attention")
+            return pkg
+        except Exception:  # noqa: BLE001  (fall back to loading by path)
+            pass
+    name = "fluxc_kernels_standalone"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "kernels" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "kernels")])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def submodule(pkg, name):
+    return importlib.import_module(f"{pkg.__name__}.{name}")
+
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_prefill_inputs(case: dict, device: str):
+    g = torch.Generator(device="cpu").manual_seed(case["seed"])
+    B, Hkv, grp, D = case["B"], case["Hkv"], case["group"], case["D"]
+    Hq = Hkv * grp
+    Tk = case["Tk"]
+    Tq = case.get("Tq", Tk)
+    dt = DTYPES[case["dtype"]]
+    kv_lens, q_lens = case["kv_lens"], case["q_lens"]
+    q = torch.randn(B, Hq, Tq, D, generator=g).to(dt)
+    k = torch.randn(B, Hkv, Tk, D, generator=g).to(dt)
+    v = torch.randn(B, Hkv, Tk, D, generator=g).to(dt)
+    if case.get("layout") == "bthd":  # non-contiguous heads: (B, T, H, D) storage viewed as (B, H, T, D)
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        k = k.transpose(1, 2).contiguous().transpose(1, 2)
+        v = v.transpose(1, 2).contiguous().transpose(1, 2)
+    # garbage (NaN) beyond each sequence's valid keys: must never leak into the output
+    for b in range(B):
+        k[b, :, kv_lens[b]:] = float("nan")
+        v[b, :, kv_lens[b]:] = float("nan")
+    route = torch.tensor(case["route"], dtype=torch.bool)
+    to = dict(device=device)
+    return (q.to(**to), k.to(**to), v.to(**to), route.to(**to),
+            torch.tensor(kv_lens, dtype=torch.int32, device=device),
+            torch.tensor(q_lens, dtype=torch.int32, device=device))
+
+
+def pattern_kwargs(case: dict) -> dict:
+    return dict(scale=case["D"] ** -0.5, sink=case["sink"], window=case["window"], block=case["block"],
+                block_exact=case["block_exact"], pattern=case.get("pattern", "streaming"),
+                n_last=case.get("n_last", 0), softcap=case.get("softcap", 0.0),
+                native_window=case.get("native_window", 0))
+
+
+def _clean(t: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(t, nan=0.0)
+
+
+def error_report(out: torch.Tensor, ref64: torch.Tensor, ref_low: torch.Tensor, dtype) -> dict:
+    err = (out.double() - ref64).abs().max().item() if out.numel() else 0.0
+    torch_err = (ref_low.double() - ref64).abs().max().item() if out.numel() else 0.0
+    tol = 2.0 * torch_err + FLOOR[dtype]
+    nan = bool(torch.isnan(out).any().item())
+    return dict(err=err, torch_err=torch_err, tol=tol, nan=nan, ok=(not nan) and err <= tol)
+
+
+def run_prefill_case(K, case: dict, device: str) -> dict:
+    attn = submodule(K, "attention")
+    ref = submodule(K, "reference")
+    q, k, v, route, kv_lens, q_lens = make_prefill_inputs(case, device)
+    kw = pattern_kwargs(case)
+    out = torch.full_like(q, float("nan"))  # poison: every element must be written
+    extra = {}
+    if "tma" in case:
+        extra["_use_tma"] = case["tma"]
+    if "config" in case:
+        extra["_config"] = case["config"]
+    attn.routed_prefill(q, k, v, route, kv_lens, q_lens, out=out, **kw, **extra)
+    kc, vc = _clean(k), _clean(v)
+    ref64 = ref.routed_attention_reference(q.double(), kc.double(), vc.double(), route, kv_lens, q_lens, **kw)
+    low = ref.routed_attention_reference(q, kc, vc, route, kv_lens, q_lens, **kw)
+    rep = error_report(out, ref64, low, q.dtype)
+    # padding rows must be exact zeros
+    for b, ql in enumerate(case["q_lens"]):
+        if ql < q.shape[2] and out[b, :, ql:].abs().max().item() != 0.0:
+            rep["ok"] = False
+            rep["padding_nonzero"] = True
+    return rep
+
+
+def run_decode_case(K, case: dict, device: str) -> dict:
+    attn = submodule(K, "attention")
+    ref = submodule(K, "reference")
+    c = dict(case)
+    c["q_lens"] = [1] * case["B"]
+    c["Tq"] = 1
+    q, k, v, route, kv_lens, _ = make_prefill_inputs(c, device)
+    kw = pattern_kwargs(case)
+    kw.pop("pattern")
+    kw.pop("n_last")
+    out = attn.routed_decode(q, k, v, route, kv_lens, num_splits=case.get("num_splits"), **kw)
+    kc, vc = _clean(k), _clean(v)
+    ref64 = ref.routed_decode_reference(q.double(), kc.double(), vc.double(), route, kv_lens, **kw)
+    low = ref.routed_decode_reference(q, kc, vc, route, kv_lens, **kw)
+    return error_report(out, ref64, low, q.dtype)
+
+
+def run_varlen_case(K, case: dict, device: str) -> dict:
+    """Packed layout: the same sequences as the padded case, concatenated; compared with the
+    padded reference row by row."""
+    attn = submodule(K, "attention")
+    ref = submodule(K, "reference")
+    q, k, v, route, kv_lens, q_lens = make_prefill_inputs(case, device)
+    kw = pattern_kwargs(case)
+    B = q.shape[0]
+    qs = [q[b, :, : case["q_lens"][b]].transpose(0, 1) for b in range(B)]
+    ks = [k[b, :, : case["kv_lens"][b]].transpose(0, 1) for b in range(B)]
+    vs = [v[b, :, : case["kv_lens"][b]].transpose(0, 1) for b in range(B)]
+    qp, kp, vp = torch.cat(qs), torch.cat(ks).contiguous(), torch.cat(vs).contiguous()
+    cu_q = torch.tensor([0] + list(_cumsum(case["q_lens"])), dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0] + list(_cumsum(case["kv_lens"])), dtype=torch.int32, device=device)
+    extra = {"_use_tma": case["tma"]} if "tma" in case else {}
+    out = attn.routed_prefill_varlen(qp, kp, vp, cu_q, cu_k, route, max_seqlen_q=max(case["q_lens"]),
+                                     **kw, **extra)
+    kc, vc = _clean(k), _clean(v)
+    ref64 = ref.routed_attention_reference(q.double(), kc.double(), vc.double(), route, kv_lens, q_lens, **kw)
+    low = ref.routed_attention_reference(q, kc, vc, route, kv_lens, q_lens, **kw)
+    r64 = torch.cat([ref64[b, :, : case["q_lens"][b]].transpose(0, 1) for b in range(B)])
+    rlo = torch.cat([low[b, :, : case["q_lens"][b]].transpose(0, 1) for b in range(B)])
+    return error_report(out, r64, rlo, q.dtype)
+
+
+def run_skip_case(K, case: dict, device: str) -> dict:
+    """SA must not read keys outside sink + window (+ the blocks they share): poison the keys
+    between them with NaN; the output must stay finite and exact."""
+    attn = submodule(K, "attention")
+    ref = submodule(K, "reference")
+    q, k, v, route, kv_lens, q_lens = make_prefill_inputs(case, device)
+    kw = pattern_kwargs(case)
+    lo, hi = case["poison"]
+    kp, vp = k.clone(), v.clone()
+    kp[:, :, lo:hi] = float("nan")
+    vp[:, :, lo:hi] = float("nan")
+    if case["kind"] == "decode":
+        kw.pop("pattern")
+        kw.pop("n_last")
+        out = attn.routed_decode(q[:, :, -1:].contiguous(), kp, vp, route, kv_lens,
+                                 num_splits=case.get("num_splits"), **kw)
+        ref64 = ref.routed_decode_reference(q[:, :, -1:].double(), _clean(k).double(), _clean(v).double(), route,
+                                            kv_lens, **kw)
+        low = ref.routed_decode_reference(q[:, :, -1:], _clean(k), _clean(v), route, kv_lens, **kw)
+    else:
+        out = attn.routed_prefill(q, kp, vp, route, kv_lens, q_lens, **kw)
+        ref64 = ref.routed_attention_reference(q.double(), _clean(k).double(), _clean(v).double(), route,
+                                               kv_lens, q_lens, **kw)
+        low = ref.routed_attention_reference(q, _clean(k), _clean(v), route, kv_lens, q_lens, **kw)
+    return error_report(out, ref64, low, q.dtype)
+
+
+def _cumsum(xs):
+    s = 0
+    for x in xs:
+        s += x
+        yield s
+
+
+# ---------------------------------------------------------------------------------------------
+# random cases
+
+
+def random_prefill_case(seed: int, *, dtype: str, D: int, group: int, max_t: int, pattern: str,
+                        block_exact: bool, block: int, **over) -> dict:
+    rnd = random.Random(seed)
+    B = over.pop("B", rnd.randint(2, 3))
+    Hkv = over.pop("Hkv", rnd.choice([1, 2]))
+    Tk = over.pop("Tk", rnd.randint(max_t // 2, max_t))
+    if Tk % 16 == 0:
+        Tk += 3  # lengths not multiples of the block
+    kv_lens = [Tk] + [rnd.randint(max(2, Tk // 3), Tk) for _ in range(B - 1)]
+    # first sequence: full prefill; others: a chunk at the end (chunked prefill) or the whole prompt
+    q_lens = [Tk] + [rnd.choice([kl, max(1, kl // 2), rnd.randint(1, kl)]) for kl in kv_lens[1:]]
+    Tq = max(q_lens)
+    route = [rnd.random() < 0.5 for _ in range(B)]
+    route[0], route[-1] = False, True  # mixed routes in every batch
+    if block_exact:
+        sink = block * rnd.choice([0, 1, 2])
+        window = block * rnd.choice([1, 2, 3])
+    else:
+        sink = rnd.choice([0, 1, 5, block])
+        window = rnd.choice([1, 7, block, 2 * block + 3])
+    c = dict(seed=seed, dtype=dtype, D=D, B=B, Hkv=Hkv, group=group, Tk=Tk, Tq=Tq, kv_lens=kv_lens,
+             q_lens=q_lens, route=route, sink=sink, window=window, block=block, block_exact=block_exact,
+             pattern=pattern, n_last=rnd.choice([1, 13, block]) if pattern == "triangle" else 0)
+    c.update(over)
+    return c
+
+
+def poison_range(case: dict, BN: int) -> tuple[int, int]:
+    """Keys no SA query block may touch when every sequence is SA and its queries are the last
+    q_len positions (a single query block), with key blocks of BN."""
+    kl = min(case["kv_lens"])
+    ql = max(case["q_lens"]) if case["kind"] == "prefill" else 1
+    p_min = kl - ql
+    if case["block_exact"]:
+        bs = case["block"]
+        sink_end = math.ceil(case["sink"] / bs) * bs
+        w_lo = (p_min // bs - case["window"] // bs + 1) * bs
+    else:
+        sink_end = case["sink"]
+        w_lo = p_min - case["window"] + 1
+    lo = -(-sink_end // BN) * BN
+    hi = (w_lo // BN) * BN
+    return lo, hi

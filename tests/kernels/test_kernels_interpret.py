@@ -1,0 +1,162 @@
+"""CPU tests of the routed-attention kernels.
+
+The Triton kernels run under the Triton interpreter in ONE subprocess (``_interpret_worker.py``,
+started with TRITON_INTERPRET=1 by a module-scoped fixture); each case is then asserted here.  The
+environment variable therefore never touches this pytest process: Triton decides interpreter vs
+compiler when a kernel is defined, so setting it in-process would depend on import order and leak
+into other tests.  Everything else here (argument errors, import hygiene, FlexAttention lowering in
+eager mode) runs in-process and needs no Triton.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from _interpret_cases import cases  # noqa: E402
+from _kernel_harness import ROOT, load_kernels, make_prefill_inputs, pattern_kwargs, submodule  # noqa: E402
+
+CASES = cases()
+
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except Exception:  # noqa: BLE001
+    HAVE_TRITON = False
+
+
+@pytest.fixture(scope="module")
+def interpreter_results(tmp_path_factory):
+    if not HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    path = tmp_path_factory.mktemp("interp") / "results.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "_interpret_worker.py"), str(path)], env=env,
+                          cwd=str(ROOT), capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 or not path.exists():
+        pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_matches_reference_interpreted(interpreter_results, name):
+    rep = interpreter_results[name]
+    assert "error" not in rep, rep.get("tb", rep)
+    assert not rep["nan"], f"{name}: NaN in the output"
+    assert not rep.get("padding_nonzero"), f"{name}: padding rows not zero"
+    assert rep["err"] <= rep["tol"], f"{name}: max error {rep['err']:.3g} > tolerance {rep['tol']:.3g}"
+    assert rep["ok"]
+
+
+# ----------------------------------------------------------------------------- in-process checks
+
+
+@pytest.fixture(scope="module")
+def K():
+    return load_kernels()
+
+
+def test_import_has_no_triton():
+    code = ("import sys; sys.path.insert(0, %r); from _kernel_harness import load_kernels; K = load_kernels(); "
+            "import importlib; [importlib.import_module(K.__name__ + '.' + m) for m in ('attention', 'flex', "
+            "'reference')]; bad = [m for m in sys.modules if m == 'triton' or m.startswith('triton.')]; "
+            "assert not bad, bad; assert not __import__('torch').cuda.is_initialized()") % HERE
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT),
+                   env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+
+
+def _small(dtype=torch.float16, D=64, Hq=4, Hkv=2):
+    q = torch.randn(1, Hq, 8, D, dtype=dtype)
+    k = torch.randn(1, Hkv, 8, D, dtype=dtype)
+    lens = torch.tensor([8], dtype=torch.int32)
+    return q, k, k.clone(), torch.tensor([True]), lens, lens.clone()
+
+
+KW = dict(scale=0.125, sink=4, window=4, block=4, block_exact=False, pattern="streaming", n_last=0)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(D=96), "head_dim=96"),
+    (dict(Hq=3, Hkv=2), "multiple of kv heads"),
+    (dict(dtype=torch.float64), "float16, bfloat16 or float32"),
+])
+def test_errors_name_argument(K, bad, match):
+    attn = submodule(K, "attention")
+    q, k, v, route, kl, ql = _small(**bad)
+    with pytest.raises(K.KernelError, match=match):
+        attn.routed_prefill(q, k, v, route, kl, ql, **KW)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(block_exact=True, sink=3, block=4), "multiples of block"),
+    (dict(block_exact=True, window=2, block=4, sink=0), "multiples of block"),
+    (dict(window=0), "window=0"),
+    (dict(pattern="xattn"), "pattern='xattn'"),
+    (dict(softcap=-1.0), "softcap"),
+])
+def test_pattern_errors(K, kw, match):
+    attn = submodule(K, "attention")
+    q, k, v, route, kl, ql = _small()
+    with pytest.raises(K.KernelError, match=match):
+        attn.routed_prefill(q, k, v, route, kl, ql, **{**KW, **kw})
+
+
+def test_cpu_without_interpreter_is_an_error(K, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    attn = submodule(K, "attention")
+    q, k, v, route, kl, ql = _small()
+    with pytest.raises(K.KernelError, match="CUDA tensors"):
+        attn.routed_prefill(q, k, v, route, kl, ql, **KW)
+
+
+def test_decode_rejects_multi_token_query(K):
+    attn = submodule(K, "attention")
+    q, k, v, route, kl, _ = _small()
+    with pytest.raises(K.KernelError, match="one query token"):
+        attn.routed_decode(q, k, v, route, kl, scale=0.1, sink=4, window=4, block=4, block_exact=False)
+
+
+@pytest.mark.parametrize("name", ["prefill-fp32-g4-streaming-block", "prefill-fp32-g1-triangle-token",
+                                  "prefill-fp32-softcap-nativewindow", "decode-fp32-g4-token"])
+def test_flex_lowering_eager_matches_reference(K, name):
+    """The FlexAttention lowering (eager on CPU; compiled on GPU in test_kernels_gpu.py)."""
+    flex = submodule(K, "flex")
+    ref = submodule(K, "reference")
+    case = dict(CASES[name])
+    decode = case["kind"] == "decode"
+    if decode:
+        case["q_lens"], case["Tq"] = [1] * case["B"], 1
+    q, k, v, route, kv_lens, q_lens = make_prefill_inputs(case, "cpu")
+    k, v = torch.nan_to_num(k), torch.nan_to_num(v)  # flex needs finite keys past kv_lens
+    kw = pattern_kwargs(case)
+    if decode:
+        kw.pop("pattern"), kw.pop("n_last")
+        out = flex.routed_decode_flex(q, k, v, route, kv_lens, compile=False, **kw)
+        r64 = ref.routed_decode_reference(q.double(), k.double(), v.double(), route, kv_lens, **kw)
+    else:
+        out = flex.routed_prefill_flex(q, k, v, route, kv_lens, q_lens, compile=False, **kw)
+        r64 = ref.routed_attention_reference(q.double(), k.double(), v.double(), route, kv_lens, q_lens, **kw)
+    assert not torch.isnan(out).any()
+    assert (out.double() - r64).abs().max().item() < 1e-4
+
+
+def test_reference_block_exact_rule_matches_brief(K):
+    """Block-exact rule from the method: k//128 < sink_blocks or k//128 > q//128 - local_blocks."""
+    ref = submodule(K, "reference")
+    T = 1024
+    m = ref.allowed_mask(torch.tensor([0]), torch.tensor([T]), torch.tensor([T]), T, T, sink=128, window=256,
+                         block=128, block_exact=True)[0]
+    qi = torch.arange(T)[:, None]
+    ki = torch.arange(T)[None, :]
+    want = (ki <= qi) & ((ki // 128 < 1) | (ki // 128 > qi // 128 - 2))
+    assert torch.equal(m, want)
