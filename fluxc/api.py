@@ -13,7 +13,7 @@ from torch import nn
 from fluxc.backend import FluxBackend, RouteSpec, backend_from_options, parse_route, resolve_config
 from fluxc.checkpoint import Fingerprint, read_checkpoint
 from fluxc.config import FluxConfig
-from fluxc.errors import ConfigError, NotTracedError
+from fluxc.errors import ConfigError, FluxError, NotTracedError
 from fluxc.passes import RouteState, SiteInfo
 
 log = logging.getLogger("fluxc")
@@ -68,7 +68,13 @@ class FluxModule(nn.Module):
         return self._backend.config
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._compiled(*args, **kwargs)
+        try:
+            return self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            inner = getattr(exc, "inner_exception", None)
+            if isinstance(inner, FluxError):  # surface fluxc's own error, not Dynamo's wrapper
+                raise inner.with_traceback(None) from None
+            raise
 
     def __getattr__(self, name: str) -> Any:
         try:

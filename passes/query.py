@@ -104,6 +104,11 @@ def _labels(node: Node, projection: Node, cone: set[Node], head_dim: int, memo: 
     result = None
     if node is projection:
         result = ("B", "T", "C") if shape is not None and len(shape) == 3 else None
+    elif is_target(node, "split", "chunk", "split_with_sizes", "tensor_split") or (
+            is_target(node, "getitem") and isinstance(meta_value(node.args[0]), (tuple, list))):
+        # pieces of a fused projection (q, k, v = qkv.split(...)) keep the axes of what was split
+        source = node.args[0]
+        result = _labels(source, projection, cone, head_dim, memo) if source in cone else None
     else:
         sources = [n for n in node.all_input_nodes if n in cone]
         primary = next((n for n in sources if shape_of(n) == shape), sources[0] if sources else None)

@@ -72,6 +72,7 @@ class SiteInfo:
     reason: str | None
     kept: tuple[str, ...]
     router_input: str | None
+    router_reason: str | None = None
 
     def __str__(self) -> str:
         status = "routed" if self.routable else f"kept as-is: {self.reason}"
@@ -119,10 +120,11 @@ def analyse(graph: fx.Graph) -> tuple[list[SiteMatch], list[SiteInfo], list[Quer
         else:
             q_heads, kv_heads, head_dim = q_shape[1], k_shape[1], q_shape[3]
         query: QueryInput | None = None
+        router_reason = None
         if match.routable:
             found = locate_query(match.q, content, q_heads, head_dim)
             if isinstance(found, str):
-                match.reason = f"router input not found: {found}"
+                router_reason = found  # forced routes still work; routing by a router does not
             else:
                 query = found
         queries.append(query)
@@ -130,7 +132,7 @@ def analyse(graph: fx.Graph) -> tuple[list[SiteMatch], list[SiteInfo], list[Quer
             layer=numbers[ordinal] if use_numbers else ordinal, module=path, kind=match.kind, q_heads=q_heads,
             kv_heads=kv_heads, head_dim=head_dim, scale=match.scale, mask=_mask_kind(match), softcap=match.softcap,
             routable=match.routable, reason=match.reason, kept=tuple(match.kept),
-            router_input=None if query is None else query.node.name))
+            router_input=None if query is None else query.node.name, router_reason=router_reason))
     return matches, infos, queries
 
 
@@ -140,6 +142,9 @@ def check_route(route: tuple[bool, ...] | None, infos: list[SiteInfo], use_route
         raise RouteError(f"route has {len(route)} entries but the model has {len(infos)} attention sites; "
                          f"give one 'full'/'sparse' per layer, or 'full'/'sparse' for all")
     for i, info in enumerate(infos):
+        if info.routable and use_routers and info.router_input is None:
+            raise RouteError(f"layer {info.layer} ({info.module}): the router input (pre-RoPE query) was not found "
+                             f"({info.router_reason}); route this model with route='full'/'sparse'/per-layer")
         if info.routable:
             continue
         if route is None and use_routers:

@@ -224,6 +224,8 @@ def random_prefill_case(seed: int, *, dtype: str, D: int, group: int, max_t: int
              q_lens=q_lens, route=route, sink=sink, window=window, block=block, block_exact=block_exact,
              pattern=pattern, n_last=rnd.choice([1, 13, block]) if pattern == "triangle" else 0)
     c.update(over)
+    if "Tq" not in over:
+        c["Tq"] = max(c["q_lens"])
     return c
 
 

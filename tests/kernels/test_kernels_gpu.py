@@ -1,0 +1,195 @@
+"""GPU tests of the routed-attention kernels: the interpreter cases plus large sizes, bf16, head dims
+64/128, GQA 1/4/8, CUDA-graph capture with routes changed in place, no recompilation on route
+changes, and the compiled FlexAttention lowering.  Skipped without CUDA."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from _interpret_cases import cases as interp_cases  # noqa: E402
+from _kernel_harness import (load_kernels, make_prefill_inputs, pattern_kwargs, poison_range,  # noqa: E402
+                             random_prefill_case, run_decode_case, run_prefill_case, run_skip_case,
+                             run_varlen_case, submodule)
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+RUN = {"prefill": run_prefill_case, "decode": run_decode_case, "varlen": run_varlen_case}
+
+
+def gpu_cases() -> dict[str, dict]:
+    """Chosen combinations (each distinct set of compile-time flags is one Triton compile, seconds
+    each on the GPU machine): every dtype, head dim, GQA ratio, pattern and load path appears."""
+    out = {}
+    seed = 5000
+    prefill = [  # dtype, D, group, pattern, block_exact, tma (None = automatic)
+        ("bf16", 128, 4, "streaming", True, None), ("bf16", 128, 8, "streaming", False, None),
+        ("bf16", 128, 1, "triangle", True, None), ("bf16", 64, 4, "streaming", True, None),
+        ("bf16", 64, 8, "triangle", False, None), ("fp16", 128, 4, "triangle", False, None),
+        ("fp16", 64, 1, "streaming", False, None), ("bf16", 128, 4, "streaming", True, False),
+        ("fp16", 128, 8, "streaming", True, None), ("bf16", 128, 4, "triangle", True, None),
+    ]
+    for dtype, D, group, pattern, be, tma in prefill:
+        seed += 1
+        extra = {} if tma is None else {"tma": tma}
+        c = random_prefill_case(seed, dtype=dtype, D=D, group=group, max_t=2500, pattern=pattern, block_exact=be,
+                                block=128, Hkv=2 if group < 8 else 1, **extra)
+        out[f"prefill-{dtype}-d{D}-g{group}-{pattern}-{'block' if be else 'token'}-tma{tma}"] = dict(
+            kind="prefill", **c)
+    decode = [("bf16", 128, 4, True, None), ("bf16", 128, 8, False, 1), ("bf16", 64, 1, True, 7),
+              ("fp16", 128, 4, False, 64), ("fp16", 64, 8, True, None), ("bf16", 128, 1, False, 3)]
+    for dtype, D, group, be, splits in decode:
+        seed += 1
+        c = random_prefill_case(seed, dtype=dtype, D=D, group=group, max_t=6000, pattern="streaming",
+                                block_exact=be, block=128, Hkv=2, num_splits=splits)
+        out[f"decode-{dtype}-d{D}-g{group}-{'block' if be else 'token'}-s{splits}"] = dict(kind="decode", **c)
+    seed += 1
+    out["prefill-bf16-long-sa-8k"] = dict(kind="prefill", **random_prefill_case(
+        seed, dtype="bf16", D=128, group=4, max_t=8200, pattern="streaming", block_exact=True, block=128,
+        B=2, Hkv=1, sink=128, window=2048, Tk=8200, kv_lens=[8200, 5000], q_lens=[8200, 3000],
+        route=[False, True]))
+    seed += 1
+    out["prefill-bf16-softcap-nw-bthd"] = dict(kind="prefill", **random_prefill_case(
+        seed, dtype="bf16", D=128, group=4, max_t=2000, pattern="streaming", block_exact=False, block=128,
+        softcap=30.0, native_window=700, layout="bthd"))
+    for i, pattern in enumerate(("streaming", "triangle")):
+        seed += 1
+        out[f"varlen-bf16-{pattern}"] = dict(kind="varlen", **random_prefill_case(
+            seed, dtype="bf16", D=128, group=4, max_t=3000, pattern=pattern, block_exact=True, block=128,
+            tma=bool(i)))
+    for kind in ("prefill", "decode"):
+        for be in (False, True):
+            seed += 1
+            c = dict(kind=kind, seed=seed, dtype="bf16", D=128, B=2, Hkv=2, group=4, Tk=5000, Tq=100,
+                     kv_lens=[5000, 4500], q_lens=[100, 64] if kind == "prefill" else [1, 1],
+                     route=[False, False], sink=128, window=1024, block=128, block_exact=be,
+                     pattern="streaming", num_splits=16)
+            c["poison"] = poison_range(c, BN=128)
+            out[f"skip-{kind}-{'block' if be else 'token'}"] = c
+    return out
+
+
+# the interpreter cases too (fp32 and fp16 at small sizes), except the fp32 ones that would only add
+# compiles of the fp32 variant: one fp32 prefill and one fp32 decode case are kept
+_INTERP = {k: v for k, v in interp_cases().items()
+           if v["dtype"] != "fp32" or k in ("prefill-fp32-g4-streaming-block", "decode-fp32-g4-token")}
+ALL = {**{f"interp-{k}": v for k, v in _INTERP.items()}, **gpu_cases()}
+
+
+@pytest.fixture(scope="module")
+def K():
+    return load_kernels()
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_kernel_matches_reference_gpu(K, name):
+    case = ALL[name]
+    fn = run_skip_case if "skip-" in name else RUN[case["kind"]]
+    rep = fn(K, case, "cuda")
+    assert not rep["nan"], f"{name}: NaN"
+    assert not rep.get("padding_nonzero"), f"{name}: padding rows not zero"
+    assert rep["err"] <= rep["tol"], f"{name}: max error {rep['err']:.3g} > tolerance {rep['tol']:.3g}"
+
+
+def _graph_inputs(decode: bool):
+    case = random_prefill_case(77, dtype="bf16", D=128, group=4, max_t=3000, pattern="streaming",
+                               block_exact=True, block=128, B=4, Hkv=2, sink=128, window=512)
+    if decode:
+        case["q_lens"], case["Tq"] = [1] * 4, 1
+    q, k, v, route, kv_lens, q_lens = make_prefill_inputs(case, "cuda")
+    return case, q, torch.nan_to_num(k), torch.nan_to_num(v), route, kv_lens, q_lens
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_cuda_graph_reads_route_from_memory(K, decode):
+    """Capture with route A, write route B into the same tensor, replay: the output follows B."""
+    attn = submodule(K, "attention")
+    ref = submodule(K, "reference")
+    case, q, k, v, route, kv_lens, q_lens = _graph_inputs(decode)
+    kw = pattern_kwargs(case)
+    route_a = torch.tensor([True, False, True, False], device="cuda")
+    route_b = torch.tensor([False, True, True, False], device="cuda")
+    route.copy_(route_a)
+
+    if decode:
+        kw.pop("pattern"), kw.pop("n_last")
+
+        def step():
+            return attn.routed_decode(q, k, v, route, kv_lens, **kw)
+    else:
+        def step():
+            return attn.routed_prefill(q, k, v, route, kv_lens, q_lens, **kw)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # compile + warm up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step()
+    for want in (route_b, route_a):
+        route.copy_(want)
+        g.replay()
+        torch.cuda.synchronize()
+        if decode:
+            r = ref.routed_decode_reference(q.double(), k.double(), v.double(), want, kv_lens, **kw)
+        else:
+            r = ref.routed_attention_reference(q.double(), k.double(), v.double(), want, kv_lens, q_lens, **kw)
+        err = (out.double() - r).abs().max().item()
+        assert err < 3e-2, err
+    # and lengths are read from memory too: shorten sequence 0 in place
+    kv_lens[0] -= 37
+    if not decode:
+        q_lens[0] = min(int(q_lens[0]), int(kv_lens[0]))
+    g.replay()
+    torch.cuda.synchronize()
+    if decode:
+        r = ref.routed_decode_reference(q.double(), k.double(), v.double(), route, kv_lens, **kw)
+    else:
+        r = ref.routed_attention_reference(q.double(), k.double(), v.double(), route, kv_lens, q_lens, **kw)
+    assert (out.double() - r).abs().max().item() < 3e-2
+
+
+def test_no_recompile_when_routes_change(K):
+    attn = submodule(K, "attention")
+    tk = attn._kernels()
+    case, q, k, v, route, kv_lens, q_lens = _graph_inputs(False)
+    kw = pattern_kwargs(case)
+    attn.routed_prefill(q, k, v, route, kv_lens, q_lens, **kw)
+    n0 = sum(len(c) for c in tk._prefill_kernel.device_caches.values()) if hasattr(
+        tk._prefill_kernel, "device_caches") else len(tk._prefill_kernel.cache[q.device.index])
+    for r in ([True] * 4, [False] * 4, [True, False, False, True]):
+        route.copy_(torch.tensor(r, device="cuda"))
+        attn.routed_prefill(q, k, v, route, kv_lens, q_lens, **kw)
+    n1 = sum(len(c) for c in tk._prefill_kernel.device_caches.values()) if hasattr(
+        tk._prefill_kernel, "device_caches") else len(tk._prefill_kernel.cache[q.device.index])
+    assert n1 == n0
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_flex_lowering_compiled(K, decode):
+    flex = submodule(K, "flex")
+    ref = submodule(K, "reference")
+    case, q, k, v, route, kv_lens, q_lens = _graph_inputs(decode)
+    kw = pattern_kwargs(case)
+    if decode:
+        kw.pop("pattern"), kw.pop("n_last")
+        out = flex.routed_decode_flex(q, k, v, route, kv_lens, **kw)
+        r = ref.routed_decode_reference(q.double(), k.double(), v.double(), route, kv_lens, **kw)
+        low = ref.routed_decode_reference(q, k, v, route, kv_lens, **kw)
+    else:
+        out = flex.routed_prefill_flex(q, k, v, route, kv_lens, q_lens, **kw)
+        r = ref.routed_attention_reference(q.double(), k.double(), v.double(), route, kv_lens, q_lens, **kw)
+        low = ref.routed_attention_reference(q, k, v, route, kv_lens, q_lens, **kw)
+    err = (out.double() - r).abs().max().item()
+    torch_err = (low.double() - r).abs().max().item()
+    assert err <= 2 * torch_err + 1e-4, (err, torch_err)

@@ -1,0 +1,46 @@
+"""`import fluxc` has no side effects: no CUDA init, no Triton, no global state changes."""
+
+import subprocess
+import sys
+
+# Checked in a fresh interpreter that imports only torch first (torch._dynamo itself imports Triton).
+LEAN = r"""
+import logging, os, sys
+import torch
+env_before = dict(os.environ)
+handlers_before, level_before = list(logging.getLogger().handlers), logging.getLogger().level
+dtype_before, grad_before = torch.get_default_dtype(), torch.is_grad_enabled()
+import fluxc
+assert "triton" not in sys.modules, "fluxc imported triton"
+assert "torch._inductor" not in sys.modules, "fluxc imported inductor"
+assert not torch.cuda.is_initialized(), "fluxc initialised CUDA"
+assert dict(os.environ) == env_before, "fluxc changed the environment"
+assert logging.getLogger().handlers == handlers_before and logging.getLogger().level == level_before
+assert logging.getLogger("fluxc").handlers == [] and logging.getLogger("fluxc").level == logging.NOTSET
+assert torch.get_default_dtype() == dtype_before and torch.is_grad_enabled() == grad_before
+assert hasattr(torch.ops.fluxc, "routed_attention") and hasattr(torch.ops.fluxc, "router_logits")
+print("clean")
+"""
+
+# Compiler configuration is untouched by the import (checked with the configs loaded first).
+CONFIGS = r"""
+import torch, torch._dynamo.config as dc, torch._inductor.config as ic
+dyn_before, ind_before = dc.get_config_copy(), ic.get_config_copy()
+import fluxc
+assert dc.get_config_copy() == dyn_before and ic.get_config_copy() == ind_before
+print("clean")
+"""
+
+
+def _run(code: str) -> None:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "clean"
+
+
+def test_import_is_lean():
+    _run(LEAN)
+
+
+def test_import_leaves_compiler_config_alone():
+    _run(CONFIGS)
