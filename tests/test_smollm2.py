@@ -134,8 +134,8 @@ def _brute_pairs(n: int, config: fluxc.FluxConfig) -> int:
     return int((sa & torch.ones(n, n, dtype=torch.bool).tril()).sum())
 
 
-@pytest.mark.parametrize("pattern,block_exact,sizes", itertools.product(
-    ["streaming", "triangle"], [True, False], [(0, 16, 16), (16, 32, 16), (64, 128, 64), (32, 16, 16)]))
+@pytest.mark.parametrize("pattern,block_exact,sizes", list(itertools.product(
+    ["streaming", "triangle"], [True, False], [(0, 16, 16), (16, 32, 16), (64, 128, 64), (32, 16, 16)])))
 def test_stats_pairs_match_reference_mask(pattern, block_exact, sizes):
     sink, window, block = sizes
     config = fluxc.FluxConfig(pattern=pattern, block_exact=block_exact, sink=sink, window=window, block=block,
