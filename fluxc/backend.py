@@ -61,6 +61,7 @@ class FluxBackend:
         self.on_routers = on_routers
         self.sites: list[SiteInfo] | None = None
         self.graphs = 0
+        self.last_graph: fx.GraphModule | None = None  # the latest rewritten graph (inspection, export tests)
 
     def _routers_for(self, sites: list[SiteInfo], device: torch.device) -> nn.ModuleList | None:
         if self.route is not None:
@@ -99,6 +100,7 @@ class FluxBackend:
         if result.prefill or self.sites is None:
             self.sites = result.sites
         self.graphs += 1
+        self.last_graph = gm
         return self._compile(gm, example_inputs)
 
     def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:

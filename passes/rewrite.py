@@ -96,6 +96,8 @@ class PassResult:
 
 
 def _mask_kind(site: SiteMatch) -> str:
+    if site.kind == "flex":
+        return "block_mask"
     if site.mask is None:
         return "causal" if site.is_causal else "none"
     value = meta_value(site.mask)
@@ -203,7 +205,8 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
             mask = match.mask
             if mask is not None and match.mask_is_disallow:
                 mask = graph.call_function(torch.logical_not, (mask,))
-            key = (mask, match.is_causal, shape_of(match.q), shape_of(match.k)) if mask is None else (match.mask, match.mask_is_disallow)
+            # one positions node per distinct mask (shared by all layers); mask-free sites get their own
+            key = (match.mask, match.mask_is_disallow) if mask is not None else (match.q, match.k)
             if key not in positions_memo:
                 pos = graph.call_function(torch.ops.fluxc.positions.default, (q, k, mask, match.is_causal))
                 positions_memo[key] = tuple(graph.call_function(operator.getitem, (pos, i)) for i in range(3))
@@ -218,14 +221,27 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
             if match.layout == "bthd":
                 out = graph.call_method("transpose", (out, 1, 2))
         match.anchor.replace_all_uses_with(out)
+        _erase_dead_site(graph, match.anchor)
         counters["sites_rewritten"] += 1
         counters[f"rewrite_{match.kind}"] += 1
         if use_routers:
             counters["routers_inserted"] += 1
-    graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
     return PassResult(infos, prefill)
+
+
+def _erase_dead_site(graph: fx.Graph, anchor: fx.Node) -> None:
+    # Only the replaced site's own dead nodes go: a global DCE would also drop side-effecting calls that
+    # FX does not mark impure (e.g. functorch's vmap nesting calls around FlexAttention mask creation).
+    work = [anchor]
+    while work:
+        node = work.pop()
+        if node.users or node.op not in ("call_function", "call_method") or node.is_impure():
+            continue
+        inputs = list(node.all_input_nodes)
+        graph.erase_node(node)
+        work.extend(inputs)
 
 
 def _register_sources(gm: fx.GraphModule) -> None:

@@ -91,3 +91,31 @@ def test_plain_decoder_router_input_is_pre_rope_query(style, tmp_path):
             expected.append(bool(F.linear(x, w["head.4.weight"], w["head.4.bias"]).argmax() == 1))
         routes_per_seq.append(expected)
     assert got.tolist() == routes_per_seq
+
+
+class FlexDecoderLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, x):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        t = x.shape[1]
+        q, k, v = self.qkv(x).view(x.shape[0], t, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        block_mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, t, t, device="cpu")
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def test_flex_attention_site_is_found_and_kept():
+    model = FlexDecoderLayer()
+    x = torch.randn(1, 8, 32)
+    with torch.no_grad():
+        ref = model(x)
+        fm = fluxc.compile(model, route="full", config=CFG)
+        torch.testing.assert_close(fm(x), ref)
+    (site,) = fluxc.sites(fm)
+    assert site.kind == "flex" and site.mask == "block_mask" and not site.routable
+    assert "not routed yet" in site.reason
+    with pytest.raises(fluxc.RouteError, match="kept as-is"), torch.no_grad():
+        fluxc.compile(model, route="sparse", config=CFG)(x)

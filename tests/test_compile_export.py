@@ -1,0 +1,115 @@
+"""The rewritten graph under Inductor (fullgraph), torch.export, and `opcheck` of the custom ops; routes
+decided at prefill are kept for decode steps."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+import fluxc
+from fluxc.ops.attention import routed_attention
+from fluxc.ops.router import router_logits
+from hf_models import batch, tiny_model
+
+CFG = fluxc.FluxConfig(sink=2, window=4, block=2, block_exact=True)
+
+
+def test_inductor_fullgraph_matches_eager_pass():
+    model = tiny_model("qwen3", "sdpa", layers=2)
+    ids, mask = batch(left_pad=2)
+    routes = ["sparse", "full"]
+    with torch.no_grad():
+        eager = fluxc.compile(model, route=routes, config=CFG.replace(compiler="eager"))(input_ids=ids, attention_mask=mask)
+        fm = fluxc.compile(model, route=routes, config=CFG)  # default compiler: Inductor
+        out = fm(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(out.logits, eager.logits, atol=1e-5, rtol=1e-5)
+    assert fluxc.last_route(fm).tolist() == [[False, True]] * 2
+
+
+def test_rewritten_graph_exports_with_torch_export():
+    model = tiny_model("llama", "eager", layers=2)
+    ids, mask = batch(left_pad=2)
+    with torch.no_grad():
+        fm = fluxc.compile(model, route=["sparse", "full"], config=CFG.replace(compiler="eager"))
+        expected = fm(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    gm = fm._backend.last_graph
+    names = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert names.count(torch.ops.fluxc.routed_attention.default) == 2
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    inputs = []
+    for node in gm.graph.nodes:  # Dynamo's placeholders: model inputs and lifted parameters, in order
+        if node.op == "placeholder":
+            inputs.append(_lookup(node.name, params, ids, mask))
+    program = torch.export.export(gm, tuple(inputs), strict=False)
+    out = program.module()(*inputs)
+    torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, expected, atol=1e-5, rtol=0)
+    assert any(n.target == torch.ops.fluxc.routed_attention.default for n in program.graph.nodes)
+
+
+def _lookup(name, params, ids, mask):
+    if "input_ids" in name:
+        return ids
+    if "attention_mask" in name:
+        return mask
+    for key, value in params.items():
+        if name.endswith("_" + key.replace(".", "_modules_", 0).split(".")[-1] + "_") and _path_matches(name, key):
+            return value
+    raise KeyError(name)
+
+
+def _path_matches(name: str, key: str) -> bool:
+    parts = key.split(".")
+    flat = "_".join(parts)
+    return flat in name.replace("_modules_", "_").replace("_parameters_", "_").replace("_buffers_", "_")
+
+
+def _decode(module, ids, steps):
+    """Greedy prefill + `steps` decode steps with a DynamicCache; returns (tokens, per-step logits)."""
+    mask = torch.ones_like(ids)
+    out = module(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True)
+    logits = [out.logits[:, -1]]
+    tokens = [out.logits[:, -1:].argmax(-1)]
+    for _ in range(steps):
+        mask = torch.cat([mask, torch.ones_like(tokens[-1])], dim=1)
+        out = module(input_ids=tokens[-1], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+        logits.append(out.logits[:, -1])
+        tokens.append(out.logits[:, -1:].argmax(-1))
+    return torch.cat(tokens, 1), torch.stack(logits, 1)
+
+
+def test_prefill_routes_are_kept_for_decode_steps(tmp_path):
+    model = tiny_model("llama", "sdpa", layers=3)
+    torch.manual_seed(3)
+    cfg = CFG.replace(router_hidden=(8, 8, 8, 8), compiler="eager", sink=2, window=2, block=1)
+    routers = torch.nn.ModuleList(fluxc.ops.LayerRouter(16, cfg.router_hidden) for _ in range(3))
+    with torch.no_grad():
+        for p in routers.parameters():
+            p.normal_(0, 1.0)
+    path = tmp_path / "r.safetensors"
+    fluxc.save_routers(path, routers, cfg, fluxc.Fingerprint("LlamaForCausalLM", 3, 4, 2, 16))
+    fm = fluxc.compile(model, str(path), config=cfg)
+    ids, _ = batch(left_pad=0)
+    with torch.no_grad():
+        tokens, logits = _decode(fm, ids, steps=4)
+    decided = fluxc.last_route(fm)  # after the decode steps: still the prefill's decisions
+    for b in range(ids.shape[0]):
+        routes = ["full" if r else "sparse" for r in decided[b].tolist()]
+        with torch.no_grad():
+            forced_tokens, forced_logits = _decode(fluxc.compile(model, route=routes, config=cfg), ids[b:b + 1], steps=4)
+        torch.testing.assert_close(logits[b:b + 1], forced_logits, atol=1e-5, rtol=0)
+        assert torch.equal(tokens[b:b + 1], forced_tokens)
+
+
+def test_custom_ops_pass_opcheck():
+    q = torch.randn(2, 4, 6, 8)
+    k, v = torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    mask = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6).clone()
+    route = torch.tensor([True, False])
+    qpos, valid, start = torch.ops.fluxc.positions(q, k, mask, False)
+    args = (q, k, v, mask, route, qpos, start, False, 0.3, 0.0, "eager", True, "streaming", 1, 2, 1, False, 0,
+            "reference")
+    torch.library.opcheck(routed_attention, args)
+    q.requires_grad_(True)
+    torch.library.opcheck(routed_attention, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    weights = [p.detach() for p in fluxc.ops.LayerRouter(8, (8, 8, 8, 4)).weights()]
+    torch.library.opcheck(router_logits, (torch.randn(2, 6, 4, 8), valid, weights, 3))
