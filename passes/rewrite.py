@@ -23,10 +23,10 @@ from torch import nn
 import fluxc.ops  # noqa: F401  (registers torch.ops.fluxc.*)
 from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError, RouteError
+from fluxc.ops.router import ROUTER_PARAM_NAMES
 from fluxc.passes.graph import layer_number, meta_value, module_path, shape_of
 from fluxc.passes.query import ContentAnalysis, QueryInput, locate_query
 from fluxc.passes.sites import SiteMatch, find_sites
-from fluxc.ops.router import ROUTER_PARAM_NAMES
 
 log = logging.getLogger("fluxc")
 
@@ -191,7 +191,7 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
     cfg = options.config
     prefill = True
     positions_memo: dict[tuple, tuple[fx.Node, fx.Node, fx.Node]] = {}
-    for layer, (match, info, query) in enumerate(zip(matches, infos, queries)):
+    for layer, (match, _info, query) in enumerate(zip(matches, infos, queries)):
         if not match.routable:
             counters["sites_kept"] += 1
             continue

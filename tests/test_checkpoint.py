@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 import fluxc
+
 from hf_models import batch, tiny_model
 
 

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 import fluxc
 from fluxc.ops.attention import routed_attention
 from fluxc.ops.router import router_logits
+
 from hf_models import batch, tiny_model
 
 CFG = fluxc.FluxConfig(sink=2, window=4, block=2, block_exact=True)

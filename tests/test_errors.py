@@ -14,6 +14,7 @@ from torch import nn
 
 import fluxc
 from fluxc.passes import counters
+
 from hf_models import batch, tiny_model
 
 EAGER = fluxc.FluxConfig(sink=2, window=4, block=2, compiler="eager")

@@ -8,6 +8,7 @@ import torch
 
 import fluxc
 from fluxc.passes import counters
+
 from hf_models import CASES, Reference, batch, reference_router, run_reference, tiny_model
 
 CFG = fluxc.FluxConfig(sink=2, window=4, block=2, block_exact=True, compiler="eager")

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import fluxc
 from fluxc.passes import counters
+
 from hf_models import dense_sa_mask
 from plain_decoders import PlainDecoder
 

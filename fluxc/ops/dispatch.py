@@ -1,0 +1,58 @@
+"""Dispatch from `fluxc::routed_attention` to the GPU kernels of `fluxc.kernels`.
+
+The kernels take structural masks (causal + per-sequence lengths). A site whose mask is a materialised
+tensor is not handed to them yet: `auto` runs the reference and logs why; an explicit `impl` raises.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from fluxc.errors import ImplementationError
+
+log = logging.getLogger("fluxc")
+
+
+def unsupported_reason(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool) -> str | None:
+    """Why the kernels cannot run this call, or None when they can."""
+    q_len, kv_len, head_dim = q.shape[2], k.shape[2], q.shape[3]
+    if head_dim not in (64, 128):
+        return f"head_dim={head_dim} (kernels take 64 or 128)"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} (kernels take float16 or bfloat16)"
+    if attn_mask is not None:
+        return "the site passes a materialised mask (kernels take causal + lengths)"
+    if q_len > 1 and not (is_causal and q_len == kv_len):
+        return "prefill without is_causal over the whole key range"
+    if q_len == 1 and is_causal and kv_len > 1:
+        return "SDPA's top-left is_causal with one query sees only the first key"
+    return None
+
+
+def run_kernel(impl: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, route: Tensor, qpos: Tensor,
+               key_start: Tensor, *, is_causal: bool, scale: float, softcap: float, pattern: str, sink: int,
+               window: int, block: int, block_exact: bool, n_last: int, explicit: bool) -> Tensor | None:
+    """Run `impl` ("triton" | "flex") or return None after logging why the reference must run instead."""
+    why = unsupported_reason(q, k, attn_mask, is_causal)
+    if why is not None:
+        if explicit:
+            raise ImplementationError(f"impl={impl!r} cannot run this attention site: {why}; use impl='auto' "
+                                      f"(falls back to the reference, logged) or impl='reference'")
+        log.info("fluxc: routed attention runs the reference implementation: %s", why)
+        return None
+    batch, _, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    kv_lens = torch.full((batch,), kv_len, dtype=torch.int32, device=q.device)
+    common = dict(scale=scale, sink=sink, window=window, block=block, block_exact=block_exact, softcap=softcap)
+    if impl == "triton":
+        from fluxc.kernels.attention import routed_decode, routed_prefill
+    else:
+        from fluxc.kernels.flex import routed_decode_flex as routed_decode
+        from fluxc.kernels.flex import routed_prefill_flex as routed_prefill
+    if q_len == 1:
+        return routed_decode(q, k, v, route, kv_lens, **common)
+    q_lens = torch.full((batch,), q_len, dtype=torch.int32, device=q.device)
+    return routed_prefill(q, k, v, route, kv_lens, q_lens, pattern=pattern, n_last=n_last, **common)
