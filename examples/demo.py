@@ -29,7 +29,7 @@ def build_prompt(tokenizer) -> torch.Tensor:
     import heapq
 
     passage = inspect.getdoc(heapq)
-    question = "According to the text above, which function pops the smallest item from the heap?"
+    question = "Which item is always at heap[0]?"
     messages = [{"role": "user", "content": f"{passage}\n\n{question}"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
@@ -73,12 +73,14 @@ def main() -> None:
 
     reference, seconds = timed_generate(model, ids, args.max_new_tokens)
     answer = tokenizer.decode(reference[0], skip_special_tokens=True).strip()
-    print(f"untouched model ({seconds:.1f} s): {answer!r}\n")
+    print(f"untouched model, {args.max_new_tokens} new tokens in {seconds:.1f} s: {answer!r}\n")
 
     rows = []
     for name, route in (("all full", "full"), ("all sparse", "sparse"), ("mixed", mixed)):
         flux_model = fluxc.compile(model, config=config, route=route)
-        new_ids, seconds = timed_generate(flux_model, ids, args.max_new_tokens)
+        new_ids, first = timed_generate(flux_model, ids, args.max_new_tokens)  # traces prefill and decode graphs
+        again, seconds = timed_generate(flux_model, ids, args.max_new_tokens)
+        assert torch.equal(again, new_ids)
         if not rows:
             print("attention sites found by the pass:")
             for site in fluxc.sites(flux_model):
@@ -86,13 +88,13 @@ def main() -> None:
             print()
         decided = fluxc.last_route(flux_model)
         work = attention_work(decided, [prompt_len], config)
-        rows.append((name, decided[0], float(work["skipped"][0]), new_ids, seconds))
+        rows.append((name, decided[0], float(work["skipped"][0]), new_ids, first, seconds))
 
-    for name, decided, skipped, new_ids, seconds in rows:
+    for name, decided, skipped, new_ids, first, seconds in rows:
         answer = tokenizer.decode(new_ids[0], skip_special_tokens=True).strip()
         same = "same tokens as untouched" if torch.equal(new_ids, reference) else "differs from untouched"
         print(f"{name:<10} route {route_string(decided)}  skipped {skipped:6.1%} of prefill attention pairs  "
-              f"{seconds:5.1f} s (first call, includes tracing)  [{same}]")
+              f"{seconds:4.1f} s ({first:.1f} s on the first call, which traces)  [{same}]")
         print(f"{'':<10} {answer!r}")
     full_ok = torch.equal(rows[0][3], reference)
     print(f"\nroute='full' reproduces the untouched model token for token: {full_ok}")
