@@ -52,14 +52,22 @@ def _allowed(pos, k_idx, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
 
 @triton.jit
 def _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_n, offs_d,
-                   blk_lo, blk_hi, pos, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
+                   r0_lo, r0_hi, r1_lo, r1_hi, r2_lo, r2_hi, r3_lo, r3_hi,
+                   pos, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
                    qk_scale, softcap_in, softcap_out,
                    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_EXACT: tl.constexpr,
                    SA_BLOCK: tl.constexpr, HAS_NW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    SA_POSSIBLE: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
-    """Online-softmax update over key blocks [blk_lo, blk_hi).  MASKED=False: every key of every
-    block is allowed for every row (interior), so no mask and no bounds checks."""
-    for blk in range(blk_lo, blk_hi):
+    """Online-softmax update over the key blocks of up to four block ranges [r_lo, r_hi), walked as
+    ONE loop (one software pipeline, no refill between the sink and the window).  MASKED=False:
+    every key of every block is allowed for every row (interior), so no mask and no bounds checks."""
+    n0 = r0_hi - r0_lo
+    n1 = n0 + (r1_hi - r1_lo)
+    n2 = n1 + (r2_hi - r2_lo)
+    n3 = n2 + (r3_hi - r3_lo)
+    for j in range(0, n3):
+        blk = tl.where(j < n0, r0_lo + j,
+                       tl.where(j < n1, r1_lo + (j - n0), tl.where(j < n2, r2_lo + (j - n1), r3_lo + (j - n2))))
         k_idx = blk * BLOCK_N + offs_n
         if USE_TMA:
             # k_base / v_base are tensor descriptors over this (batch, kv head)'s first kv_len keys:
@@ -218,32 +226,25 @@ def _prefill_kernel(Q, K, V, O, ROUTE, KV_LENS, Q_LENS, CU_Q, CU_K,
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
 
     b0, u0, u1, b1 = _block_ranges(lo_any, hi1, lo_all, ahi1, tl.full((), 0, tl.int32), BLOCK_N)
-    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_n, offs_d,
-                                   b0, u0, pos, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
-                                   qk_scale, softcap_in, softcap_out, True, BLOCK_N, BLOCK_EXACT, SA_BLOCK,
-                                   HAS_NW, HAS_SOFTCAP, SA_POSSIBLE, DOT_PREC, USE_TMA)
-    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_n, offs_d,
-                                   u0, u1, pos, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
-                                   qk_scale, softcap_in, softcap_out, False, BLOCK_N, BLOCK_EXACT, SA_BLOCK,
-                                   HAS_NW, HAS_SOFTCAP, SA_POSSIBLE, DOT_PREC, USE_TMA)
-    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_n, offs_d,
-                                   u1, b1, pos, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
-                                   qk_scale, softcap_in, softcap_out, True, BLOCK_N, BLOCK_EXACT, SA_BLOCK,
-                                   HAS_NW, HAS_SOFTCAP, SA_POSSIBLE, DOT_PREC, USE_TMA)
     if SA_POSSIBLE:
         c0, v0, v1, c1 = _block_ranges(lo2, a_hi, alo2, c_hi, b1, BLOCK_N)
-        acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_n,
-                                       offs_d, c0, v0, pos, kv_len, sink_end, window, wblk, nw, is_fa,
-                                       dense_row, qk_scale, softcap_in, softcap_out, True, BLOCK_N,
-                                       BLOCK_EXACT, SA_BLOCK, HAS_NW, HAS_SOFTCAP, SA_POSSIBLE, DOT_PREC, USE_TMA)
-        acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_n,
-                                       offs_d, v0, v1, pos, kv_len, sink_end, window, wblk, nw, is_fa,
-                                       dense_row, qk_scale, softcap_in, softcap_out, False, BLOCK_N,
-                                       BLOCK_EXACT, SA_BLOCK, HAS_NW, HAS_SOFTCAP, SA_POSSIBLE, DOT_PREC, USE_TMA)
-        acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_n,
-                                       offs_d, v1, c1, pos, kv_len, sink_end, window, wblk, nw, is_fa,
-                                       dense_row, qk_scale, softcap_in, softcap_out, True, BLOCK_N,
-                                       BLOCK_EXACT, SA_BLOCK, HAS_NW, HAS_SOFTCAP, SA_POSSIBLE, DOT_PREC, USE_TMA)
+    else:
+        c0 = b1
+        v0 = b1
+        v1 = b1
+        c1 = b1
+    # interior blocks (sink interior, then window interior) without masks ...
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_n, offs_d,
+                                   u0, u1, v0, v1, b1, b1, b1, b1,
+                                   pos, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
+                                   qk_scale, softcap_in, softcap_out, False, BLOCK_N, BLOCK_EXACT, SA_BLOCK,
+                                   HAS_NW, HAS_SOFTCAP, SA_POSSIBLE, DOT_PREC, USE_TMA)
+    # ... then the edge blocks (window start, diagonal, sequence end) with the full mask
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_n, offs_d,
+                                   b0, u0, u1, b1, c0, v0, v1, c1,
+                                   pos, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
+                                   qk_scale, softcap_in, softcap_out, True, BLOCK_N, BLOCK_EXACT, SA_BLOCK,
+                                   HAS_NW, HAS_SOFTCAP, SA_POSSIBLE, DOT_PREC, USE_TMA)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]

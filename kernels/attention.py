@@ -23,7 +23,8 @@ import torch
 from ._common import LEN_DTYPES, LOG2E, ROUTE_DTYPES, Pattern, check_qkv, check_vec, resolve_pattern
 from .errors import KernelError
 
-__all__ = ["routed_prefill", "routed_prefill_varlen", "routed_decode", "prefill_config", "decode_config"]
+__all__ = ["routed_prefill", "routed_prefill_varlen", "routed_decode", "routed_prefill_dispatch", "prefill_config",
+           "decode_config"]
 
 _ROUTE_CONST = {None: 0, "fa": 1, "sa": 2}
 
@@ -93,12 +94,12 @@ def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> d
     if device.type != "cuda":
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     if head_dim == 128:
-        if dtype == torch.float32:
-            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        if dtype == torch.float32:  # tests only
+            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
 
 
 def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -299,3 +300,40 @@ def routed_decode(q, k_cache, v_cache, route, kv_lens, *, scale: float, sink: in
     tk._combine_kernel[(B * Hq,)](part_o, part_lse, out, Hq, num_splits, out.stride(0), out.stride(1),
                                   HEAD_DIM=D, BLOCK_S=block_s, num_warps=4 if block_s <= 64 else 8)
     return out
+
+
+def routed_prefill_dispatch(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: int, window: int, block: int,
+                            block_exact: bool, pattern: str, n_last: int, softcap: float = 0.0,
+                            native_window: int = 0, out=None) -> torch.Tensor:
+    """Prefill that lets the FA branch use the fastest library kernel.
+
+    Reads route and lengths on the host (ONE device sync; not CUDA-graph capturable, unlike
+    ``routed_prefill``).  When every sequence is FA, unpadded (q_lens == kv_lens == Tk) and
+    the options are plain (no soft-cap, no native window), it runs PyTorch SDPA (cuDNN, else
+    flash/efficient, whichever PyTorch picks first) with is_causal=True; otherwise the routed Triton
+    kernel.  Same semantics either way."""
+    check_qkv(q, k, v)
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    check_vec(route, "route", B, q.device, ROUTE_DTYPES)
+    check_vec(kv_lens, "kv_lens", B, q.device, LEN_DTYPES)
+    check_vec(q_lens, "q_lens", B, q.device, LEN_DTYPES)
+    resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact, pattern=pattern,
+                    n_last=n_last, softcap=softcap, native_window=native_window)
+    host = torch.stack([route.to(torch.int64) != 0, kv_lens.to(torch.int64) == Tk,
+                        q_lens.to(torch.int64) == Tq]).cpu()
+    if (q.device.type == "cuda" and Tq == Tk and softcap == 0 and native_window == 0 and bool(host.all())):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        import torch.nn.functional as F
+
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                          SDPBackend.EFFICIENT_ATTENTION], set_priority=True):
+            res = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                 enable_gqa=k.shape[1] != Hq)
+        if out is not None:
+            out.copy_(res)
+            return out
+        return res
+    return routed_prefill(q, k, v, route, kv_lens, q_lens, scale=scale, sink=sink, window=window, block=block,
+                          block_exact=block_exact, pattern=pattern, n_last=n_last, softcap=softcap,
+                          native_window=native_window, out=out)

@@ -14,8 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 from _interpret_cases import cases  # noqa: E402
-from _kernel_harness import (load_kernels, run_decode_case, run_prefill_case, run_skip_case,  # noqa: E402
-                             run_varlen_case)
+from _kernel_harness import load_kernels, run_decode_case, run_prefill_case, run_skip_case, run_varlen_case  # noqa: E402
 
 RUN = {"prefill": run_prefill_case, "decode": run_decode_case, "varlen": run_varlen_case}
 

@@ -1,0 +1,459 @@
+"""Routed-attention kernel benchmark (issue 3): Llama-3-8B attention shape (32 query heads, 8 KV
+heads, head dim 128), bf16, on one GPU, everything measured side by side in one run.
+
+Prefill (B=1) at 8K/32K/64K/128K: SDPA flash, SDPA cuDNN, FlexAttention causal and with the SA mask
+(compiled), ours Triton FA/SA (route read from device memory), ours FlexAttention lowering
+(routed mask_mod), and the route fixed at compile time (routing cost).  Decode at (B, L) in
+(1,32K) (1,128K) (8,32K) (32,32K): SDPA flash/cuDNN full, ours FA/SA, ours flex lowering.  Plus a
+device copy bandwidth.  Medians of triton.testing.do_bench (decode also under CUDA-graph replay).
+
+TFLOP/s count executed (allowed) query-key pairs: 4 * pairs * head_dim * query heads.  Decode GB/s
+count the K and V bytes the branch must read once.  SA pattern: sink 128, window 2048, 128-token
+blocks, block-exact (the method's released config).
+
+    python benchmarks/kernels.py --out results.json [--sweep] [--lengths 8192,32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import platform
+import sys
+import time
+import traceback
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HQ, HKV, D = 32, 8, 128
+SINK, WINDOW, BLOCK = 128, 2048, 128
+SA = dict(sink=SINK, window=WINDOW, block=BLOCK, block_exact=True)
+
+
+def load_kernels():
+    if os.environ.get("FLUXC_KERNELS_STANDALONE", "0") in ("", "0"):
+        try:
+            pkg = importlib.import_module("fluxc.kernels")
+            importlib.import_module("fluxc.kernels.attention")
+            return pkg
+        except Exception:  # noqa: BLE001
+            pass
+    name = "fluxc_kernels_standalone"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "kernels" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "kernels")])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ------------------------------------------------------------------------------------ counting
+
+
+def sa_keys_per_query(p: torch.Tensor, *, sink=SINK, window=WINDOW, block=BLOCK, block_exact=True) -> torch.Tensor:
+    """Allowed keys for query position p (all keys valid, p the last query at most)."""
+    if block_exact:
+        ws = torch.clamp((torch.div(p, block, rounding_mode="floor") - window // block + 1) * block, min=0)
+        sink_end = -(-sink // block) * block
+    else:
+        ws = torch.clamp(p - window + 1, min=0)
+        sink_end = sink
+    return (p - ws + 1) + torch.minimum(ws, torch.full_like(ws, sink_end))
+
+
+def pairs_causal(L: int) -> int:
+    return L * (L + 1) // 2
+
+
+def pairs_sa(L: int, **kw) -> int:
+    return int(sa_keys_per_query(torch.arange(L, dtype=torch.int64), **kw).sum())
+
+
+def tflops(pairs: int, ms: float) -> float:
+    return 4.0 * pairs * D * HQ / (ms * 1e-3) / 1e12
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+def bench(fn, *, graph=False, rep=None):
+    import triton.testing as tt
+
+    fn()
+    torch.cuda.synchronize()
+    if graph:
+        return tt.do_bench_cudagraph(fn, rep=rep or 100, return_mode="median")
+    return tt.do_bench(fn, warmup=25, rep=rep or 100, return_mode="median")
+
+
+class Recorder:
+    def __init__(self, path, meta):
+        self.path = path
+        self.meta = meta
+        self.rows = []
+        self.targets = []
+
+    def add(self, **row):
+        row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        self.flush()
+
+    def flush(self):
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(dict(meta=self.meta, rows=self.rows, targets=self.targets), f, indent=1)
+
+    def get(self, **sel):
+        for r in self.rows:
+            if all(r.get(k) == v for k, v in sel.items()) and "ms" in r:
+                return r
+        return None
+
+
+def guarded(rec, label, fn):
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001  (one failing baseline must not sink the run)
+        rec.add(kind="error", label=label, error=f"{type(e).__name__}: {str(e)[:400]}")
+        traceback.print_exc()
+        return None
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------ sections
+
+
+def copy_bandwidth(rec):
+    n = 1 << 30  # 1 GiB
+    x = torch.empty(n // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x), rep=200)
+    gbps = 2 * n / (ms * 1e-3) / 1e9
+    rec.add(kind="copy", impl="torch copy_", bytes=2 * n, ms=ms, gbps=gbps)
+    return gbps
+
+
+def sdpa_fn(q, k, v, backend, causal):
+    """SDPA with native GQA (enable_gqa=True); if the backend refuses it, K/V expanded to all query
+    heads outside the timed region (recorded in the row as gqa='expanded')."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def native():
+        with sdpa_kernel(be):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    try:
+        native()
+        torch.cuda.synchronize()
+        native.gqa = "native"
+        return native
+    except RuntimeError:
+        pass
+    grp = q.shape[1] // k.shape[1]
+    ke, ve = k.repeat_interleave(grp, 1), v.repeat_interleave(grp, 1)
+
+    def expanded():
+        with sdpa_kernel(be):
+            return F.scaled_dot_product_attention(q, ke, ve, is_causal=causal)
+    expanded.gqa = "expanded"
+    return expanded
+
+
+def prefill_section(rec, K, L, args):
+    attn = importlib.import_module(K.__name__ + ".attention")
+    flex = importlib.import_module(K.__name__ + ".flex")
+    g = torch.Generator(device="cuda").manual_seed(L)
+    q = torch.randn(1, HQ, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, HKV, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, HKV, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    lens = torch.tensor([L], dtype=torch.int32, device="cuda")
+    fa_route = torch.ones(1, dtype=torch.bool, device="cuda")
+    sa_route = torch.zeros(1, dtype=torch.bool, device="cuda")
+    scale = D ** -0.5
+    pc, ps = pairs_causal(L), pairs_sa(L)
+    pst = pairs_sa(L, block_exact=False)
+    base = dict(kind="prefill", L=L, B=1)
+
+    def row(impl, mask, pairs, fn, **extra):
+        ms = bench(fn, rep=args.rep)
+        rec.add(**base, impl=impl, mask=mask, ms=ms, pairs=pairs, exec_frac=pairs / pc,
+                tflops=tflops(pairs, ms), **extra)
+
+    kw = dict(scale=scale, pattern="streaming", n_last=0, **SA)
+    for be in ("flash", "cudnn"):
+        def go(be=be):
+            fn = sdpa_fn(q, k, v, be, True)
+            row(f"sdpa_{be}", "causal", pc, fn, gqa=fn.gqa)
+        guarded(rec, f"sdpa_{be} {L}", go)
+    guarded(rec, f"ours_fa {L}", lambda: row("ours_triton", "causal", pc, lambda: attn.routed_prefill(
+        q, k, v, fa_route, lens, lens, **kw), route="device"))
+    guarded(rec, f"ours_dispatch_fa {L}", lambda: row("ours_dispatch", "causal", pc, lambda: attn.routed_prefill_dispatch(
+        q, k, v, fa_route, lens, lens, **kw), route="host-sync"))
+    guarded(rec, f"ours_sa {L}", lambda: row("ours_triton", "sa_block", ps, lambda: attn.routed_prefill(
+        q, k, v, sa_route, lens, lens, **kw), route="device"))
+    guarded(rec, f"ours_sa_tok {L}", lambda: row("ours_triton", "sa_token", pst, lambda: attn.routed_prefill(
+        q, k, v, sa_route, lens, lens, **{**kw, "block_exact": False}), route="device"))
+    if L in args.route_cost_lengths:
+        guarded(rec, f"ours_fa_const {L}", lambda: row("ours_triton", "causal", pc, lambda: attn.routed_prefill(
+            q, k, v, fa_route, lens, lens, _route_const="fa", **kw), route="constexpr"))
+        guarded(rec, f"ours_sa_const {L}", lambda: row("ours_triton", "sa_block", ps, lambda: attn.routed_prefill(
+            q, k, v, sa_route, lens, lens, _route_const="sa", **kw), route="constexpr"))
+    if L in args.flex_lengths:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        cflex = torch.compile(flex_attention, dynamic=False)
+
+        def causal(b, h, qi, ki):
+            return ki <= qi
+
+        def flex_plain(mask_mod, label, pairs, mask):
+            t0 = time.time()
+            bm = create_block_mask(mask_mod, 1, None, L, L, device="cuda", BLOCK_SIZE=128, _compile=True)
+            build_s = time.time() - t0
+            row("flex", mask, pairs, lambda: cflex(q, k, v, block_mask=bm, scale=scale, enable_gqa=True),
+                mask_build_s=build_s)
+
+        sa_mm = flex.make_mask_mod(sa_route, lens, lens, routed=False, **SA)
+        if L in args.flex_causal_lengths:
+            guarded(rec, f"flex causal {L}", lambda: flex_plain(causal, "causal", pc, "causal"))
+        guarded(rec, f"flex sa {L}", lambda: flex_plain(sa_mm, "sa", ps, "sa_block"))
+
+        def ours_flex(route, mask, pairs):
+            bm = flex.build_block_mask(route, lens, lens, 1, L, L, compile_mask=True, **SA)
+            ms_mask = bench(lambda: flex.build_block_mask(route, lens, lens, 1, L, L, compile_mask=True, **SA),
+                            rep=20)
+            row("ours_flex", mask, pairs, lambda: flex.routed_prefill_flex(
+                q, k, v, route, lens, lens, block_mask=bm, **kw), route="device", mask_build_ms=ms_mask)
+
+        if L in args.ours_flex_lengths:
+            guarded(rec, f"ours_flex fa {L}", lambda: ours_flex(fa_route, "causal", pc))
+            guarded(rec, f"ours_flex sa {L}", lambda: ours_flex(sa_route, "sa_block", ps))
+    del q, k, v
+
+
+def decode_section(rec, K, B, L, args):
+    attn = importlib.import_module(K.__name__ + ".attention")
+    flex = importlib.import_module(K.__name__ + ".flex")
+    g = torch.Generator(device="cuda").manual_seed(B * 7 + L)
+    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, HKV, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, HKV, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    fa_route = torch.ones(B, dtype=torch.bool, device="cuda")
+    sa_route = torch.zeros(B, dtype=torch.bool, device="cuda")
+    scale = D ** -0.5
+    sa_keys = int(sa_keys_per_query(torch.tensor([L - 1]))[0])
+    fa_bytes = B * HKV * L * D * 2 * 2
+    sa_bytes = B * HKV * sa_keys * D * 2 * 2
+    base = dict(kind="decode", L=L, B=B)
+
+    def row(impl, mask, nbytes, fn, **extra):
+        ms = bench(fn, rep=args.rep)
+        try:
+            ms_graph = bench(fn, graph=True, rep=args.rep)
+        except Exception as e:  # noqa: BLE001
+            ms_graph = None
+            extra["graph_error"] = str(e)[:200]
+        rec.add(**base, impl=impl, mask=mask, ms=ms, ms_graph=ms_graph, bytes=nbytes, gbps=nbytes / (ms * 1e-3) / 1e9,
+                gbps_graph=(nbytes / (ms_graph * 1e-3) / 1e9) if ms_graph else None, **extra)
+
+    kw = dict(scale=scale, **SA)
+    for be in ("flash", "cudnn"):
+        def go(be=be):
+            fn = sdpa_fn(q, k, v, be, False)
+            row(f"sdpa_{be}", "full", fa_bytes, fn, gqa=fn.gqa)
+        guarded(rec, f"sdpa_{be} decode {B},{L}", go)
+    guarded(rec, f"ours fa decode {B},{L}", lambda: row("ours_triton", "full", fa_bytes, lambda: attn.routed_decode(
+        q, k, v, fa_route, lens, **kw), route="device"))
+    guarded(rec, f"ours sa decode {B},{L}", lambda: row("ours_triton", "sa_block", sa_bytes, lambda: attn.routed_decode(
+        q, k, v, sa_route, lens, **kw), route="device"))
+    if (B, L) in args.route_cost_decode:
+        guarded(rec, f"ours fa const {B},{L}", lambda: row("ours_triton", "full", fa_bytes, lambda: attn.routed_decode(
+            q, k, v, fa_route, lens, _route_const="fa", **kw), route="constexpr"))
+        guarded(rec, f"ours sa const {B},{L}", lambda: row("ours_triton", "sa_block", sa_bytes,
+                                                            lambda: attn.routed_decode(
+                                                                q, k, v, sa_route, lens, _route_const="sa", **kw),
+                                                            route="constexpr"))
+    if (B, L) in args.flex_decode:
+        for route, mask, nb in ((fa_route, "full", fa_bytes), (sa_route, "sa_block", sa_bytes)):
+            def go(route=route, mask=mask, nb=nb):
+                ones = torch.ones(B, dtype=torch.int32, device="cuda")
+                bm = flex.build_block_mask(route, lens, ones, B, 1, L, compile_mask=True, **SA)
+                row("ours_flex", mask, nb, lambda: flex.routed_decode_flex(q, k, v, route, lens, block_mask=bm, **kw),
+                    route="device")
+            guarded(rec, f"ours_flex decode {mask} {B},{L}", go)
+    del q, k, v
+
+
+def sweep(rec, K, args):
+    """Launch-configuration sweep (informs the fixed defaults in kernels/attention.py)."""
+    attn = importlib.import_module(K.__name__ + ".attention")
+    L = args.sweep_len
+    q = torch.randn(1, HQ, L, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, HKV, L, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, HKV, L, D, device="cuda", dtype=torch.bfloat16)
+    lens = torch.tensor([L], dtype=torch.int32, device="cuda")
+    kw = dict(scale=D ** -0.5, pattern="streaming", n_last=0, **SA)
+    cfgs = [(128, 64, 8, 3, True), (128, 64, 8, 3, False), (128, 128, 8, 3, True), (128, 128, 8, 3, False),
+            (128, 64, 8, 4, True), (128, 64, 8, 4, False)]
+    for bm, bn, w, s, tma in cfgs:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+        for fa in (True, False):
+            route = torch.full((1,), fa, dtype=torch.bool, device="cuda")
+            pairs = pairs_causal(L) if fa else pairs_sa(L)
+
+            def go():
+                ms = bench(lambda: attn.routed_prefill(q, k, v, route, lens, lens, _config=cfg, _use_tma=tma, **kw))
+                rec.add(kind="sweep_prefill", L=L, fa=fa, cfg=f"{bm}x{bn}w{w}s{s}{'tma' if tma else 'ptr'}", ms=ms,
+                        tflops=tflops(pairs, ms))
+            guarded(rec, f"sweep {cfg}", go)
+    del q, k, v
+    for B, Ld in ((1, 32768), (8, 32768)):
+        q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, HKV, Ld, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(B, HKV, Ld, D, device="cuda", dtype=torch.bfloat16)
+        lens = torch.full((B,), Ld, dtype=torch.int32, device="cuda")
+        nbytes = B * HKV * Ld * D * 4
+        for bn, w, s, waves in ((64, 4, 3, 4), (64, 4, 4, 4), (64, 4, 3, 2), (64, 4, 4, 2), (64, 4, 4, 8)):
+            cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=s, SPLIT_WAVES=waves)
+            route = torch.ones(B, dtype=torch.bool, device="cuda")
+
+            def go():
+                fn = lambda: attn.routed_decode(q, k, v, route, lens, scale=D ** -0.5, _config=cfg, **SA)  # noqa: E731
+                ms = bench(fn)
+                msg = bench(fn, graph=True)
+                rec.add(kind="sweep_decode", B=B, L=Ld, cfg=f"bn{bn}w{w}s{s}waves{waves}", ms=ms, ms_graph=msg,
+                        gbps=nbytes / (ms * 1e-3) / 1e9, gbps_graph=nbytes / (msg * 1e-3) / 1e9)
+            guarded(rec, f"sweep decode {cfg}", go)
+        del q, k, v
+
+
+def evaluate(rec, copy_gbps):
+    T = rec.targets
+
+    def add(name, value, target, met, note=""):
+        T.append(dict(target=name, value=None if value is None else round(value, 4), goal=target,
+                      met=bool(met) if value is not None else None, note=note))
+
+    for L in (32768, 65536, 131072):
+        sa = rec.get(kind="prefill", L=L, impl="ours_triton", mask="sa_block", route="device")
+        cud = rec.get(kind="prefill", L=L, impl="sdpa_cudnn")
+        fl = rec.get(kind="prefill", L=L, impl="flex", mask="sa_block")
+        fa = rec.get(kind="prefill", L=L, impl="ours_triton", mask="causal", route="device")
+        if sa and cud:
+            floor = sa["exec_frac"] * cud["ms"]
+            add(f"SA prefill {L // 1024}K time / (exec-frac x cuDNN full)", sa["ms"] / floor, "<= 1.10",
+                sa["ms"] / floor <= 1.10)
+        if sa and fl:
+            add(f"SA prefill {L // 1024}K speedup vs flex same mask", fl["ms"] / sa["ms"], ">= 1.3",
+                fl["ms"] / sa["ms"] >= 1.3)
+        if fa and cud:
+            add(f"FA prefill {L // 1024}K speed vs cuDNN (Triton kernel, route on device)", cud["ms"] / fa["ms"],
+                ">= 0.90", cud["ms"] / fa["ms"] >= 0.9)
+        dis = rec.get(kind="prefill", L=L, impl="ours_dispatch", mask="causal")
+        if dis and cud:
+            add(f"FA prefill {L // 1024}K speed vs cuDNN (dispatch: library kernel for FA, host sync)",
+                cud["ms"] / dis["ms"], ">= 0.90", cud["ms"] / dis["ms"] >= 0.9)
+    for B in (8, 32):
+        fa = rec.get(kind="decode", B=B, L=32768, impl="ours_triton", mask="full", route="device")
+        if fa:
+            add(f"FA decode B={B} 32K bandwidth / copy bandwidth (do_bench)", fa["gbps"] / copy_gbps, ">= 0.85",
+                fa["gbps"] / copy_gbps >= 0.85)
+            if fa.get("gbps_graph"):
+                add(f"FA decode B={B} 32K bandwidth / copy bandwidth (CUDA graph)", fa["gbps_graph"] / copy_gbps,
+                    ">= 0.85", fa["gbps_graph"] / copy_gbps >= 0.85)
+    for B, L in ((1, 32768), (1, 131072), (8, 32768), (32, 32768)):
+        sa = rec.get(kind="decode", B=B, L=L, impl="ours_triton", mask="sa_block", route="device")
+        if sa:
+            ideal = sa["bytes"] / (copy_gbps * 1e9) * 1e3
+            add(f"SA decode B={B} {L // 1024}K time / (sink+window bytes at copy bw) (do_bench)", sa["ms"] / ideal,
+                "<= 1.2", sa["ms"] / ideal <= 1.2)
+            if sa.get("ms_graph"):
+                add(f"SA decode B={B} {L // 1024}K time / ideal (CUDA graph)", sa["ms_graph"] / ideal, "<= 1.2",
+                    sa["ms_graph"] / ideal <= 1.2)
+    for kind, sel in (("prefill", dict(L=32768, B=1)), ("decode", dict(B=8, L=32768))):
+        for mask in (("causal", "sa_block") if kind == "prefill" else ("full", "sa_block")):
+            dev = rec.get(kind=kind, impl="ours_triton", mask=mask, route="device", **sel)
+            const = rec.get(kind=kind, impl="ours_triton", mask=mask, route="constexpr", **sel)
+            if dev and const:
+                key = "ms_graph" if kind == "decode" and dev.get("ms_graph") and const.get("ms_graph") else "ms"
+                cost = dev[key] / const[key] - 1
+                add(f"routing cost {kind} {mask} {sel} ({key})", cost, "<= 0.02", cost <= 0.02)
+    rec.flush()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kernels_h100.json"))
+    ap.add_argument("--lengths", default="8192,32768,65536,131072")
+    ap.add_argument("--decode", default="1x32768,1x131072,8x32768,32x32768")
+    ap.add_argument("--sweep", action="store_true", help="also sweep launch configurations")
+    ap.add_argument("--sweep-only", action="store_true")
+    ap.add_argument("--sweep-len", type=int, default=16384)
+    ap.add_argument("--flex-lengths", default="8192,32768,65536,131072", help="flex with the SA mask")
+    ap.add_argument("--flex-causal-lengths", default="8192,32768")
+    ap.add_argument("--ours-flex-lengths", default="32768,131072")
+    ap.add_argument("--flex-decode", default="1x32768,8x32768")
+    ap.add_argument("--skip-flex", action="store_true")
+    ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
+    args = ap.parse_args()
+    args.route_cost_lengths = {32768}
+    args.route_cost_decode = {(8, 32768)}
+
+    def ints(x):
+        return set() if args.skip_flex else {int(t) for t in x.split(",") if t}
+    args.flex_lengths = ints(args.flex_lengths)
+    args.flex_causal_lengths = ints(args.flex_causal_lengths)
+    args.ours_flex_lengths = ints(args.ours_flex_lengths)
+    args.flex_decode = set() if args.skip_flex else {tuple(int(t) for t in x.split("x"))
+                                                     for x in args.flex_decode.split(",") if x}
+    import triton
+
+    K = load_kernels()
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                cuda=torch.version.cuda, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                host=platform.node(), shape=dict(Hq=HQ, Hkv=HKV, D=D, dtype="bf16"), sa_pattern=SA,
+                timing="triton.testing.do_bench median (decode also do_bench_cudagraph median)",
+                kernels=K.__name__)
+    rec = Recorder(args.out, meta)
+    print(json.dumps(meta), flush=True)
+    copy_gbps = copy_bandwidth(rec)
+    rec.meta["copy_gbps"] = copy_gbps
+    if args.sweep or args.sweep_only:
+        sweep(rec, K, args)
+    if not args.sweep_only:
+        for L in [int(x) for x in args.lengths.split(",") if x]:
+            prefill_section(rec, K, L, args)
+        for spec in [s for s in args.decode.split(",") if s]:
+            B, L = (int(x) for x in spec.split("x"))
+            decode_section(rec, K, B, L, args)
+        evaluate(rec, copy_gbps)
+    rec.flush()
+    print("\n== summary ==")
+    for r in rec.rows:
+        if "ms" in r:
+            extra = f"{r['tflops']:.0f} TFLOP/s" if "tflops" in r else f"{r.get('gbps', 0):.0f} GB/s"
+            print(f"{r['kind']:14s} {str(r.get('B', '')):>3s} {str(r.get('L', '')):>7s} {r.get('impl', r.get('cfg', '')):12s} "
+                  f"{str(r.get('mask', r.get('cfg', ''))):14s} {str(r.get('route', '')):9s} {r['ms']:9.4f} ms  {extra}"
+                  + (f"  graph {r['ms_graph']:.4f} ms" if r.get("ms_graph") else ""))
+        elif r.get("kind") == "error":
+            print("ERROR", r["label"], r["error"][:200])
+    for t in rec.targets:
+        print(f"TARGET {t['target']}: {t['value']} (goal {t['goal']}) -> {'MET' if t['met'] else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
