@@ -39,6 +39,9 @@ def test_full_route_matches_untouched_model(arch, impl):
     assert sites[0].q_heads == 4 and sites[0].kv_heads == 2
     torch.testing.assert_close(_real(out, mask), _real(ref, mask), atol=1e-5, rtol=0)
     assert fluxc.last_route(fm).tolist() == [[True] * len(sites)] * 2
+    with torch.no_grad():
+        fm(input_ids=ids[:1], attention_mask=mask[:1])  # a smaller batch replaces the stored decisions
+    assert fluxc.last_route(fm).tolist() == [[True] * len(sites)]
 
 
 @pytest.mark.parametrize("arch,impl", CASES)

@@ -103,8 +103,9 @@ router_logits.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("fluxc::record_route", mutates_args=("state",))
 def record_route(state: Tensor, route: Tensor, layer: int) -> None:
-    """state[:B, layer] = route: keeps the prefill decision of one layer for the decode steps."""
+    """state[:B, layer] = route and rows >= B unset: keeps one layer's decisions for the decode steps."""
     state[: route.shape[0], layer].copy_(route)
+    state[route.shape[0]:, layer].fill_(-1)  # a smaller batch must not inherit older rows
 
 
 @record_route.register_fake
