@@ -70,6 +70,15 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def _recompile_budget():
+    """Each (shape, mask_mod) is one Dynamo recompile of flex_attention; past Dynamo's default limit
+    (8) it silently falls back to the slow eager path.  Raise the limit for our calls only."""
+    import torch._dynamo.config as dc
+
+    name = "recompile_limit" if hasattr(dc, "recompile_limit") else "cache_size_limit"
+    return dc.patch(**{name: max(getattr(dc, name), 64)})
+
+
 def _softcap_mod(softcap: float):
     def score_mod(score, b, h, q_idx, kv_idx):
         return softcap * torch.tanh(score / softcap)
@@ -103,7 +112,11 @@ def routed_prefill_flex(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: 
     else:
         from torch.nn.attention.flex_attention import flex_attention as fn
     score_mod = _softcap_mod(pat.softcap) if pat.softcap > 0 else None
-    res = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=float(scale), enable_gqa=Hq != Hkv)
+    if compile:
+        with _recompile_budget():
+            res = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=float(scale), enable_gqa=Hq != Hkv)
+    else:
+        res = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=float(scale), enable_gqa=Hq != Hkv)
     valid = (torch.arange(Tq, device=q.device)[None, :] < q_lens[:, None])[:, None, :, None]
     res = torch.where(valid, res, torch.zeros((), dtype=res.dtype, device=res.device))
     if out is not None:
