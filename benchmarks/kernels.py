@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (closures over loop variables are called inside the same iteration, via guarded())
 """Routed-attention kernel benchmark (issue 3): Llama-3-8B attention shape (32 query heads, 8 KV
 heads, head dim 128), bf16, on one GPU, everything measured side by side in one run.
 
@@ -22,7 +23,6 @@ import gc
 import importlib
 import importlib.util
 import json
-import math
 import os
 import pathlib
 import platform
@@ -147,8 +147,8 @@ def copy_bandwidth(rec):
 def sdpa_fn(q, k, v, backend, causal):
     """SDPA with native GQA (enable_gqa=True); if the backend refuses it, K/V expanded to all query
     heads outside the timed region (recorded in the row as gqa='expanded')."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
 
@@ -245,7 +245,6 @@ def prefill_section(rec, K, L, args):
         if L in args.ours_flex_lengths:
             guarded(rec, f"ours_flex fa {L}", lambda: ours_flex(fa_route, "causal", pc))
             guarded(rec, f"ours_flex sa {L}", lambda: ours_flex(sa_route, "sa_block", ps))
-    del q, k, v
 
 
 def decode_section(rec, K, B, L, args):
@@ -299,7 +298,6 @@ def decode_section(rec, K, B, L, args):
                 row("ours_flex", mask, nb, lambda: flex.routed_decode_flex(q, k, v, route, lens, block_mask=bm, **kw),
                     route="device")
             guarded(rec, f"ours_flex decode {mask} {B},{L}", go)
-    del q, k, v
 
 
 def sweep(rec, K, args):
@@ -324,7 +322,7 @@ def sweep(rec, K, args):
                 rec.add(kind="sweep_prefill", L=L, fa=fa, cfg=f"{bm}x{bn}w{w}s{s}{'tma' if tma else 'ptr'}", ms=ms,
                         tflops=tflops(pairs, ms))
             guarded(rec, f"sweep {cfg}", go)
-    del q, k, v
+    q = k = v = None  # free the prefill tensors before the decode sweep
     for B, Ld in ((1, 32768), (8, 32768)):
         q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(B, HKV, Ld, D, device="cuda", dtype=torch.bfloat16)
@@ -342,7 +340,6 @@ def sweep(rec, K, args):
                 rec.add(kind="sweep_decode", B=B, L=Ld, cfg=f"bn{bn}w{w}s{s}waves{waves}", ms=ms, ms_graph=msg,
                         gbps=nbytes / (ms * 1e-3) / 1e9, gbps_graph=nbytes / (msg * 1e-3) / 1e9)
             guarded(rec, f"sweep decode {cfg}", go)
-        del q, k, v
 
 
 def evaluate(rec, copy_gbps):

@@ -133,7 +133,7 @@ def _route_flag(ROUTE, b, ROUTE_MODE: tl.constexpr):
 
 
 @triton.jit
-def _prefill_kernel(Q, K, V, O, ROUTE, KV_LENS, Q_LENS, CU_Q, CU_K,
+def _prefill_kernel(Q, K, V, OUT, ROUTE, KV_LENS, Q_LENS, CU_Q, CU_K,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                     H, GROUP, T_ROWS, num_m_blocks,
@@ -156,7 +156,7 @@ def _prefill_kernel(Q, K, V, O, ROUTE, KV_LENS, Q_LENS, CU_Q, CU_K,
         q_base = Q + q0.to(tl.int64) * stride_qt + h.to(tl.int64) * stride_qh
         k_base = K + k0.to(tl.int64) * stride_kt + kvh.to(tl.int64) * stride_kh
         v_base = V + k0.to(tl.int64) * stride_vt + kvh.to(tl.int64) * stride_vh
-        o_base = O + q0.to(tl.int64) * stride_ot + h.to(tl.int64) * stride_oh
+        o_base = OUT + q0.to(tl.int64) * stride_ot + h.to(tl.int64) * stride_oh
         row_lim = q_len
     else:
         q_len = tl.load(Q_LENS + b).to(tl.int32)
@@ -164,7 +164,7 @@ def _prefill_kernel(Q, K, V, O, ROUTE, KV_LENS, Q_LENS, CU_Q, CU_K,
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
         v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
-        o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        o_base = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
         row_lim = T_ROWS
 
     start_m = pid_m * BLOCK_M
@@ -249,7 +249,7 @@ def _prefill_kernel(Q, K, V, O, ROUTE, KV_LENS, Q_LENS, CU_Q, CU_K,
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     out = tl.where(row_ok[:, None], out, 0.0)
-    tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty),
+    tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :], out.to(OUT.dtype.element_ty),
              mask=(offs_m < row_lim)[:, None])
 
 
@@ -339,7 +339,7 @@ def _decode_kernel(Q, K, V, OP, LSEP, ROUTE, KV_LENS,
 
 
 @triton.jit
-def _combine_kernel(OP, LSEP, O, HQ, num_splits, stride_ob, stride_oh,
+def _combine_kernel(OP, LSEP, OUT, HQ, num_splits, stride_ob, stride_oh,
                     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // HQ
@@ -355,4 +355,4 @@ def _combine_kernel(OP, LSEP, O, HQ, num_splits, stride_ob, stride_oh,
     o = tl.load(OP + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
     den = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(den == 0.0, 1.0, den)
-    tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_d, out.to(O.dtype.element_ty))
+    tl.store(OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_d, out.to(OUT.dtype.element_ty))

@@ -78,7 +78,7 @@ def _tma_ok(*ts: torch.Tensor) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -326,8 +326,8 @@ def routed_prefill_dispatch(q, k, v, route, kv_lens, q_lens, *, scale: float, si
     host = torch.stack([route.to(torch.int64) != 0, kv_lens.to(torch.int64) == Tk,
                         q_lens.to(torch.int64) == Tq]).cpu()
     if (q.device.type == "cuda" and Tq == Tk and softcap == 0 and native_window == 0 and bool(host.all())):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
         import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                           SDPBackend.EFFICIENT_ATTENTION], set_priority=True):

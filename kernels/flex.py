@@ -63,7 +63,7 @@ def build_block_mask(route, kv_lens, q_lens, B: int, Tq: int, Tk: int, *, sink: 
                              _compile=compile_mask)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 

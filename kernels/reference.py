@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ._common import check_qkv, check_vec, LEN_DTYPES, ROUTE_DTYPES, resolve_pattern
+from ._common import LEN_DTYPES, ROUTE_DTYPES, check_qkv, check_vec, resolve_pattern
 
 
 def allowed_mask(route, kv_lens, q_lens, Tq: int, Tk: int, *, sink: int, window: int, block: int,

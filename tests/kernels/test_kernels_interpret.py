@@ -67,10 +67,10 @@ def K():
 
 
 def test_import_has_no_triton():
-    code = ("import sys; sys.path.insert(0, %r); from _kernel_harness import load_kernels; K = load_kernels(); "
+    code = (f"import sys; sys.path.insert(0, {HERE!r}); from _kernel_harness import load_kernels; K = load_kernels(); "
             "import importlib; [importlib.import_module(K.__name__ + '.' + m) for m in ('attention', 'flex', "
             "'reference')]; bad = [m for m in sys.modules if m == 'triton' or m.startswith('triton.')]; "
-            "assert not bad, bad; assert not __import__('torch').cuda.is_initialized()") % HERE
+            "assert not bad, bad; assert not __import__('torch').cuda.is_initialized()")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT),
                    env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
 
