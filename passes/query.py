@@ -136,10 +136,15 @@ def _transfer(node: Node, labels: tuple, in_shape: tuple, out_shape: tuple, head
         return _reshape_labels(labels, in_shape, out_shape, head_dim)
     if is_target(node, "split", "chunk", "split_with_sizes", "unbind", "tensor_split"):
         return labels if not is_target(node, "unbind") else None
-    if in_shape == out_shape or (len(in_shape) == len(out_shape) and is_target(node, *_SAME_LAYOUT)):
-        if is_target(node, "getitem") and isinstance(node.args[1], tuple) and any(
-                i is None or isinstance(i, int) for i in node.args[1]):
+    if is_target(node, "getitem"):
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if any(i is None for i in index):
             return None
+        if Ellipsis in index:  # x[..., a:b]: only slices, every axis stays
+            return labels if all(isinstance(i, slice) or i is Ellipsis for i in index) and len(in_shape) == len(out_shape) else None
+        kept = [lab for lab, i in zip(labels, index) if not isinstance(i, int)] + list(labels[len(index):])
+        return tuple(kept) if len(kept) == len(out_shape) else None
+    if in_shape == out_shape or (len(in_shape) == len(out_shape) and is_target(node, *_SAME_LAYOUT)):
         return labels
     return None
 
@@ -154,13 +159,17 @@ def _reshape_labels(labels: tuple, in_shape: tuple, out_shape: tuple, head_dim: 
             i += 1
             j += 1
             continue
-        # a C axis split into (H, D)
-        if labels[i] == "C" and j + 1 < len(out_shape) and out_shape[j] * out_shape[j + 1] == in_shape[i] \
-                and out_shape[j + 1] == head_dim:
-            out.extend(["H", "D"])
-            i += 1
-            j += 2
-            continue
+        # a C axis split into (..., H, D), e.g. a fused projection viewed as (3, H, D)
+        if labels[i] == "C":
+            size, m = 1, 0
+            while j + m < len(out_shape) and size < in_shape[i]:
+                size *= out_shape[j + m]
+                m += 1
+            if size == in_shape[i] and m >= 2 and out_shape[j + m - 1] == head_dim:
+                out.extend(["?"] * (m - 2) + ["H", "D"])
+                i += 1
+                j += m
+                continue
         # (H, D) merged into C
         if i + 1 < len(in_shape) and labels[i] == "H" and labels[i + 1] == "D" \
                 and in_shape[i] * in_shape[i + 1] == out_shape[j]:

@@ -24,6 +24,7 @@ import fluxc.ops  # noqa: F401  (registers torch.ops.fluxc.*)
 from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError, RouteError
 from fluxc.ops.router import ROUTER_PARAM_NAMES
+from fluxc.passes.flex import flex_positions, routed_score_mod
 from fluxc.passes.graph import layer_number, meta_value, module_path, shape_of
 from fluxc.passes.query import ContentAnalysis, QueryInput, locate_query
 from fluxc.passes.sites import SiteMatch, find_sites
@@ -198,6 +199,12 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
         q_len = shape_of(match.q)[1 if match.layout == "bthd" else 2]
         site_prefill = not (isinstance(q_len, int) and q_len == 1)
         prefill = prefill and site_prefill
+        if match.kind == "flex":
+            _rewrite_flex(graph, gm, options, layer, match, query, site_prefill)
+            counters["sites_rewritten"] += 1
+            counters["rewrite_flex"] += 1
+            counters["routers_inserted"] += int(use_routers)
+            continue
         with graph.inserting_before(match.anchor):
             q, k, v = match.q, match.k, match.v
             if match.layout == "bthd":  # flash-attn (B, T, H, D) -> (B, H, T, D)
@@ -229,6 +236,29 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
     graph.lint()
     gm.recompile()
     return PassResult(infos, prefill)
+
+
+def _rewrite_flex(graph: fx.Graph, gm: fx.GraphModule, options: PassOptions, layer: int, match: SiteMatch,
+                  query: QueryInput | None, prefill: bool) -> None:
+    """Route a FlexAttention site in place: positions from its mask_mod, a routed score_mod."""
+    node = match.anchor
+    args = list(node.args)
+    score_attr, block_mask = args[3], args[4]
+    score_buffers, mask_buffers = tuple(args[7]), tuple(args[8])
+    mask_mod = block_mask[-1]
+    with graph.inserting_before(node):
+        pos = graph.call_function(flex_positions, (mask_mod, match.q, match.k, *mask_buffers))
+        qpos, valid, key_start, last = (graph.call_function(operator.getitem, (pos, i)) for i in range(4))
+        route = _route_node(graph, gm, options, layer, query, valid, match.q, prefill)
+        graph.call_function(torch.ops.fluxc.record_route.default, (graph.get_attr("flux_state.route"), route, layer))
+        name = f"flux_score_mod_{layer}"
+        gm.add_submodule(name, routed_score_mod(getattr(gm, score_attr.target), len(score_buffers), options.config,
+                                                prefill))
+        args[3] = graph.get_attr(name)
+    with graph.inserting_before(node):
+        routed = [graph.call_function(torch.ops.fluxc.materialize.default, (t,)) for t in (route, qpos, key_start, last)]
+    args[7] = (*score_buffers, *routed)
+    node.args = tuple(args)
 
 
 def _erase_dead_site(graph: fx.Graph, anchor: fx.Node) -> None:

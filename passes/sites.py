@@ -326,10 +326,12 @@ def match_flex(node: Node) -> SiteMatch | None:
     if q_shape is None or len(q_shape) != 4:
         return None
     scale = node.args[5] if len(node.args) > 5 and is_scalar(node.args[5]) else 1.0 / math.sqrt(q_shape[-1])
-    site = SiteMatch("flex", node, q, k, v, None, False, float(scale))
-    site.kept.append("flex_attention score_mod and block_mask")
-    site.reason = ("FlexAttention sites are found but not routed yet: the SA branch needs the model's mask_mod "
-                   "composed with the sparse pattern")
+    site = SiteMatch("flex", node, q, k, v, None, False, float(scale), math="flex")
+    site.kept.append("flex_attention score_mod and block_mask (routed through score_mod)")
+    block_mask = node.args[4] if len(node.args) > 4 else None
+    if not (isinstance(block_mask, tuple) and block_mask and isinstance(block_mask[-1], Node)
+            and block_mask[-1].op == "get_attr" and isinstance(node.args[3], Node) and node.args[3].op == "get_attr"):
+        site.reason = "flex_attention call without a traced score_mod and block mask"
     return site
 
 

@@ -21,3 +21,15 @@ def _(q, k, attn_mask, is_causal):
     batch, q_len = q.shape[0], q.shape[2]
     return (q.new_empty((batch, q_len), dtype=torch.int64), q.new_empty((batch, q_len), dtype=torch.bool),
             q.new_empty((batch,), dtype=torch.int64))
+
+
+@torch.library.custom_op("fluxc::materialize", mutates_args=())
+def materialize(x: Tensor) -> Tensor:
+    """A copy of `x` that compilers keep as a named buffer (Inductor's CPU flex template needs its score_mod
+    buffers realized; pointwise results computed in the same graph fail to lower)."""
+    return x.clone()
+
+
+@materialize.register_fake
+def _(x):
+    return torch.empty_like(x)
