@@ -215,7 +215,8 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
             # one positions node per distinct mask (shared by all layers); mask-free sites get their own
             key = (match.mask, match.mask_is_disallow) if mask is not None else (match.q, match.k)
             if key not in positions_memo:
-                pos = graph.call_function(torch.ops.fluxc.positions.default, (q, k, mask, match.is_causal))
+                pos = graph.call_function(torch.ops.fluxc.positions.default,
+                                          (q, k, mask, match.is_causal, match.bottom_right, match.native_window))
                 positions_memo[key] = tuple(graph.call_function(operator.getitem, (pos, i)) for i in range(3))
             qpos, valid, key_start = positions_memo[key]
             route = _route_node(graph, gm, options, layer, query, valid, q, site_prefill)
@@ -224,7 +225,7 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
             out = graph.call_function(torch.ops.fluxc.routed_attention.default, (
                 q, k, v, mask, route, qpos, key_start, match.is_causal, match.scale, match.softcap, match.math,
                 match.softmax_fp32, cfg.pattern, cfg.sink, cfg.window, cfg.block, cfg.block_exact, cfg.n_last,
-                cfg.impl))
+                match.bottom_right, match.native_window, cfg.impl))
             if match.layout == "bthd":
                 out = graph.call_method("transpose", (out, 1, 2))
         match.anchor.replace_all_uses_with(out)

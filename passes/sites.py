@@ -34,6 +34,7 @@ class SiteMatch:
     softmax_fp32: bool = False
     mask_is_disallow: bool = False  # masked_fill masks mark positions to hide
     layout: str = "bhtd"  # flash-attn uses (B, T, H, D)
+    bottom_right: bool = False  # causal aligned so that the queries are the last Tq keys (flash-attn)
     native_window: int = 0
     kept: list[str] = field(default_factory=list)
     reason: str | None = None
@@ -282,36 +283,44 @@ def _reaches_matmul(node: Node, depth: int = 8) -> bool:
 
 
 def match_flash_attn(node: Node) -> SiteMatch | None:
-    """flash_attn.flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, ...)
-    with (B, T, H, D) layout; only where flash-attn is installed (a GPU-only package)."""
-    if node.op != "call_function":
-        return None
+    """flash-attn >= 2.6's registered op `flash_attn::_flash_attn_forward(q, k, v, dropout_p, softmax_scale,
+    causal, window_size_left, window_size_right, softcap, alibi_slopes, return_softmax)` in (B, T, H, D)
+    layout, which Dynamo reaches by tracing through `flash_attn_func`. Only the output's [0] is rewired."""
     target = node.target
-    name = getattr(target, "__name__", "")
-    module = getattr(target, "__module__", "") or ""
-    if not (module.startswith("flash_attn") and name == "flash_attn_func"):
+    if node.op != "call_function" or not isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return None
+    name = target._schema.name if isinstance(target, torch._ops.OpOverload) else target._qualified_op_name
+    if name != "flash_attn::_flash_attn_forward":
+        return None
+    users = list(node.users)
+    outs = [u for u in users if is_target(u, "getitem") and u.args[1] == 0]
+    if len(outs) != 1:
         return None
     q, k, v = node.args[0], arg(node, 1, "k"), arg(node, 2, "v")
     q_shape = shape_of(q)
     if q_shape is None or len(q_shape) != 4:
         return None
-    scale = arg(node, 4, "softmax_scale") or 1.0 / math.sqrt(q_shape[-1])
-    causal = bool(arg(node, 5, "causal", False))
-    window = arg(node, 6, "window_size", (-1, -1))
-    softcap = float(arg(node, 7, "softcap", 0.0) or 0.0)
     dropout = arg(node, 3, "dropout_p", 0.0)
-    site = SiteMatch("flash_attn", node, q, k, v, None, causal, float(scale), softcap, layout="bthd")
+    scale = arg(node, 4, "softmax_scale")
+    causal = bool(arg(node, 5, "causal", False))
+    left = arg(node, 6, "window_size_left", -1)  # window_size_right has no effect with causal=True
+    softcap = float(arg(node, 8, "softcap", 0.0) or 0.0)
+    alibi = arg(node, 9, "alibi_slopes")
+    site = SiteMatch("flash_attn", outs[0], q, k, v, None, causal,
+                     float(scale) if is_scalar(scale) else 1.0 / math.sqrt(q_shape[-1]), softcap,
+                     layout="bthd", bottom_right=True)
+    site.kept.append("flash-attn (B, T, H, D), bottom-right causal")
     if not causal:
-        site.reason = "flash_attn_func(causal=False) is not a causal decoder site"
-    if tuple(window) != (-1, -1):
-        if window[1] != 0:
-            site.reason = f"window_size={window} looks ahead; only causal windows are routable"
-        site.native_window = int(window[0]) + 1
-    if not (is_scalar(dropout) and float(dropout) == 0.0):
+        site.reason = "flash_attn causal=False is not a causal decoder site"
+    elif not (is_scalar(dropout) and float(dropout) == 0.0):
         site.reason = f"attention dropout is active (dropout_p={dropout})"
-    site.kept.append("flash-attn call (B, T, H, D)")
-    if site.native_window:
-        site.reason = site.reason or "flash-attn native window_size is not yet lowered by fluxc"
+    elif alibi is not None:
+        site.reason = "ALiBi slopes are not supported by the routed op"
+    elif len(users) != 1:
+        site.reason = "the softmax statistics (lse) of this call are used downstream"
+    elif is_scalar(left) and left >= 0:
+        site.native_window = int(left) + 1  # keys with q - k <= left
+        site.kept.append(f"native window {site.native_window}")
     return site
 
 

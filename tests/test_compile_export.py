@@ -106,8 +106,8 @@ def test_custom_ops_pass_opcheck():
     k, v = torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
     mask = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6).clone()
     route = torch.tensor([True, False])
-    qpos, valid, start = torch.ops.fluxc.positions(q, k, mask, False)
-    args = (q, k, v, mask, route, qpos, start, False, 0.3, 0.0, "eager", True, "streaming", 1, 2, 1, False, 0,
+    qpos, valid, start = torch.ops.fluxc.positions(q, k, mask, False, False, 0)
+    args = (q, k, v, mask, route, qpos, start, False, 0.3, 0.0, "eager", True, "streaming", 1, 2, 1, False, 0, False, 0,
             "reference")
     torch.library.opcheck(routed_attention, args)
     q.requires_grad_(True)

@@ -44,3 +44,33 @@ def test_import_is_lean():
 
 def test_import_leaves_compiler_config_alone():
     _run(CONFIGS)
+
+
+# torch.compile(backend="flux") finds the backend through the torch_dynamo_backends entry point.
+ENTRY_POINT = r"""
+import sys
+import torch
+import torch.nn.functional as F
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(1, 8, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+torch.manual_seed(0)
+model, x = Tiny(), torch.randn(1, 8, 32)
+assert "fluxc" not in sys.modules
+with torch.no_grad():
+    out = torch.compile(model, backend="flux", options={"route": "full", "compiler": "eager"})(x)
+assert "fluxc" in sys.modules  # loaded by Dynamo through the entry point
+assert torch.allclose(out, model(x), atol=1e-6)
+print("clean")
+"""
+
+
+def test_flux_backend_is_found_without_importing_fluxc():
+    _run(ENTRY_POINT)

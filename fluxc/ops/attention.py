@@ -29,16 +29,18 @@ def _expand_kv(x: Tensor, n_rep: int) -> Tensor:
 def routed_attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, route: Tensor,
                                qpos: Tensor, key_start: Tensor, *, is_causal: bool, scale: float,
                                softcap: float, math: str, softmax_fp32: bool, pattern: str, sink: int,
-                               window: int, block: int, block_exact: bool, n_last: int) -> Tensor:
+                               window: int, block: int, block_exact: bool, n_last: int, bottom_right: bool = False,
+                               native_window: int = 0) -> Tensor:
     """Plain-PyTorch routed attention. q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), route (B,) bool."""
     batch, q_heads, q_len, _ = q.shape
     kv_len = k.shape[2]
     sa = sparse_allowed(qpos, key_start, kv_len, pattern=pattern, sink=sink, window=window, block=block,
                         block_exact=block_exact, n_last=n_last, prefill=q_len > 1)  # (B, Tq, Tk)
     keep = (route.view(batch, 1, 1) | sa).unsqueeze(1)  # (B, 1, Tq, Tk): full rows keep everything
-    if math == "sdpa":
+    if math == "sdpa" and softcap == 0.0:  # SDPA has no softcap: softcapped sites compute eagerly
         if attn_mask is None:
-            mask = allowed_mask(None, is_causal, batch, q_len, kv_len, q.device) & keep
+            mask = allowed_mask(None, is_causal, batch, q_len, kv_len, q.device, bottom_right=bottom_right,
+                                native_window=native_window) & keep
         elif attn_mask.dtype == torch.bool:
             mask = attn_mask & keep
         else:
@@ -51,7 +53,8 @@ def routed_attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tenso
         scores = torch.tanh(scores / softcap) * softcap
     if attn_mask is None:
         if is_causal:
-            scores = scores.masked_fill(~allowed_mask(None, True, batch, q_len, kv_len, q.device), float("-inf"))
+            scores = scores.masked_fill(~allowed_mask(None, True, batch, q_len, kv_len, q.device, bottom_right=bottom_right,
+                                                      native_window=native_window), float("-inf"))
     elif attn_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     else:
@@ -92,7 +95,7 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 def routed_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, route: Tensor, qpos: Tensor,
                      key_start: Tensor, is_causal: bool, scale: float, softcap: float, math: str,
                      softmax_fp32: bool, pattern: str, sink: int, window: int, block: int,
-                     block_exact: bool, n_last: int, impl: str) -> Tensor:
+                     block_exact: bool, n_last: int, bottom_right: bool, native_window: int, impl: str) -> Tensor:
     """Attention of one site: full for sequences with route True, sparse (SA pattern on top of the
     model's own mask) for the others. Returns (B, Hq, Tq, Dv), contiguous."""
     _check_args(math, pattern, impl)
@@ -102,19 +105,21 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, 
 
         out = run_kernel(chosen, q, k, v, attn_mask, route, qpos, key_start, is_causal=is_causal,
                          scale=scale, softcap=softcap, pattern=pattern, sink=sink, window=window,
-                         block=block, block_exact=block_exact, n_last=n_last, explicit=impl != "auto")
+                         block=block, block_exact=block_exact, n_last=n_last, bottom_right=bottom_right,
+                         native_window=native_window, explicit=impl != "auto")
         if out is not None:
             return out
     out = routed_attention_reference(q, k, v, attn_mask, route, qpos, key_start, is_causal=is_causal,
                                      scale=scale, softcap=softcap, math=math, softmax_fp32=softmax_fp32,
                                      pattern=pattern, sink=sink, window=window, block=block,
-                                     block_exact=block_exact, n_last=n_last)
+                                     block_exact=block_exact, n_last=n_last, bottom_right=bottom_right,
+                                     native_window=native_window)
     return out.contiguous()
 
 
 @routed_attention.register_fake
 def _(q, k, v, attn_mask, route, qpos, key_start, is_causal, scale, softcap, math, softmax_fp32, pattern,
-      sink, window, block, block_exact, n_last, impl):
+      sink, window, block, block_exact, n_last, bottom_right, native_window, impl):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -122,27 +127,28 @@ def _(q, k, v, attn_mask, route, qpos, key_start, is_causal, scale, softcap, mat
 def routed_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
                               route: Tensor, qpos: Tensor, key_start: Tensor, is_causal: bool, scale: float,
                               softcap: float, math: str, softmax_fp32: bool, pattern: str, sink: int,
-                              window: int, block: int, block_exact: bool,
-                              n_last: int) -> tuple[Tensor, Tensor, Tensor]:
+                              window: int, block: int, block_exact: bool, n_last: int, bottom_right: bool,
+                              native_window: int) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of the reference w.r.t. (q, k, v), by recomputation (the op stays opaque to tracing)."""
     with torch.enable_grad():
         q_, k_, v_ = (t.detach().requires_grad_(True) for t in (q, k, v))
         out = routed_attention_reference(q_, k_, v_, attn_mask, route, qpos, key_start, is_causal=is_causal,
                                          scale=scale, softcap=softcap, math=math, softmax_fp32=softmax_fp32,
                                          pattern=pattern, sink=sink, window=window, block=block,
-                                         block_exact=block_exact, n_last=n_last)
+                                         block_exact=block_exact, n_last=n_last, bottom_right=bottom_right,
+                                         native_window=native_window)
         gq, gk, gv = torch.autograd.grad(out, (q_, k_, v_), grad)
     return gq, gk, gv
 
 
 @routed_attention_backward.register_fake
 def _(grad, q, k, v, attn_mask, route, qpos, key_start, is_causal, scale, softcap, math, softmax_fp32,
-      pattern, sink, window, block, block_exact, n_last):
+      pattern, sink, window, block, block_exact, n_last, bottom_right, native_window):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 _STATIC = ("is_causal", "scale", "softcap", "math", "softmax_fp32", "pattern", "sink", "window", "block",
-           "block_exact", "n_last")
+           "block_exact", "n_last", "bottom_right", "native_window")
 
 
 def _setup_context(ctx, inputs, output):

@@ -16,7 +16,8 @@ from fluxc.errors import ImplementationError
 log = logging.getLogger("fluxc")
 
 
-def unsupported_reason(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool) -> str | None:
+def unsupported_reason(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                       bottom_right: bool = False) -> str | None:
     """Why the kernels cannot run this call, or None when they can."""
     q_len, kv_len, head_dim = q.shape[2], k.shape[2], q.shape[3]
     if head_dim not in (64, 128):
@@ -25,18 +26,19 @@ def unsupported_reason(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal
         return f"dtype {q.dtype} (kernels take float16 or bfloat16)"
     if attn_mask is not None:
         return "the site passes a materialised mask (kernels take causal + lengths)"
-    if q_len > 1 and not (is_causal and q_len == kv_len):
+    if q_len > 1 and not (is_causal and (bottom_right or q_len == kv_len)):
         return "prefill without is_causal over the whole key range"
-    if q_len == 1 and is_causal and kv_len > 1:
+    if q_len == 1 and is_causal and not bottom_right and kv_len > 1:
         return "SDPA's top-left is_causal with one query sees only the first key"
     return None
 
 
 def run_kernel(impl: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, route: Tensor, qpos: Tensor,
                key_start: Tensor, *, is_causal: bool, scale: float, softcap: float, pattern: str, sink: int,
-               window: int, block: int, block_exact: bool, n_last: int, explicit: bool) -> Tensor | None:
+               window: int, block: int, block_exact: bool, n_last: int, bottom_right: bool = False,
+               native_window: int = 0, explicit: bool) -> Tensor | None:
     """Run `impl` ("triton" | "flex") or return None after logging why the reference must run instead."""
-    why = unsupported_reason(q, k, attn_mask, is_causal)
+    why = unsupported_reason(q, k, attn_mask, is_causal, bottom_right)
     if why is not None:
         if explicit:
             raise ImplementationError(f"impl={impl!r} cannot run this attention site: {why}; use impl='auto' "
@@ -46,7 +48,8 @@ def run_kernel(impl: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | N
     batch, _, q_len, _ = q.shape
     kv_len = k.shape[2]
     kv_lens = torch.full((batch,), kv_len, dtype=torch.int32, device=q.device)
-    common = dict(scale=scale, sink=sink, window=window, block=block, block_exact=block_exact, softcap=softcap)
+    common = dict(scale=scale, sink=sink, window=window, block=block, block_exact=block_exact, softcap=softcap,
+                  native_window=native_window)
     if impl == "triton":
         from fluxc.kernels.attention import routed_decode, routed_prefill
     else:

@@ -15,13 +15,21 @@ from torch import Tensor
 
 
 def allowed_mask(attn_mask: Tensor | None, is_causal: bool, batch: int, q_len: int, kv_len: int,
-                 device: torch.device) -> Tensor:
-    """The model's own mask as bool 'may attend', broadcast to (B, H', Tq, Tk) with H' in {1, H}."""
+                 device: torch.device, *, bottom_right: bool = False, native_window: int = 0) -> Tensor:
+    """The model's own mask as bool 'may attend', broadcast to (B, H', Tq, Tk) with H' in {1, H}.
+
+    Without a mask tensor: SDPA's `is_causal` is top-left aligned (query i sees keys 0..i); flash-attn's
+    causal is bottom-right aligned (the queries are the last Tq keys) and may carry a native window.
+    """
     if attn_mask is None:
         if not is_causal:
             return torch.ones(batch, 1, q_len, kv_len, dtype=torch.bool, device=device)
-        # SDPA's is_causal is top-left aligned: query i sees keys 0..i.
-        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()  # (Tq, Tk)
+        offset = kv_len - q_len if bottom_right else 0
+        rows = torch.arange(q_len, device=device)[:, None] + offset  # (Tq, 1) query positions
+        keys = torch.arange(kv_len, device=device)[None, :]  # (1, Tk)
+        causal = keys <= rows  # (Tq, Tk)
+        if native_window > 0:
+            causal = causal & (rows - keys < native_window)
         return causal.expand(batch, 1, q_len, kv_len)
     if attn_mask.dtype == torch.bool:
         allowed = attn_mask

@@ -9,15 +9,17 @@ from fluxc.ops.masks import allowed_mask, mask_positions
 
 
 @torch.library.custom_op("fluxc::positions", mutates_args=())
-def flux_positions(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+def flux_positions(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, bottom_right: bool,
+                   native_window: int) -> tuple[Tensor, Tensor, Tensor]:
     """(qpos (B, Tq) int64, valid (B, Tq) bool, key_start (B,) int64) for q (B, H, Tq, D), k (B, Hkv, Tk, D)."""
-    allowed = allowed_mask(attn_mask, is_causal, q.shape[0], q.shape[2], k.shape[2], q.device)
+    allowed = allowed_mask(attn_mask, is_causal, q.shape[0], q.shape[2], k.shape[2], q.device,
+                           bottom_right=bottom_right, native_window=native_window)
     qpos, valid, key_start = mask_positions(allowed)
     return qpos.contiguous(), valid.contiguous(), key_start.contiguous()
 
 
 @flux_positions.register_fake
-def _(q, k, attn_mask, is_causal):
+def _(q, k, attn_mask, is_causal, bottom_right, native_window):
     batch, q_len = q.shape[0], q.shape[2]
     return (q.new_empty((batch, q_len), dtype=torch.int64), q.new_empty((batch, q_len), dtype=torch.bool),
             q.new_empty((batch,), dtype=torch.int64))
