@@ -2,8 +2,8 @@
 
 Per routable site, the rewrite inserts (before the site):
   positions = fluxc::positions(q, k, mask, is_causal)            # once per distinct mask
-  route     = forced constant | argmax(fluxc::router_logits(q_pre_rope, valid, W_l)) == FULL
-              (decode steps, Tq == 1: the route kept from prefill; a fresh 1-token prompt is routed)
+  route     = forced constant | argmax(fluxc::router_logits(q_pre_rope, valid, W_l)) == FULL for sequences
+              whose step starts at their first token; later steps reuse the route stored at prefill
   fluxc::record_route(state, route, l)                           # keeps the decision with the model
   out       = fluxc::routed_attention(q, k, v, mask, route, qpos, key_start, ...)
 and replaces every use of the site's output with `out`.
@@ -219,7 +219,7 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
                                           (q, k, mask, match.is_causal, match.bottom_right, match.native_window))
                 positions_memo[key] = tuple(graph.call_function(operator.getitem, (pos, i)) for i in range(3))
             qpos, valid, key_start = positions_memo[key]
-            route = _route_node(graph, gm, options, layer, query, valid, q, site_prefill)
+            route = _route_node(graph, options, layer, query, valid, qpos, key_start, q)
             state = graph.get_attr("flux_state.route")
             graph.call_function(torch.ops.fluxc.record_route.default, (state, route, layer))
             out = graph.call_function(torch.ops.fluxc.routed_attention.default, (
@@ -250,7 +250,7 @@ def _rewrite_flex(graph: fx.Graph, gm: fx.GraphModule, options: PassOptions, lay
     with graph.inserting_before(node):
         pos = graph.call_function(flex_positions, (mask_mod, match.q, match.k, *mask_buffers))
         qpos, valid, key_start, last = (graph.call_function(operator.getitem, (pos, i)) for i in range(4))
-        route = _route_node(graph, gm, options, layer, query, valid, match.q, prefill)
+        route = _route_node(graph, options, layer, query, valid, qpos, key_start, match.q)
         graph.call_function(torch.ops.fluxc.record_route.default, (graph.get_attr("flux_state.route"), route, layer))
         name = f"flux_score_mod_{layer}"
         gm.add_submodule(name, routed_score_mod(getattr(gm, score_attr.target), len(score_buffers), options.config,
@@ -288,26 +288,30 @@ def _register_sources(gm: fx.GraphModule) -> None:
             table[name] = ConstantSource(f"fluxc__{name.replace('.', '__')}")
 
 
-def _route_node(graph: fx.Graph, gm: fx.GraphModule, options: PassOptions, layer: int, query: QueryInput | None,
-                valid: fx.Node, q: fx.Node, prefill: bool) -> fx.Node:
-    """bool (B,) route of one layer (True = full attention)."""
+def _route_node(graph: fx.Graph, options: PassOptions, layer: int, query: QueryInput | None, valid: fx.Node,
+                qpos: fx.Node, key_start: fx.Node, q: fx.Node) -> fx.Node:
+    """bool (B,) route of one layer (True = full attention).
+
+    With routers: a sequence whose first real query is its first token (a prefill) is routed by the router;
+    any later step (decode, a further prefill chunk) reuses the decision stored at its prefill. Chosen per
+    sequence on the device, so no host sync and no retrace when a batch mixes both.
+    """
     first_valid = graph.call_function(operator.getitem, (valid, (slice(None), 0)))  # (B,)
     if options.route is not None:
         return graph.call_function(torch.full_like, (first_valid, bool(options.route[layer])))
-    assert query is not None  # routable sites always have one (checked in analyse)
+    assert query is not None  # checked in check_route
     x = graph.call_method("permute", (query.node, *query.permutation))
     if query.merged_heads:
         head_dim = options.routers[layer].head_dim
         x = graph.call_method("unflatten", (x, -1, (-1, head_dim)))  # (B, T, H, D)
     weights = [graph.get_attr(f"flux_routers.{layer}.{name}") for name in ROUTER_PARAM_NAMES]
-    # At decode the router sees the step's single token; its output is used only when nothing is stored.
     logits = graph.call_function(torch.ops.fluxc.router_logits.default, (x, valid, weights, options.config.pool_size))
     routed = graph.call_function(operator.eq, (graph.call_function(torch.argmax, (logits, -1)), 1))  # (B,)
-    if prefill:
-        return routed
-    # Decode: reuse the prefill decision when one is stored (decided once, kept with the cache).
+    first_pos = graph.call_method("amin", (graph.call_function(torch.where, (valid, qpos, 2**62)), 1))  # (B,)
+    starts = graph.call_function(operator.eq, (first_pos, key_start))  # (B,) this step begins the sequence
     batch = graph.call_method("size", (q, 0))
-    stored = graph.call_method("select", (graph.call_method("narrow", (graph.get_attr("flux_state.route"), 0, 0, batch)), 1, layer))
-    has = graph.call_function(operator.ge, (stored, 0))
-    return graph.call_function(torch.where, (has, graph.call_function(operator.eq, (stored, 1)), routed))
-
+    state = graph.call_method("narrow", (graph.get_attr("flux_state.route"), 0, 0, batch))
+    stored = graph.call_method("select", (state, 1, layer))  # (B,) int8: 1 full, 0 sparse, -1 unset
+    reuse = graph.call_function(operator.and_, (graph.call_function(operator.ge, (stored, 0)),
+                                                graph.call_function(operator.invert, (starts,))))
+    return graph.call_function(torch.where, (reuse, graph.call_function(operator.eq, (stored, 1)), routed))

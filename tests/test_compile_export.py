@@ -3,6 +3,7 @@ decided at prefill are kept for decode steps."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -114,3 +115,55 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(routed_attention, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     weights = [p.detach() for p in fluxc.ops.LayerRouter(8, (8, 8, 8, 4)).weights()]
     torch.library.opcheck(router_logits, (torch.randn(2, 6, 4, 8), valid, weights, 3))
+
+
+def _router_module(tmp_path, model, seed=3):
+    torch.manual_seed(seed)
+    cfg = CFG.replace(router_hidden=(8, 8, 8, 8), compiler="eager", sink=2, window=2, block=1)
+    routers = torch.nn.ModuleList(fluxc.ops.LayerRouter(16, cfg.router_hidden) for _ in range(3))
+    with torch.no_grad():
+        for p in routers.parameters():
+            p.normal_(0, 1.0)
+    path = tmp_path / f"r{seed}.safetensors"
+    fluxc.save_routers(path, routers, cfg, fluxc.Fingerprint("LlamaForCausalLM", 3, 4, 2, 16))
+    return str(path), cfg
+
+
+def test_fresh_one_token_prompt_is_routed_not_given_a_stale_route(tmp_path):
+    model = tiny_model("llama", "sdpa", layers=3)
+    path, cfg = _router_module(tmp_path, model)
+    ids, _ = batch(left_pad=0)
+    fm = fluxc.compile(model, path, config=cfg)
+    with torch.no_grad():
+        _decode(fm, ids, steps=2)  # stores routes for two sequences
+        fresh = fluxc.compile(model, path, config=cfg)
+        for token in range(1, 40):
+            stored = fluxc.last_route(fm).clone()  # what a stale reuse would give
+            one = torch.tensor([[token], [token + 40]])
+            fm(input_ids=one, attention_mask=torch.ones_like(one), past_key_values=DynamicCache(), use_cache=True)
+            fresh.route_state.route.fill_(-1)  # `fresh` never carries state from an earlier prompt
+            fresh(input_ids=one, attention_mask=torch.ones_like(one), past_key_values=DynamicCache(), use_cache=True)
+            assert torch.equal(fluxc.last_route(fm), fluxc.last_route(fresh))
+            if not torch.equal(stored, fluxc.last_route(fresh)):
+                break
+        else:
+            pytest.fail("no 1-token prompt pair routed differently: the test would not catch stale routes")
+
+
+def test_chunked_prefill_keeps_the_first_chunks_decision(tmp_path):
+    model = tiny_model("llama", "sdpa", layers=3)
+    path, cfg = _router_module(tmp_path, model, seed=4)
+    ids, _ = batch(left_pad=0)
+    fm = fluxc.compile(model, path, config=cfg)
+    with torch.no_grad():
+        first = fm(input_ids=ids[:, :7], past_key_values=DynamicCache(), use_cache=True)
+        decided = fluxc.last_route(fm).clone()
+        second = fm(input_ids=ids[:, 7:], past_key_values=first.past_key_values, use_cache=True)
+    assert torch.equal(fluxc.last_route(fm), decided)
+    for b in range(2):
+        routes = ["full" if r else "sparse" for r in decided[b].tolist()]
+        forced = fluxc.compile(model, route=routes, config=cfg)
+        with torch.no_grad():
+            f1 = forced(input_ids=ids[b:b + 1, :7], past_key_values=DynamicCache(), use_cache=True)
+            f2 = forced(input_ids=ids[b:b + 1, 7:], past_key_values=f1.past_key_values, use_cache=True)
+        torch.testing.assert_close(second.logits[b:b + 1], f2.logits, atol=1e-5, rtol=0)

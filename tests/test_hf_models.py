@@ -82,8 +82,7 @@ def _routers_with_mixed_decisions(model, ids, mask, cfg, head_dim):
     return routers
 
 
-@pytest.mark.parametrize("arch,impl", [("llama", "sdpa"), ("qwen3", "sdpa"), ("gemma2", "eager"), ("phi3", "eager"),
-                                       ("gemma3", "sdpa"), ("mistral", "eager")])
+@pytest.mark.parametrize("arch,impl", CASES)
 def test_router_decisions_match_eager_reimplementation(arch, impl, tmp_path):
     model = tiny_model(arch, impl)
     ids, mask = batch(left_pad=3)
@@ -113,7 +112,7 @@ def test_router_decisions_match_eager_reimplementation(arch, impl, tmp_path):
     torch.testing.assert_close(_real(out, mask), _real(ref_logits, mask), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch,impl", [("llama", "sdpa"), ("gemma2", "eager"), ("mistral", "sdpa")])
+@pytest.mark.parametrize("arch,impl", CASES)
 def test_flux_backend_matches_fluxc_compile(arch, impl):
     torch._dynamo.reset()  # backend tests compile the raw model class: start from an empty Dynamo cache
     model = tiny_model(arch, impl)
