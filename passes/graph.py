@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 import re
 from typing import Any
 
@@ -25,11 +24,6 @@ def shape_of(node: Any) -> tuple[int, ...] | None:
     if isinstance(value, torch.Tensor):
         return tuple(int(s) if isinstance(s, int) or not hasattr(s, "node") else s for s in value.shape)
     return None
-
-
-def dtype_of(node: Any) -> torch.dtype | None:
-    value = meta_value(node)
-    return value.dtype if isinstance(value, torch.Tensor) else None
 
 
 def is_target(node: Any, *names: str) -> bool:
@@ -65,7 +59,7 @@ def is_scalar(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def is_parameter_like(node: Any, gm: fx.GraphModule | None = None) -> bool:
+def is_parameter_like(node: Any) -> bool:
     """A model parameter or buffer (a Dynamo-lifted placeholder or a get_attr)."""
     if not isinstance(node, fx.Node):
         return False
@@ -106,10 +100,3 @@ def layer_number(path: str) -> int | None:
     """The last integer component of a module path ('model.layers.7.self_attn' -> 7)."""
     numbers = re.findall(r"(?:^|\.)(\d+)(?=\.|$)", path)
     return int(numbers[-1]) if numbers else None
-
-
-def tensor_inputs(node: Node) -> list[Node]:
-    return [n for n in node.all_input_nodes if isinstance(meta_value(n), torch.Tensor)]
-
-
-GETITEM = operator.getitem

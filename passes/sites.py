@@ -76,12 +76,6 @@ def _peel_repeat_kv(node: Node) -> tuple[Node, int]:
     return source, exp[2]
 
 
-def _float_arg(value) -> float | None:
-    if is_scalar(value):
-        return float(value)
-    return None
-
-
 def match_sdpa(node: Node) -> SiteMatch | None:
     if not is_target(node, "scaled_dot_product_attention"):
         return None
