@@ -107,6 +107,19 @@ def compile(model: nn.Module, router_ckpt: str | None = None, *, config: FluxCon
     return FluxModule(model, backend)
 
 
+def compile_for_training(model: nn.Module, config: FluxConfig, recorder: nn.Module, *,
+                         routers: nn.ModuleList | None = None) -> FluxModule:
+    """`model` rewritten in training mode: every layer runs both branches, mixed by a straight-through
+    Gumbel sample of its router (recorded in `recorder`). Fresh routers are created at the first trace
+    when none are given. The graph runs eagerly (autograd through fluxc's ops)."""
+    backend = FluxBackend(config.replace(compiler="eager"), routers=routers, init_routers=routers is None,
+                          architecture=type(model).__name__, require_sites=True, recorder=recorder)
+    module = FluxModule(model, backend)
+    if routers is not None:
+        module.routers = routers
+    return module
+
+
 def _backend_of(m: Any) -> FluxBackend:
     if isinstance(m, FluxModule):
         return m._backend

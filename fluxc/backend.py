@@ -47,17 +47,20 @@ class FluxBackend:
 
     def __init__(self, config: FluxConfig, *, checkpoint: RouterCheckpoint | None = None, route: RouteSpec = None,
                  state: RouteState | None = None, architecture: str | None = None, require_sites: bool = False,
-                 on_routers: Callable[[nn.ModuleList], None] | None = None) -> None:
+                 on_routers: Callable[[nn.ModuleList], None] | None = None, routers: nn.ModuleList | None = None,
+                 init_routers: bool = False, recorder: nn.Module | None = None) -> None:
         self.config = config
         self.checkpoint = checkpoint
         self.route = parse_route(route)
-        if self.route is None and checkpoint is None:
+        self.init_routers = init_routers
+        self.recorder = recorder
+        if self.route is None and checkpoint is None and routers is None and not init_routers:
             raise ConfigError("route=None asks for the router but no router checkpoint was given; pass router_ckpt, "
                               "or route='full' / 'sparse' / a per-layer list")
         self.state = state if state is not None else RouteState()
         self.architecture = architecture
         self.require_sites = require_sites
-        self.routers: nn.ModuleList | None = None
+        self.routers: nn.ModuleList | None = routers
         self.on_routers = on_routers
         self.sites: list[SiteInfo] | None = None
         self.graphs = 0
@@ -66,6 +69,12 @@ class FluxBackend:
     def _routers_for(self, sites: list[SiteInfo], device: torch.device) -> nn.ModuleList | None:
         if self.route is not None:
             return None
+        if self.routers is None and self.checkpoint is None:  # fresh routers (training from scratch)
+            from fluxc.ops.router import LayerRouter
+
+            self.routers = nn.ModuleList(LayerRouter(s.head_dim, self.config.router_hidden) for s in sites).to(device)
+            if self.on_routers is not None:
+                self.on_routers(self.routers)
         if self.routers is None:
             assert self.checkpoint is not None
             first = sites[0]
@@ -96,7 +105,7 @@ class FluxBackend:
         q_device = next((n.meta["example_value"].device for n in gm.graph.nodes
                          if isinstance(n.meta.get("example_value"), torch.Tensor)), torch.device("cpu"))
         routers = self._routers_for(infos, q_device)
-        result = flux_pass(gm, PassOptions(self.config, route, routers, self.state))
+        result = flux_pass(gm, PassOptions(self.config, route, routers, self.state, recorder=self.recorder))
         if result.prefill or self.sites is None:
             self.sites = result.sites
         self.graphs += 1

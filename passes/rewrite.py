@@ -23,7 +23,7 @@ from torch import nn
 import fluxc.ops  # noqa: F401  (registers torch.ops.fluxc.*)
 from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError, RouteError
-from fluxc.ops.router import ROUTER_PARAM_NAMES
+from fluxc.ops.router import ROUTER_PARAM_NAMES, gumbel_route, record_sample
 from fluxc.passes.flex import flex_positions, routed_score_mod
 from fluxc.passes.graph import layer_number, meta_value, module_path, shape_of
 from fluxc.passes.query import ContentAnalysis, QueryInput, locate_query
@@ -88,6 +88,7 @@ class PassOptions:
     routers: nn.ModuleList | None
     state: RouteState
     expected_layers: int | None = None
+    recorder: nn.Module | None = None  # training mode: both branches, mixed by a Gumbel sample
 
 
 @dataclass
@@ -188,6 +189,13 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
         gm.add_module("flux_state", options.state)
     if use_routers and "flux_routers" not in dict(gm.named_children()):
         gm.add_module("flux_routers", options.routers)
+    if options.recorder is not None:
+        if not use_routers:
+            raise ConfigError("training mode needs routers (route=None); a forced route has nothing to train")
+        unsupported = [i.layer for i, m in zip(infos, matches) if m.kind == "flex" and m.routable]
+        if unsupported:
+            raise ConfigError(f"training on FlexAttention sites is not supported yet (layers {unsupported})")
+        gm.add_module("flux_recorder", options.recorder)
     _register_sources(gm)
     cfg = options.config
     prefill = True
@@ -219,13 +227,17 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
                                           (q, k, mask, match.is_causal, match.bottom_right, match.native_window))
                 positions_memo[key] = tuple(graph.call_function(operator.getitem, (pos, i)) for i in range(3))
             qpos, valid, key_start = positions_memo[key]
-            route = _route_node(graph, options, layer, query, valid, qpos, key_start, q)
+            static = (match.is_causal, match.scale, match.softcap, match.math, match.softmax_fp32, cfg.pattern,
+                      cfg.sink, cfg.window, cfg.block, cfg.block_exact, cfg.n_last, match.bottom_right,
+                      match.native_window, cfg.impl)
             state = graph.get_attr("flux_state.route")
-            graph.call_function(torch.ops.fluxc.record_route.default, (state, route, layer))
-            out = graph.call_function(torch.ops.fluxc.routed_attention.default, (
-                q, k, v, mask, route, qpos, key_start, match.is_causal, match.scale, match.softcap, match.math,
-                match.softmax_fp32, cfg.pattern, cfg.sink, cfg.window, cfg.block, cfg.block_exact, cfg.n_last,
-                match.bottom_right, match.native_window, cfg.impl))
+            if options.recorder is None:
+                route = _route_node(graph, options, layer, query, valid, qpos, key_start, q)
+                graph.call_function(torch.ops.fluxc.record_route.default, (state, route, layer))
+                out = graph.call_function(torch.ops.fluxc.routed_attention.default,
+                                          (q, k, v, mask, route, qpos, key_start, *static))
+            else:
+                out = _mixed_branches(graph, options, layer, query, valid, q, k, v, mask, qpos, key_start, static, state)
             if match.layout == "bthd":
                 out = graph.call_method("transpose", (out, 1, 2))
         match.anchor.replace_all_uses_with(out)
@@ -260,6 +272,33 @@ def _rewrite_flex(graph: fx.Graph, gm: fx.GraphModule, options: PassOptions, lay
         routed = [graph.call_function(torch.ops.fluxc.materialize.default, (t,)) for t in (route, qpos, key_start, last)]
     args[7] = (*score_buffers, *routed)
     node.args = tuple(args)
+
+
+def _mixed_branches(graph: fx.Graph, options: PassOptions, layer: int, query: QueryInput | None, valid: fx.Node,
+                    q: fx.Node, k: fx.Node, v: fx.Node, mask: fx.Node | None, qpos: fx.Node, key_start: fx.Node,
+                    static: tuple, state: fx.Node) -> fx.Node:
+    """Training mode: out = z * FA + (1 - z) * SA with z a straight-through Gumbel sample per sequence."""
+    logits = _router_logits_node(graph, options, layer, query, valid)
+    sample = graph.call_function(gumbel_route, (logits, graph.get_attr("flux_recorder.tau")))  # (B,)
+    sample = graph.call_function(record_sample, (graph.get_attr("flux_recorder"), layer, sample, logits))
+    graph.call_function(torch.ops.fluxc.record_route.default, (state, graph.call_function(operator.gt, (sample, 0.5)), layer))
+    first_valid = graph.call_function(operator.getitem, (valid, (slice(None), 0)))
+    full = graph.call_function(torch.full_like, (first_valid, True))
+    sparse = graph.call_function(torch.full_like, (first_valid, False))
+    fa = graph.call_function(torch.ops.fluxc.routed_attention.default, (q, k, v, mask, full, qpos, key_start, *static))
+    sa = graph.call_function(torch.ops.fluxc.routed_attention.default, (q, k, v, mask, sparse, qpos, key_start, *static))
+    weight = graph.call_method("view", (graph.call_method("type_as", (sample, fa)), -1, 1, 1, 1))  # (B, 1, 1, 1)
+    return graph.call_function(operator.add, (sa, graph.call_function(operator.mul, (weight, graph.call_function(operator.sub, (fa, sa))))))
+
+
+def _router_logits_node(graph: fx.Graph, options: PassOptions, layer: int, query: QueryInput | None,
+                        valid: fx.Node) -> fx.Node:
+    assert query is not None  # checked in check_route
+    x = graph.call_method("permute", (query.node, *query.permutation))
+    if query.merged_heads:
+        x = graph.call_method("unflatten", (x, -1, (-1, options.routers[layer].head_dim)))  # (B, T, H, D)
+    weights = [graph.get_attr(f"flux_routers.{layer}.{name}") for name in ROUTER_PARAM_NAMES]
+    return graph.call_function(torch.ops.fluxc.router_logits.default, (x, valid, weights, options.config.pool_size))
 
 
 def _erase_dead_site(graph: fx.Graph, anchor: fx.Node) -> None:
@@ -299,13 +338,7 @@ def _route_node(graph: fx.Graph, options: PassOptions, layer: int, query: QueryI
     first_valid = graph.call_function(operator.getitem, (valid, (slice(None), 0)))  # (B,)
     if options.route is not None:
         return graph.call_function(torch.full_like, (first_valid, bool(options.route[layer])))
-    assert query is not None  # checked in check_route
-    x = graph.call_method("permute", (query.node, *query.permutation))
-    if query.merged_heads:
-        head_dim = options.routers[layer].head_dim
-        x = graph.call_method("unflatten", (x, -1, (-1, head_dim)))  # (B, T, H, D)
-    weights = [graph.get_attr(f"flux_routers.{layer}.{name}") for name in ROUTER_PARAM_NAMES]
-    logits = graph.call_function(torch.ops.fluxc.router_logits.default, (x, valid, weights, options.config.pool_size))
+    logits = _router_logits_node(graph, options, layer, query, valid)
     routed = graph.call_function(operator.eq, (graph.call_function(torch.argmax, (logits, -1)), 1))  # (B,)
     first_pos = graph.call_method("amin", (graph.call_function(torch.where, (valid, qpos, 2**62)), 1))  # (B,)
     starts = graph.call_function(operator.eq, (first_pos, key_start))  # (B,) this step begins the sequence

@@ -167,3 +167,34 @@ def test_chunked_prefill_keeps_the_first_chunks_decision(tmp_path):
             f1 = forced(input_ids=ids[b:b + 1, :7], past_key_values=DynamicCache(), use_cache=True)
             f2 = forced(input_ids=ids[b:b + 1, 7:], past_key_values=f1.past_key_values, use_cache=True)
         torch.testing.assert_close(second.logits[b:b + 1], f2.logits, atol=1e-5, rtol=0)
+
+
+def test_custom_op_gradients_match_plain_autograd():
+    from fluxc.ops.attention import routed_attention_reference
+    from fluxc.ops.router import router_logits_reference
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, h, 7, 8, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    mask = torch.ones(7, 7, dtype=torch.bool).tril().expand(2, 1, 7, 7).clone()
+    mask[1, :, 2:, :2] = False  # left padding of sequence 1 (its padding rows still see themselves: no NaN)
+    route = torch.tensor([True, False])
+    qpos, _, start = torch.ops.fluxc.positions(q, k, mask, False, False, 0)
+    static = (False, 0.3, 5.0, "eager", True, "streaming", 1, 2, 1, False, 0, False, 0)
+    grad = torch.randn(2, 4, 7, 8, dtype=torch.float64)
+    got = torch.autograd.grad(torch.ops.fluxc.routed_attention(q, k, v, mask, route, qpos, start, *static, "reference"),
+                              (q, k, v), grad)
+    names = ("is_causal", "scale", "softcap", "math", "softmax_fp32", "pattern", "sink", "window", "block",
+             "block_exact", "n_last", "bottom_right", "native_window")
+    want = torch.autograd.grad(routed_attention_reference(q, k, v, mask, route, qpos, start, **dict(zip(names, static))),
+                               (q, k, v), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+        assert a.abs().sum() > 0
+    router = fluxc.ops.LayerRouter(8, (8, 8, 8, 4)).double()
+    x = torch.randn(2, 7, 4, 8, dtype=torch.float64, requires_grad=True)
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    g2 = torch.randn(2, 2, dtype=torch.float64)
+    got = torch.autograd.grad(router(x, valid, 3), [x, *router.weights()], g2)
+    want = torch.autograd.grad(router_logits_reference(x, valid, router.weights(), 3), [x, *router.weights()], g2)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

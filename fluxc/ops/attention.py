@@ -129,16 +129,20 @@ def routed_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, att
                               softcap: float, math: str, softmax_fp32: bool, pattern: str, sink: int,
                               window: int, block: int, block_exact: bool, n_last: int, bottom_right: bool,
                               native_window: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of the reference w.r.t. (q, k, v), by recomputation (the op stays opaque to tracing)."""
-    with torch.enable_grad():
-        q_, k_, v_ = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out = routed_attention_reference(q_, k_, v_, attn_mask, route, qpos, key_start, is_causal=is_causal,
-                                         scale=scale, softcap=softcap, math=math, softmax_fp32=softmax_fp32,
-                                         pattern=pattern, sink=sink, window=window, block=block,
-                                         block_exact=block_exact, n_last=n_last, bottom_right=bottom_right,
-                                         native_window=native_window)
-        gq, gk, gv = torch.autograd.grad(out, (q_, k_, v_), grad)
-    return gq, gk, gv
+    """Gradients of the reference w.r.t. (q, k, v), by recomputation (the op stays opaque to tracing).
+
+    Custom-op bodies run below autograd, so the recomputation differentiates with `torch.func.vjp`."""
+
+    def forward(q_, k_, v_):
+        return routed_attention_reference(q_, k_, v_, attn_mask, route, qpos, key_start, is_causal=is_causal,
+                                          scale=scale, softcap=softcap, math=math, softmax_fp32=softmax_fp32,
+                                          pattern=pattern, sink=sink, window=window, block=block,
+                                          block_exact=block_exact, n_last=n_last, bottom_right=bottom_right,
+                                          native_window=native_window)
+
+    _, pullback = torch.func.vjp(forward, q, k, v)
+    gq, gk, gv = pullback(grad)
+    return gq.contiguous(), gk.contiguous(), gv.contiguous()
 
 
 @routed_attention_backward.register_fake

@@ -72,13 +72,11 @@ def _(query, valid, weights, pool_size):
 @torch.library.custom_op("fluxc::router_logits_backward", mutates_args=())
 def router_logits_backward(grad: Tensor, query: Tensor, valid: Tensor, weights: list[Tensor],
                            pool_size: int) -> list[Tensor]:
-    """Gradients w.r.t. (query, *weights) by recomputation."""
-    with torch.enable_grad():
-        q_ = query.detach().requires_grad_(True)
-        ws = [w.detach().requires_grad_(True) for w in weights]
-        out = router_logits_reference(q_, valid, ws, pool_size)
-        grads = torch.autograd.grad(out, [q_, *ws], grad)
-    return list(grads)
+    """Gradients w.r.t. (query, *weights) by recomputation (`torch.func.vjp`: custom-op bodies run below
+    autograd)."""
+    _, pullback = torch.func.vjp(lambda q_, *ws: router_logits_reference(q_, valid, list(ws), pool_size),
+                                 query, *weights)
+    return [g.contiguous() for g in pullback(grad)]
 
 
 @router_logits_backward.register_fake
@@ -111,3 +109,37 @@ def record_route(state: Tensor, route: Tensor, layer: int) -> None:
 @record_route.register_fake
 def _(state, route, layer):
     return None
+
+
+class RouteRecorder(nn.Module):
+    """Training-mode companion of the rewritten graph: holds the Gumbel temperature and receives each
+    layer's straight-through sample, so the loss can see per-sequence sparsity."""
+
+    def __init__(self, tau: float = 1.0) -> None:
+        super().__init__()
+        self.register_buffer("tau", torch.tensor(float(tau)), persistent=False)
+        self.records: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def clear(self) -> None:
+        self.records = {}
+
+    def samples(self) -> Tensor:
+        """(B, L) float straight-through samples of the last forward (1 = full attention)."""
+        return torch.stack([self.records[i][0] for i in sorted(self.records)], dim=1)
+
+    def logits(self) -> Tensor:
+        """(B, L, 2) router logits of the last forward."""
+        return torch.stack([self.records[i][1] for i in sorted(self.records)], dim=1)
+
+
+def gumbel_route(logits: Tensor, tau: Tensor) -> Tensor:
+    """Hard 0/1 sample (B,) of 'full attention' with a straight-through Gumbel-softmax gradient."""
+    uniform = torch.rand_like(logits).clamp_(1e-10, 1.0 - 1e-7)
+    soft = torch.softmax((logits - torch.log(-torch.log(uniform))) / tau, dim=-1)  # (B, 2)
+    hard = torch.nn.functional.one_hot(soft.argmax(dim=-1), 2).to(soft.dtype)
+    return (hard + soft - soft.detach())[:, 1]  # (B,) forward value exactly 0 or 1
+
+
+def record_sample(recorder: RouteRecorder, layer: int, sample: Tensor, logits: Tensor) -> Tensor:
+    recorder.records[layer] = (sample, logits)
+    return sample
