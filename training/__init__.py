@@ -1,4 +1,8 @@
-"""Router training on the rewritten graph (installed as ``fluxc.training``; see issue 5).
+"""Router training on the rewritten graph (installed as ``fluxc.training``).
 
-Depends on ``fluxc.ops`` and the router only, never on the passes' internals.
+Depends on the public API and ``fluxc.ops`` (router, recorder), never on the passes' internals.
 """
+
+from fluxc.training.trainer import RouterTrainer, SparsityLagrangian, TrainConfig, lm_loss, temperature
+
+__all__ = ["RouterTrainer", "SparsityLagrangian", "TrainConfig", "lm_loss", "temperature"]

@@ -1,0 +1,136 @@
+"""Router training on the rewritten graph (BRIEF §1): every layer runs both branches mixed by a hard
+straight-through Gumbel sample of its router; loss = LM cross-entropy + per-task Lagrangian sparsity
+penalty, whose multipliers are trained by gradient ascent. The backbone stays frozen."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fluxc.api import FluxModule, compile_for_training
+from fluxc.config import FluxConfig
+from fluxc.errors import ConfigError
+from fluxc.ops.router import RouteRecorder
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of router training (defaults: the released recipe)."""
+
+    steps: int = 300
+    router_lr: float = 5e-4
+    lambda_lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    tau_start: float = 1.5
+    tau_end: float = 1.0
+    tau_anneal_frac: float = 0.6
+    targets: dict[str, float] = field(default_factory=lambda: {"retrieval": 0.45, "holistic": 1.0})
+    extra_lr: float = 1e-5  # learning rate of backbone parameters made trainable (e.g. q/k/v)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"TrainConfig.steps={self.steps} must be >= 1")
+        for task, target in self.targets.items():
+            if not 0.0 <= target <= 1.0:
+                raise ConfigError(f"TrainConfig.targets[{task!r}]={target} must be a sparsity in [0, 1]")
+
+
+def temperature(step: int, cfg: TrainConfig) -> float:
+    """Cosine from tau_start to tau_end over the first tau_anneal_frac of the steps, then tau_end."""
+    span = max(1, round(cfg.steps * cfg.tau_anneal_frac))
+    if step >= span:
+        return cfg.tau_end
+    return cfg.tau_end + 0.5 * (cfg.tau_start - cfg.tau_end) * (1 + math.cos(math.pi * step / span))
+
+
+class SparsityLagrangian(nn.Module):
+    """mean over the task classes in a batch of lambda1_t * |s_t - t| + lambda2_t * (s_t - t)^2, with s_t the
+    mean sparsity of that class's samples. The multipliers are maximised (gradient ascent)."""
+
+    def __init__(self, targets: dict[str, float]) -> None:
+        super().__init__()
+        self.tasks = sorted(targets)
+        self.register_buffer("targets", torch.tensor([targets[t] for t in self.tasks]), persistent=False)
+        self.lambda1 = nn.Parameter(torch.zeros(len(self.tasks)))
+        self.lambda2 = nn.Parameter(torch.zeros(len(self.tasks)))
+
+    def forward(self, sparsity: torch.Tensor, task_of_sample: Sequence[str]) -> torch.Tensor:
+        unknown = set(task_of_sample) - set(self.tasks)
+        if unknown:
+            raise ConfigError(f"task class(es) {sorted(unknown)} have no sparsity target; targets: {self.tasks}")
+        terms = []
+        for i, task in enumerate(self.tasks):
+            chosen = [j for j, t in enumerate(task_of_sample) if t == task]
+            if not chosen:
+                continue
+            gap = sparsity[chosen].mean() - self.targets[i]
+            terms.append(self.lambda1[i] * gap.abs() + self.lambda2[i] * gap.square())
+        return torch.stack(terms).mean()
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy; labels -100 are ignored."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+class RouterTrainer:
+    """Trains the routers of `model` on its own rewritten graph.
+
+    `trainable(name)` may make backbone parameters trainable too (the released recipe allows q/k/v);
+    everything else is frozen and left bit-identical.
+    """
+
+    def __init__(self, model: nn.Module, flux_config: FluxConfig, train_config: TrainConfig | None = None, *,
+                 routers: nn.ModuleList | None = None, trainable: Callable[[str], bool] | None = None) -> None:
+        self.cfg = train_config or TrainConfig()
+        self.flux_config = flux_config
+        self.extra = [p for n, p in model.named_parameters() if trainable is not None and trainable(n)]
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable is not None and trainable(name))
+        self.recorder = RouteRecorder(temperature(0, self.cfg))
+        self.module: FluxModule = compile_for_training(model, flux_config, self.recorder, routers=routers)
+        self.penalty = SparsityLagrangian(self.cfg.targets)
+        self.lambda_opt = torch.optim.AdamW(self.penalty.parameters(), lr=self.cfg.lambda_lr, betas=self.cfg.betas,
+                                            weight_decay=0.0, maximize=True)
+        self.router_opt: torch.optim.Optimizer | None = None
+        self.step_index = 0
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        if self.router_opt is None:  # routers exist once the graph has been traced
+            groups: list[dict[str, Any]] = [{"params": list(self.module.routers.parameters()), "lr": self.cfg.router_lr}]
+            if self.extra:
+                groups.append({"params": self.extra, "lr": self.cfg.extra_lr})
+            self.router_opt = torch.optim.AdamW(groups, betas=self.cfg.betas, weight_decay=self.cfg.weight_decay)
+        return self.router_opt
+
+    def step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One update. `batch`: input_ids, attention_mask, labels (B, T) and task (list of task classes)."""
+        self.recorder.tau.fill_(temperature(self.step_index, self.cfg))
+        self.recorder.clear()
+        out = self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits if hasattr(out, "logits") else out
+        lm = lm_loss(logits, batch["labels"])
+        sparsity = 1.0 - self.recorder.samples().mean(dim=1)  # (B,) fraction of layers routed sparse
+        penalty = self.penalty(sparsity, batch["task"])
+        loss = lm + penalty
+        opt = self._optimizer()
+        opt.zero_grad(set_to_none=True)
+        self.lambda_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        self.lambda_opt.step()
+        self.step_index += 1
+        per_task = {t: float(sparsity.detach()[[i for i, x in enumerate(batch["task"]) if x == t]].mean())
+                    for t in sorted(set(batch["task"]))}
+        return {"step": self.step_index, "loss": float(loss.detach()), "lm": float(lm.detach()),
+            "penalty": float(penalty.detach()),
+                "tau": float(self.recorder.tau), "sparsity": per_task,
+                "lambda1": dict(zip(self.penalty.tasks, self.penalty.lambda1.detach().tolist())),
+                "lambda2": dict(zip(self.penalty.tasks, self.penalty.lambda2.detach().tolist()))}
