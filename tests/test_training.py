@@ -8,6 +8,7 @@ import torch
 
 import fluxc
 from fluxc.training import RouterTrainer, SparsityLagrangian, TrainConfig, temperature
+
 from hf_models import tiny_model
 
 CFG = fluxc.FluxConfig(sink=2, window=4, block=2, router_hidden=(16, 16, 16, 8), pool_size=4)
