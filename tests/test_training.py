@@ -75,3 +75,53 @@ def test_schedule_and_penalty():
     assert float(value) == pytest.approx(expected)
     with pytest.raises(fluxc.ConfigError, match="no sparsity target"):
         pen(torch.tensor([0.5]), ["c"])
+
+
+def _train(model, steps, trainer=None, seed=0, skip=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(skip):
+        _batch(g)
+    trainer = trainer or RouterTrainer(model, CFG, TrainConfig(steps=8, router_lr=1e-2, lambda_lr=5e-2,
+                                                               targets={"holistic": 1.0, "retrieval": 0.0}))
+    for _ in range(steps):
+        trainer.step(_batch(g))
+    return trainer
+
+
+def test_resume_continues_exactly(tmp_path):
+    torch.manual_seed(0)
+    straight = _train(tiny_model("llama", "sdpa", layers=2), 5)
+    torch.manual_seed(0)
+    model = tiny_model("llama", "sdpa", layers=2)
+    first = _train(model, 3)
+    path = str(tmp_path / "routers.safetensors")
+    first.save(path, {"data": "synthetic test batches"})
+    info = fluxc.read_checkpoint(path).provenance
+    assert info["step"] == 3 and info["data"] == "synthetic test batches" and info["torch"] == torch.__version__
+    resumed = RouterTrainer.resume(path, model, TrainConfig(steps=8, router_lr=1e-2, lambda_lr=5e-2,
+                                                            targets={"holistic": 1.0, "retrieval": 0.0}))
+    _train(model, 2, trainer=resumed, skip=3)
+    for a, b in zip(straight.module.routers.parameters(), resumed.module.routers.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(straight.penalty.lambda1, resumed.penalty.lambda1)
+
+
+def test_two_gloo_processes_train_the_same_routers(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a free loopback port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = os.path.dirname(__file__)
+    out = tmp_path / "result.txt"
+    env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_addr=127.0.0.1", f"--master_port={port}", os.path.join(here, "_ddp_worker.py"),
+                          str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = out.read_text()
+    assert "same=True" in text, text
+    assert "lambda=[0.0, 0.0]" not in text  # the multipliers moved

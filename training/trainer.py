@@ -5,15 +5,19 @@ penalty, whose multipliers are trained by gradient ascent. The backbone stays fr
 from __future__ import annotations
 
 import math
+import os
+import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fluxc.api import FluxModule, compile_for_training
+from fluxc.api import FluxModule, compile_for_training, model_fingerprint
+from fluxc.checkpoint import Fingerprint, read_checkpoint, save_routers
 from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError
 from fluxc.ops.router import RouteRecorder
@@ -102,8 +106,18 @@ class RouterTrainer:
         self.router_opt: torch.optim.Optimizer | None = None
         self.step_index = 0
 
+    @staticmethod
+    def _world() -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def _trained(self) -> list[nn.Parameter]:
+        return [*self.module.routers.parameters(), *self.extra, *self.penalty.parameters()]
+
     def _optimizer(self) -> torch.optim.Optimizer:
         if self.router_opt is None:  # routers exist once the graph has been traced
+            if self._world() > 1:  # every rank starts from rank 0's routers and multipliers
+                for p in self._trained():
+                    dist.broadcast(p.data, src=0)
             groups: list[dict[str, Any]] = [{"params": list(self.module.routers.parameters()), "lr": self.cfg.router_lr}]
             if self.extra:
                 groups.append({"params": self.extra, "lr": self.cfg.extra_lr})
@@ -124,6 +138,11 @@ class RouterTrainer:
         opt.zero_grad(set_to_none=True)
         self.lambda_opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self._world() > 1:  # data parallel: average the gradients of what is trained
+            for p in self._trained():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self._world()
         opt.step()
         self.lambda_opt.step()
         self.step_index += 1
@@ -134,3 +153,42 @@ class RouterTrainer:
                 "tau": float(self.recorder.tau), "sparsity": per_task,
                 "lambda1": dict(zip(self.penalty.tasks, self.penalty.lambda1.detach().tolist())),
                 "lambda2": dict(zip(self.penalty.tasks, self.penalty.lambda2.detach().tolist()))}
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def save(self, path: str, provenance: dict[str, Any] | None = None) -> None:
+        """Routers in fluxc's format (with provenance) plus `<path>.state.pt` to resume training."""
+        model = self.module.model
+        first = self.module.routers[0]
+        fp = model_fingerprint(model) or Fingerprint(type(model).__name__, len(self.module.routers), -1, -1,
+                                                     first.head_dim)
+        info = {"fluxc_version": _version(), "torch": torch.__version__, "python": platform.python_version(),
+                "step": self.step_index, "train_config": {k: (dict(v) if isinstance(v, dict) else v)
+                                                          for k, v in self.cfg.__dict__.items()},
+                "world_size": self._world(), **(provenance or {})}
+        save_routers(path, self.module.routers, self.flux_config, fp, info)
+        torch.save({"step": self.step_index, "router_opt": self._optimizer().state_dict(),
+                    "lambda_opt": self.lambda_opt.state_dict(), "penalty": self.penalty.state_dict(),
+                    "rng": torch.get_rng_state()}, path + ".state.pt")
+
+    @classmethod
+    def resume(cls, path: str, model: nn.Module, train_config: TrainConfig | None = None, *,
+               trainable: Callable[[str], bool] | None = None) -> RouterTrainer:
+        """A trainer continuing from `save(path)`: same routers, optimiser states, multipliers, step and RNG."""
+        ckpt = read_checkpoint(path)
+        routers = ckpt.load_routers(next(model.parameters()).device)
+        trainer = cls(model, ckpt.config, train_config, routers=routers, trainable=trainable)
+        if not os.path.isfile(path + ".state.pt"):
+            raise ConfigError(f"{path}.state.pt is missing: the router file alone cannot resume training")
+        state = torch.load(path + ".state.pt", weights_only=False)
+        trainer.step_index = state["step"]
+        trainer.penalty.load_state_dict(state["penalty"])
+        trainer.lambda_opt.load_state_dict(state["lambda_opt"])
+        trainer._optimizer().load_state_dict(state["router_opt"])
+        torch.set_rng_state(state["rng"])
+        return trainer
+
+
+def _version() -> str:
+    import fluxc
+
+    return fluxc.__version__
