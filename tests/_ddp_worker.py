@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 import fluxc
 from fluxc.training import RouterTrainer, TrainConfig
+
 from hf_models import tiny_model
 
 dist.init_process_group("gloo")
