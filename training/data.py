@@ -1,0 +1,362 @@
+"""Task-labelled training and evaluation examples, generated offline over real text.
+
+Two kinds of task families (`TASKS`):
+
+- **retrieval**: the answer sits far back in a long context, so a layer needs full attention to reach it.
+  ``passkey`` (a 5-digit number hidden at a random depth), ``kv_lookup`` (identifier -> number records
+  scattered through the text, one is asked for), ``var_tracking`` (a chain "The value of alpha is
+  12345." ... "The value of bravo is the same as the value of alpha." ... spread over the text; the
+  value of the last variable is asked for).
+- **holistic** (local / whole-passage): the recent text suffices, so sinks + a local window do.
+  ``continue_recent`` (the next sentence of the passage), ``last_paragraph_qa`` (a number stated in the
+  final paragraph; with `LAST_PARAGRAPH_DECOYS` > 0 earlier paragraphs state other numbers the same
+  way, so reaching far back only distracts), ``lm`` (plain language modelling, loss on the last `LM_TARGET` tokens).
+
+The context ("filler") is a contiguous run of real paragraphs from `text_corpus` (documentation that
+ships with Python and its packages). Answers are short digit strings checked by exact match, except
+``continue_recent`` and ``lm`` which are scored by perplexity.
+
+Train and eval splits never share an example: they draw their text from disjoint parts of the corpus
+(the last `EVAL_FRACTION` of its paragraphs is eval-only), their numbers from disjoint sets (a CRC
+check), and their random streams from different seeds.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .text_sources import _split_sentences, text_corpus
+
+TASKS: dict[str, str] = {
+    "passkey": "retrieval",
+    "kv_lookup": "retrieval",
+    "var_tracking": "retrieval",
+    "continue_recent": "holistic",
+    "last_paragraph_qa": "holistic",
+    "lm": "holistic",
+}
+RETRIEVAL_TASKS = tuple(t for t, k in TASKS.items() if k == "retrieval")
+HOLISTIC_TASKS = tuple(t for t, k in TASKS.items() if k == "holistic")
+PERPLEXITY_TASKS = ("continue_recent", "lm")  # scored by perplexity; the others by exact match
+
+EVAL_FRACTION = 0.1  # the last tenth of the corpus paragraphs is text for the eval split only
+LM_TARGET = 64  # tokens of plain text that carry the loss in the "lm" family
+DEPTH = (0.05, 0.75)  # where needles go, as a fraction of the context (0 = start)
+KV_PAIRS = 3  # SmolLM2-135M at 1K tokens: 6/10 right with 3 records, 3/10 with 6
+VAR_HOPS = 1  # a = n, then b = a (one indirection); SmolLM2-135M at 1K: 6/10 with 1, 3/10 with 2
+LAST_PARAGRAPH_DECOYS = 0  # at most this many earlier paragraphs also state "The number of this paragraph"
+LENGTH_TOLERANCE = 0.05
+IGNORE = -100
+
+_LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+_KEY_CHARS = "abcdefghijkmnpqrstuvwxyz"  # letters only: digits in keys get mistaken for the answer
+_VAR_NAMES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett", "kilo",
+              "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform",
+              "victor", "whiskey", "xray", "yankee", "zulu")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example: `input_ids` = prompt + answer tokens; `labels` is -100 except on the answer tokens
+    (unshifted, as Hugging Face causal LMs expect). `filler_start` is the corpus index of the first
+    paragraph of its text."""
+
+    task: str
+    kind: str
+    input_ids: list[int]
+    labels: list[int]
+    answer: str
+    prompt_len: int
+    filler_start: int = -1
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.input_ids[: self.prompt_len]
+
+    @property
+    def answer_ids(self) -> list[int]:
+        return self.input_ids[self.prompt_len:]
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+
+_ENCODINGS: dict[int, tuple[Any, dict[str, list[int]]]] = {}
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _encode_cached(tokenizer: Any, text: str) -> list[int]:
+    holder = _ENCODINGS.get(id(tokenizer))
+    if holder is None or holder[0] is not tokenizer:
+        holder = _ENCODINGS[id(tokenizer)] = (tokenizer, {})
+    cache = holder[1]
+    if text not in cache:
+        cache[text] = _encode(tokenizer, text)
+    return cache[text]
+
+
+def _region(split: str) -> tuple[list[str], int, int]:
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    corpus = text_corpus()
+    cut = int(len(corpus) * (1 - EVAL_FRACTION))
+    return (corpus, 0, cut) if split == "train" else (corpus, cut, len(corpus))
+
+
+def _fill(tokenizer: Any, split: str, end: int, budget: int) -> tuple[int, list[str]]:
+    """Contiguous paragraphs ending just before corpus index `end`, about `budget` tokens in all
+    (paragraph separators counted as one token); the first one is cut to a suffix to fit.
+    Returns (index of the first paragraph, paragraphs)."""
+    corpus, lo, hi = _region(split)
+    paras: list[str] = []
+    left = budget
+    idx = end
+    for _ in range(hi - lo):
+        if left <= 8:
+            break
+        idx = idx - 1 if idx - 1 >= lo else hi - 1
+        ids = _encode_cached(tokenizer, corpus[idx])
+        if len(ids) + 1 <= left:
+            paras.append(corpus[idx])
+            left -= len(ids) + 1
+            continue
+        tail = tokenizer.decode(ids[len(ids) - left + 1:])
+        tail = tail.split(" ", 1)[1] if " " in tail else tail  # start on a whole word
+        paras.append(tail[:1].upper() + tail[1:])
+        left = 0
+    else:
+        raise ValueError(f"the {split} text region is too small for {budget} tokens")
+    paras.reverse()
+    return idx, paras
+
+
+def _number(rng: random.Random, split: str, digits: int = 5) -> int:
+    """A random number whose CRC puts it in `split` (one in ten numbers is eval-only)."""
+    while True:
+        n = rng.randrange(10 ** (digits - 1), 10**digits)
+        if (zlib.crc32(str(n).encode()) % 10 == 0) == (split == "eval"):
+            return n
+
+
+def _insert(paras: list[str], needles: list[tuple[float, str]]) -> list[str]:
+    """Insert needle sentences as their own paragraphs at the given depths (fractions of the text)."""
+    sizes = [len(p) for p in paras]
+    total = sum(sizes) or 1
+    bounds, acc = [], 0
+    for s in sizes:  # character offset of each paragraph boundary
+        bounds.append(acc)
+        acc += s
+    bounds.append(acc)
+    slots: dict[int, list[str]] = {}
+    for depth, text in needles:
+        slot = min(range(len(bounds)), key=lambda i: abs(bounds[i] - depth * total))
+        slots.setdefault(slot, []).append(text)
+    out: list[str] = []
+    for i in range(len(paras) + 1):
+        out.extend(slots.get(i, []))
+        if i < len(paras):
+            out.append(paras[i])
+    return out
+
+
+# ------------------------------------------------------------------------------------------ prompts
+
+
+def _render(tokenizer: Any, user: str, chat: bool, plain_suffix: str = "\nAnswer:") -> str:
+    if chat and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+    return user + plain_suffix
+
+
+def _answer_ids(tokenizer: Any, answer: str, chat: bool) -> list[int]:
+    templated = chat and getattr(tokenizer, "chat_template", None)
+    ids = _encode(tokenizer, answer if templated else " " + answer)
+    end = getattr(tokenizer, "eos_token_id", None)
+    if templated:  # the end of the assistant turn; SmolLM2's eos is <|im_end|>
+        end_tok = "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else None
+        end = tokenizer.convert_tokens_to_ids(end_tok) if end_tok else end
+    return ids + ([end] if end is not None else [])
+
+
+@dataclass
+class _Spec:
+    """Everything random about one example, drawn before the text is fitted to the length."""
+
+    intro: str
+    question: str
+    answer: str
+    needles: list[tuple[float, str]]
+    end: int  # corpus index after the last filler paragraph
+    tail: str = ""  # text after the filler (continue_recent's cut paragraph)
+
+
+def _spec(task: str, rng: random.Random, split: str) -> _Spec:
+    corpus, lo, hi = _region(split)
+    end = rng.randrange(lo, hi)
+    if task == "passkey":
+        key = _number(rng, split)
+        depth = rng.uniform(*DEPTH)
+        return _Spec(
+            "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it; "
+            "you will be asked for it.",
+            "What is the pass key? Answer with the number only.", str(key),
+            [(depth, f"The pass key is {key}. Remember it. {key} is the pass key.")], end)
+    if task == "kv_lookup":
+        keys: list[str] = []
+        while len(keys) < KV_PAIRS:
+            k = "".join(rng.choice(_KEY_CHARS) for _ in range(6))
+            if k not in keys:
+                keys.append(k)
+        values = [_number(rng, split) for _ in keys]
+        depths = sorted(rng.uniform(*DEPTH) for _ in keys)
+        ask = rng.randrange(len(keys))
+        return _Spec(
+            "The text below contains records that map an identifier to a number, scattered among "
+            "irrelevant paragraphs. Remember them; you will be asked for one.",
+            f"What is the number recorded for the identifier {keys[ask]}? Answer with the number only.",
+            str(values[ask]),
+            [(d, f"Record: the identifier {k} has the number {v}.") for d, k, v in zip(depths, keys, values)],
+            end)
+    if task == "var_tracking":
+        # Plain-English assignments: SmolLM2-135M answers "VAR B = VAR A" chains with "1" but follows these.
+        names = rng.sample(_VAR_NAMES, VAR_HOPS + 1)
+        value = _number(rng, split)
+        depths = sorted(rng.uniform(*DEPTH) for _ in names)
+        needles = [(depths[0], f"The value of {names[0]} is {value}.")]
+        needles += [(d, f"The value of {b} is the same as the value of {a}.")
+                    for d, a, b in zip(depths[1:], names, names[1:])]
+        return _Spec(
+            "The text below contains variable assignments hidden among irrelevant paragraphs. "
+            "Follow the assignments; you will be asked for the value of a variable.",
+            f"What is the value of {names[-1]}? Answer with the number only.", str(value), needles, end)
+    if task == "last_paragraph_qa":
+        # The final paragraph states a number; optionally earlier paragraphs state other numbers the same
+        # way (off by default: decoys cut SmolLM2-135M's full-attention accuracy).
+        value = _number(rng, split)
+        decoys = [(rng.uniform(*DEPTH), f"The number of this paragraph is {_number(rng, split)}.")
+                  for _ in range(rng.randint(0, LAST_PARAGRAPH_DECOYS))]
+        return _Spec(
+            "Read the text below.",
+            "What is the number of the last paragraph? Answer with the number only.", str(value),
+            decoys + [(1.0, f"The number of this paragraph is {value}.")], end)
+    if task == "continue_recent":
+        # The filler ends inside a paragraph of at least two sentences; the answer is its next sentence.
+        for _ in range(hi - lo):
+            sentences = _split_sentences(corpus[end])
+            if len(sentences) >= 2:
+                break
+            end = end + 1 if end + 1 < hi else lo
+        cut = rng.randrange(1, len(sentences))
+        return _Spec(
+            "Continue the following text with its next sentence.", "", sentences[cut], [], end,
+            tail=" ".join(sentences[:cut]))
+    raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+
+
+def _build(tokenizer: Any, spec: _Spec, chat: bool, split: str, budget: int) -> tuple[list[int], list[int], int]:
+    start, paras = _fill(tokenizer, split, spec.end, budget)
+    paras = _insert(paras, [n for n in spec.needles if n[0] < 1.0])
+    if spec.tail:
+        paras.append(spec.tail)
+    last = [text for depth, text in spec.needles if depth >= 1.0]
+    if last and not paras:
+        paras = [""]
+    if last:  # needles at depth 1.0 go inside the final paragraph, at a random sentence boundary
+        sentences = _split_sentences(paras[-1])
+        at = zlib.crc32(paras[-1].encode()) % (len(sentences) + 1)
+        paras[-1] = " ".join(sentences[:at] + last + sentences[at:])
+    context = "\n\n".join(paras)
+    user = "\n\n".join(s for s in (spec.intro, context, spec.question) if s)
+    prompt = _render(tokenizer, user, chat, plain_suffix="\nAnswer:" if spec.question else "")
+    if spec.tail and not (chat and getattr(tokenizer, "chat_template", None)):
+        prompt = user  # plain continuation: the answer follows the text directly
+    return _encode(tokenizer, prompt), _answer_ids(tokenizer, spec.answer, chat), start
+
+
+def _lm_example(tokenizer: Any, length: int, rng: random.Random, split: str) -> Example:
+    _, lo, hi = _region(split)
+    start, paras = _fill(tokenizer, split, rng.randrange(lo, hi), length + 16)
+    ids = _encode(tokenizer, "\n\n".join(paras))[-length:]
+    target = min(LM_TARGET, max(1, length // 4))
+    prompt_len = len(ids) - target
+    return Example("lm", "holistic", ids, [IGNORE] * prompt_len + ids[prompt_len:],
+                   tokenizer.decode(ids[prompt_len:]), prompt_len, start)
+
+
+def make_example(task: str, tokenizer: Any, length: int, rng: random.Random, chat: bool = True,
+                 split: str = "train") -> Example:
+    """One `task` example of about `length` tokens in all (prompt + answer, within `LENGTH_TOLERANCE`).
+
+    Uses the tokenizer's chat template when `chat` and the tokenizer has one. Deterministic given the
+    state of `rng`; `split` selects the corpus region and number set (train and eval never overlap).
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+    if task == "lm":
+        return _lm_example(tokenizer, length, rng, split)
+    spec = _spec(task, rng, split)
+    empty_prompt, answer_ids, _ = _build(tokenizer, spec, chat, split, 0)
+    budget = length - len(empty_prompt) - len(answer_ids) - 2 * len(spec.needles)
+    if budget < 16:
+        raise ValueError(f"length {length} is too short for a {task} example")
+    for _ in range(4):  # fit: paragraph token counts are close to, not exactly, the joined count
+        prompt_ids, answer_ids, start = _build(tokenizer, spec, chat, split, budget)
+        total = len(prompt_ids) + len(answer_ids)
+        if abs(total - length) <= max(2, length // 100):
+            break
+        budget += length - total
+    ids = prompt_ids + answer_ids
+    labels = [IGNORE] * len(prompt_ids) + answer_ids
+    return Example(task, TASKS[task], ids, labels, spec.answer, len(prompt_ids), start)
+
+
+def make_dataset(tokenizer: Any, tasks: list[str] | tuple[str, ...] | None, n_per_task: int,
+                 lengths: list[int] | tuple[int, ...] | int, seed: int = 0, split: str = "train",
+                 chat: bool = True) -> list[Example]:
+    """`n_per_task` examples of each task (all of `TASKS` when None), lengths taken from `lengths` in
+    turn. Ordered by task, then index. Deterministic for (seed, split); each example has its own
+    random stream seeded from (seed, split, task, index), so adding tasks does not change the others.
+    """
+    tasks = list(TASKS) if tasks is None else list(tasks)
+    lengths = [lengths] if isinstance(lengths, int) else list(lengths)
+    out = []
+    for task in tasks:
+        for i in range(n_per_task):
+            rng = random.Random(f"fluxc-data/{seed}/{split}/{task}/{i}")
+            out.append(make_example(task, tokenizer, lengths[i % len(lengths)], rng, chat=chat, split=split))
+    return out
+
+
+_NUMBER = re.compile(r"(?<![0-9A-Za-z])\d+(?![0-9A-Za-z])")
+
+
+def is_correct(generated: str, answer: str) -> bool:
+    """Exact-match scoring of the number families: the first standalone number of the generated text
+    is the answer (instruct models often answer "The pass key is 12345.")."""
+    m = _NUMBER.search(generated)
+    return m is not None and m.group(0) == answer.strip()
+
+
+def collate(examples: list[Example], pad_id: int, left_pad: bool = True) -> dict[str, Any]:
+    """Pad a batch: `input_ids`, `attention_mask`, `labels` as (B, T) int64 tensors, and `task` (list)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        cols = slice(width - n, width) if left_pad else slice(0, n)
+        ids[row, cols] = torch.tensor(e.input_ids, dtype=torch.long)
+        mask[row, cols] = 1
+        labels[row, cols] = torch.tensor(e.labels, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task": [e.task for e in examples]}
