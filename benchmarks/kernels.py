@@ -23,7 +23,6 @@ import gc
 import importlib
 import importlib.util
 import json
-import os
 import pathlib
 import platform
 import sys
@@ -38,22 +37,9 @@ SINK, WINDOW, BLOCK = 128, 2048, 128
 SA = dict(sink=SINK, window=WINDOW, block=BLOCK, block_exact=True)
 
 
-def load_kernels():
-    if os.environ.get("FLUXC_KERNELS_STANDALONE", "0") in ("", "0"):
-        try:
-            pkg = importlib.import_module("fluxc.kernels")
-            importlib.import_module("fluxc.kernels.attention")
-            return pkg
-        except Exception:  # noqa: BLE001
-            pass
-    name = "fluxc_kernels_standalone"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "kernels" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "kernels")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
+# One loader for tests and benchmarks: fluxc.kernels when installed, else kernels/ by path.
+sys.path.insert(0, str(ROOT / "tests" / "kernels"))
+from _kernel_harness import load_kernels  # noqa: E402
 
 # ------------------------------------------------------------------------------------ counting
 

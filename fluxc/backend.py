@@ -64,7 +64,9 @@ class FluxBackend:
         self.on_routers = on_routers
         self.sites: list[SiteInfo] | None = None
         self.graphs = 0
-        self.last_graph: fx.GraphModule | None = None  # the latest rewritten graph (inspection, export tests)
+        # the latest rewritten graph and the inputs Dynamo called it with, in placeholder order (inspection, export)
+        self.last_graph: fx.GraphModule | None = None
+        self.last_inputs: tuple[Any, ...] = ()
 
     def _routers_for(self, sites: list[SiteInfo], device: torch.device) -> nn.ModuleList | None:
         if self.route is not None:
@@ -78,12 +80,9 @@ class FluxBackend:
         if self.routers is None:
             assert self.checkpoint is not None
             first = sites[0]
-            self.checkpoint.check_model(Fingerprint(self.architecture or "?", len(sites), first.q_heads,
-                                                    first.kv_heads, first.head_dim)
-                                        if self.checkpoint.fingerprint is None else
-                                        Fingerprint(self.checkpoint.fingerprint.architecture
-                                                    if self.architecture is None else self.architecture,
-                                                    len(sites), first.q_heads, first.kv_heads, first.head_dim))
+            theirs = self.checkpoint.fingerprint
+            arch = self.architecture or (theirs.architecture if theirs is not None else "?")
+            self.checkpoint.check_model(Fingerprint(arch, len(sites), first.q_heads, first.kv_heads, first.head_dim))
             self.routers = self.checkpoint.load_routers(device)
             if self.on_routers is not None:
                 self.on_routers(self.routers)
@@ -109,7 +108,7 @@ class FluxBackend:
         if result.prefill or self.sites is None:
             self.sites = result.sites
         self.graphs += 1
-        self.last_graph = gm
+        self.last_graph, self.last_inputs = gm, tuple(example_inputs)
         return self._compile(gm, example_inputs)
 
     def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:

@@ -111,3 +111,13 @@ def check_vec(t, name: str, B: int, device, dtypes) -> None:
 
 ROUTE_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64)
 LEN_DTYPES = (torch.int32, torch.int64)
+
+
+def check_padded_prefill(q, k, v, route, kv_lens, q_lens, **pattern_args) -> Pattern:
+    """Checks of the padded (B, H, T, D) prefill entry points; returns the resolved pattern."""
+    check_qkv(q, k, v)
+    B = q.shape[0]
+    check_vec(route, "route", B, q.device, ROUTE_DTYPES)
+    check_vec(kv_lens, "kv_lens", B, q.device, LEN_DTYPES)
+    check_vec(q_lens, "q_lens", B, q.device, LEN_DTYPES)
+    return resolve_pattern(**pattern_args)

@@ -20,7 +20,16 @@ import os
 
 import torch
 
-from ._common import LEN_DTYPES, LOG2E, ROUTE_DTYPES, Pattern, check_qkv, check_vec, resolve_pattern
+from ._common import (
+    LEN_DTYPES,
+    LOG2E,
+    ROUTE_DTYPES,
+    Pattern,
+    check_padded_prefill,
+    check_qkv,
+    check_vec,
+    resolve_pattern,
+)
 from .errors import KernelError
 
 __all__ = ["routed_prefill", "routed_prefill_varlen", "routed_decode", "routed_prefill_dispatch", "prefill_config",
@@ -142,6 +151,15 @@ def _route_mode(route_const) -> int:
     return _ROUTE_CONST[route_const]
 
 
+def _tma_choice(requested, q, k, v) -> bool:
+    """Whether the prefill kernel loads K/V through TMA descriptors. They measured slower than pointer
+    loads on H100 at 128x64 (see prefill_config), so TMA is opt-in."""
+    use_tma = bool(requested) and (q.device.type != "cuda" or _tma_ok(k, v))
+    if use_tma and q.device.type == "cuda":
+        _ensure_triton_allocator()
+    return use_tma
+
+
 def routed_prefill(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: int, window: int, block: int,
                    block_exact: bool, pattern: str, n_last: int, softcap: float = 0.0, native_window: int = 0,
                    out=None, _route_const=None, _config=None, _use_tma=None) -> torch.Tensor:
@@ -157,14 +175,11 @@ def routed_prefill(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: int, 
     ``_route_const`` ('fa'/'sa'), ``_config`` and ``_use_tma`` are for benchmarks and tests: fix the
     route at compile time / override the launch configuration / force the key-value load path (TMA
     tensor descriptors, the default on Hopper, or plain pointer loads)."""
-    check_qkv(q, k, v)
+    pat = check_padded_prefill(q, k, v, route, kv_lens, q_lens, sink=sink, window=window, block=block,
+                               block_exact=block_exact, pattern=pattern, n_last=n_last, softcap=softcap,
+                               native_window=native_window)
     B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    check_vec(route, "route", B, q.device, ROUTE_DTYPES)
-    check_vec(kv_lens, "kv_lens", B, q.device, LEN_DTYPES)
-    check_vec(q_lens, "q_lens", B, q.device, LEN_DTYPES)
-    pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact, pattern=pattern,
-                          n_last=n_last, softcap=softcap, native_window=native_window)
+    Hkv = k.shape[1]
     _check_device(q)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -177,10 +192,7 @@ def routed_prefill(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: int, 
     cfg = dict(_config or prefill_config(D, q.dtype, q.device))
     BM, BN = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     tk = _kernels()
-    # TMA descriptors measured slower than pointer loads on H100 at 128x64 (see prefill_config): opt-in.
-    use_tma = bool(_use_tma) and (q.device.type != "cuda" or _tma_ok(k, v))
-    if use_tma and q.device.type == "cuda":
-        _ensure_triton_allocator()
+    use_tma = _tma_choice(_use_tma, q, k, v)
     num_m = -(-Tq // BM)
     dummy = kv_lens
     tk._prefill_kernel[(num_m, B * Hq)](
@@ -192,7 +204,6 @@ def routed_prefill(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: int, 
         BLOCK_EXACT=pat.block_exact, SA_BLOCK=pat.block, TRIANGLE=pat.triangle,
         HAS_NW=pat.native_window > 0, HAS_SOFTCAP=pat.softcap > 0, VARLEN=False,
         DOT_PREC=_dot_prec(q.dtype), USE_TMA=use_tma, **cfg)
-    del Tk
     return out
 
 
@@ -232,9 +243,7 @@ def routed_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, route, *, max_seq
     cfg = dict(_config or prefill_config(D, q.dtype, q.device))
     BM, BN = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     tk = _kernels()
-    use_tma = bool(_use_tma) and (q.device.type != "cuda" or _tma_ok(k, v))
-    if use_tma and q.device.type == "cuda":
-        _ensure_triton_allocator()
+    use_tma = _tma_choice(_use_tma, q, k, v)
     num_m = -(-max_seqlen_q // BM)
     cq, ck = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     tk._prefill_kernel[(num_m, B * Hq)](
@@ -315,14 +324,11 @@ def routed_prefill_dispatch(q, k, v, route, kv_lens, q_lens, *, scale: float, si
     the options are plain (no soft-cap, no native window), it runs PyTorch SDPA (cuDNN, else
     flash/efficient, whichever PyTorch picks first) with is_causal=True; otherwise the routed Triton
     kernel.  Same semantics either way."""
-    check_qkv(q, k, v)
+    check_padded_prefill(q, k, v, route, kv_lens, q_lens, sink=sink, window=window, block=block,
+                         block_exact=block_exact, pattern=pattern, n_last=n_last, softcap=softcap,
+                         native_window=native_window)
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
-    check_vec(route, "route", B, q.device, ROUTE_DTYPES)
-    check_vec(kv_lens, "kv_lens", B, q.device, LEN_DTYPES)
-    check_vec(q_lens, "q_lens", B, q.device, LEN_DTYPES)
-    resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact, pattern=pattern,
-                    n_last=n_last, softcap=softcap, native_window=native_window)
     host = torch.stack([route.to(torch.int64) != 0, kv_lens.to(torch.int64) == Tk,
                         q_lens.to(torch.int64) == Tq]).cpu()
     if (q.device.type == "cuda" and Tq == Tk and softcap == 0 and native_window == 0 and bool(host.all())):

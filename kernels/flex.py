@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from ._common import LEN_DTYPES, ROUTE_DTYPES, check_qkv, check_vec, resolve_pattern
+from ._common import check_padded_prefill, resolve_pattern
 from .errors import KernelError
 
 __all__ = ["make_mask_mod", "build_block_mask", "routed_prefill_flex", "routed_decode_flex"]
@@ -93,14 +93,11 @@ def routed_prefill_flex(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: 
     """Same contract as ``attention.routed_prefill`` (see flex.py's docstring for the two
     differences).  ``block_mask``: a prebuilt ``build_block_mask(...)`` for these route/length
     values; ``compile``: run ``torch.compile(flex_attention)`` (False: eager, for CPU tests)."""
-    check_qkv(q, k, v)
+    pat = check_padded_prefill(q, k, v, route, kv_lens, q_lens, sink=sink, window=window, block=block,
+                               block_exact=block_exact, pattern=pattern, n_last=n_last, softcap=softcap,
+                               native_window=native_window)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    check_vec(route, "route", B, q.device, ROUTE_DTYPES)
-    check_vec(kv_lens, "kv_lens", B, q.device, LEN_DTYPES)
-    check_vec(q_lens, "q_lens", B, q.device, LEN_DTYPES)
-    pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact, pattern=pattern,
-                          n_last=n_last, softcap=softcap, native_window=native_window)
     if block_mask is None:
         block_mask = build_block_mask(route, kv_lens, q_lens, B, Tq, Tk, sink=sink, window=window, block=block,
                                       block_exact=block_exact, pattern=pattern, n_last=n_last,

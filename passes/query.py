@@ -26,7 +26,7 @@ Node = fx.Node
 _PROJECTIONS = ("linear", "matmul", "addmm", "mm", "bmm", "baddbmm", "einsum")
 _SAME_LAYOUT = ("contiguous", "float", "to", "type_as", "clone", "detach", "half", "bfloat16", "type",
                 "neg", "mul", "add", "sub", "truediv", "div", "pow", "rsqrt", "sqrt", "tanh", "silu",
-                "getitem", "cat", "mean", "sum", "layer_norm", "rms_norm", "group_norm", "abs", "clamp",
+                "cat", "mean", "sum", "layer_norm", "rms_norm", "group_norm", "abs", "clamp",
                 "where", "masked_fill", "scaled_dot_product_attention", "dropout", "exp", "sigmoid")
 
 

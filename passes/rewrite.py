@@ -87,7 +87,6 @@ class PassOptions:
     route: tuple[bool, ...] | None  # forced per-layer route (True = full), or None: use routers
     routers: nn.ModuleList | None
     state: RouteState
-    expected_layers: int | None = None
     recorder: nn.Module | None = None  # training mode: both branches, mixed by a Gumbel sample
 
 
@@ -335,8 +334,8 @@ def _route_node(graph: fx.Graph, options: PassOptions, layer: int, query: QueryI
     any later step (decode, a further prefill chunk) reuses the decision stored at its prefill. Chosen per
     sequence on the device, so no host sync and no retrace when a batch mixes both.
     """
-    first_valid = graph.call_function(operator.getitem, (valid, (slice(None), 0)))  # (B,)
     if options.route is not None:
+        first_valid = graph.call_function(operator.getitem, (valid, (slice(None), 0)))  # (B,)
         return graph.call_function(torch.full_like, (first_valid, bool(options.route[layer])))
     logits = _router_logits_node(graph, options, layer, query, valid)
     routed = graph.call_function(operator.eq, (graph.call_function(torch.argmax, (logits, -1)), 1))  # (B,)

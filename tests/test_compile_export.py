@@ -34,35 +34,13 @@ def test_rewritten_graph_exports_with_torch_export():
     with torch.no_grad():
         fm = fluxc.compile(model, route=["sparse", "full"], config=CFG.replace(compiler="eager"))
         expected = fm(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    gm = fm._backend.last_graph
+    gm, inputs = fm._backend.last_graph, fm._backend.last_inputs
     names = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert names.count(torch.ops.fluxc.routed_attention.default) == 2
-    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    inputs = []
-    for node in gm.graph.nodes:  # Dynamo's placeholders: model inputs and lifted parameters, in order
-        if node.op == "placeholder":
-            inputs.append(_lookup(node.name, params, ids, mask))
-    program = torch.export.export(gm, tuple(inputs), strict=False)
+    program = torch.export.export(gm, inputs, strict=False)
     out = program.module()(*inputs)
     torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, expected, atol=1e-5, rtol=0)
     assert any(n.target == torch.ops.fluxc.routed_attention.default for n in program.graph.nodes)
-
-
-def _lookup(name, params, ids, mask):
-    if "input_ids" in name:
-        return ids
-    if "attention_mask" in name:
-        return mask
-    for key, value in params.items():
-        if name.endswith("_" + key.replace(".", "_modules_", 0).split(".")[-1] + "_") and _path_matches(name, key):
-            return value
-    raise KeyError(name)
-
-
-def _path_matches(name: str, key: str) -> bool:
-    parts = key.split(".")
-    flat = "_".join(parts)
-    return flat in name.replace("_modules_", "_").replace("_parameters_", "_").replace("_buffers_", "_")
 
 
 def _decode(module, ids, steps):
