@@ -1,0 +1,1 @@
+"""Subcommands of the `fluxc` command line (see fluxc.cli)."""
