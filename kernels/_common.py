@@ -121,3 +121,33 @@ def check_padded_prefill(q, k, v, route, kv_lens, q_lens, **pattern_args) -> Pat
     check_vec(kv_lens, "kv_lens", B, q.device, LEN_DTYPES)
     check_vec(q_lens, "q_lens", B, q.device, LEN_DTYPES)
     return resolve_pattern(**pattern_args)
+
+
+# ------------------------------------------------------------------------------ ring-buffer KV cache
+
+
+def ring_capacity(*, sink: int, window: int, block: int, block_exact: bool) -> int:
+    """Slots of an SA layer's ring-buffer cache: sink + window in both modes (block-exact requires
+    sink and window to be multiples of block, so the sink blocks and window blocks fill it)."""
+    pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact)
+    return pat.sink_end + pat.window
+
+
+def ring_slot(r: torch.Tensor, *, sink: int, window: int, block: int, block_exact: bool) -> torch.Tensor:
+    """Slot of real key index ``r`` (any int tensor, >= 0; elementwise, on r's device, no host sync).
+
+    token-exact: r < sink -> r; else sink + (r - sink) % window.
+    block-exact (b = block, sb = sink // b, wb = window // b): r < sb*b -> r; else, with kb = r // b,
+    sb*b + ((kb - sb) % wb) * b + r % b.
+    Writing key r of a sequence to slot ring_slot(r) (r = 0, 1, ...) keeps exactly the keys that an
+    SA decode query may still attend (see ``attention.routed_decode_ring``)."""
+    pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact)
+    r = r.to(torch.int64)
+    s0 = pat.sink_end
+    rw = torch.clamp(r - s0, min=0)  # index past the sinks
+    if pat.block_exact:
+        b = pat.block
+        win = s0 + torch.remainder(torch.div(rw, b, rounding_mode="floor"), pat.window_blocks) * b + torch.remainder(rw, b)
+    else:
+        win = s0 + torch.remainder(rw, pat.window)
+    return torch.where(r < s0, r, win)

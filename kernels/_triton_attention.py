@@ -11,7 +11,8 @@ Three kernels:
   SA touches only sink + window + diagonal blocks and interior blocks skip the mask arithmetic.
 * ``_decode_kernel``: flash-decoding.  One program per (key split, batch * kv head) handles all
   query heads of its GQA group as the rows of one tile; the splits partition the list of key blocks
-  the sequence's branch visits (all causal blocks for FA, sink + window blocks for SA).
+  the sequence's branch visits (all causal blocks for FA, sink + window blocks for SA).  RING mode:
+  the cache is an SA layer's ring buffer (sink + window slots) and the splits partition its slots.
 * ``_combine_kernel``: merges the splits' partial outputs with their log-sum-exps.
 
 Scores are kept in the log2 domain (scale pre-multiplied by log2(e), exp2).
@@ -254,13 +255,32 @@ def _prefill_kernel(Q, K, V, OUT, ROUTE, KV_LENS, Q_LENS, CU_Q, CU_K,
 
 
 @triton.jit
+def _ring_valid(j_idx, c_fill, sink_end, po, sc, BLOCK_EXACT: tl.constexpr, SA_BLOCK: tl.constexpr):
+    """(keys,) bool: ring slot j holds a key the query may attend (RING mode of the decode kernel).
+    Slots fill in order, so slots j < min(n, C) are exactly the written ones.  token-exact: all of
+    them.  block-exact: window slot s (offset o) holds block qb - ((sc - s) mod wb), sc the current
+    block's slot; every such block is allowed (it is one of the last wb blocks and, being written,
+    past the sinks), except in the current block's slot, whose offsets > p % b still hold block
+    qb - wb."""
+    ok = j_idx < c_fill
+    if BLOCK_EXACT:
+        jw = tl.maximum(j_idx - sink_end, 0)
+        ok = ok & ((j_idx < sink_end) | (jw // SA_BLOCK != sc) | (jw % SA_BLOCK <= po))
+    return ok
+
+
+@triton.jit
 def _decode_kernel(Q, K, V, OP, LSEP, ROUTE, KV_LENS,
                    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                    HQ, HKV, GROUP, num_splits,
-                   qk_scale, softcap_in, softcap_out, sink_end, window, wblk, nw,
+                   qk_scale, softcap_in, softcap_out, sink_end, window, wblk, nw, ring_c,
                    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    ROUTE_MODE: tl.constexpr, BLOCK_EXACT: tl.constexpr, SA_BLOCK: tl.constexpr,
-                   HAS_NW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+                   HAS_NW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+                   RING: tl.constexpr):
+    """RING=False: K/V are (B, HKV, T, D) caches of real keys 0..kv_len-1, FA or SA per the route.
+    RING=True: K/V are SA ring buffers of ring_c = sink + window slots (layout: _common.ring_slot),
+    KV_LENS holds n (real keys written, the query's own included); the splits partition the slots."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -281,22 +301,38 @@ def _decode_kernel(Q, K, V, OP, LSEP, ROUTE, KV_LENS,
     dense_row = tl.full([BLOCK_G], 0, tl.int1)
     is_fa = _route_flag(ROUTE, b, ROUTE_MODE)
     SA_POSSIBLE: tl.constexpr = ROUTE_MODE != 1
-    if HAS_NW:
-        lo = tl.maximum(p - nw + 1, 0)
+    if RING:
+        # slots [0, min(n, C)) are the only ones ever written; the per-slot rule is _ring_valid
+        c_fill = tl.minimum(tl.maximum(kv_len, 0), ring_c)
+        n_blocks = tl.cdiv(c_fill, BLOCK_N)
+        pc = tl.maximum(p, 0)
+        po = pc % SA_BLOCK
+        # the current block's window slot (meaningful once p is past the sinks; before, no window
+        # slot is below c_fill)
+        sc = tl.maximum(pc // SA_BLOCK - sink_end // SA_BLOCK, 0) % tl.maximum(wblk, 1)
+        n1 = n_blocks
+        bl1 = tl.full((), 0, tl.int32)
+        bl2 = bl1
     else:
-        lo = tl.full((), 0, tl.int32)
-    if BLOCK_EXACT:
-        wlo = (tl.maximum(p, 0) // SA_BLOCK - wblk + 1) * SA_BLOCK
-    else:
-        wlo = p - window + 1
-    hi1 = tl.where(is_fa, kv_len, tl.minimum(sink_end, kv_len))
-    lo2 = tl.where(is_fa, kv_len, tl.maximum(wlo, lo))
-    bl1 = lo // BLOCK_N
-    bh1 = tl.where(hi1 > lo, tl.cdiv(hi1, BLOCK_N), bl1)
-    bl2 = tl.maximum(lo2 // BLOCK_N, bh1)
-    bh2 = tl.where(kv_len > lo2, tl.maximum(tl.cdiv(kv_len, BLOCK_N), bl2), bl2)
-    n1 = bh1 - bl1
-    n_blocks = n1 + bh2 - bl2
+        c_fill = kv_len
+        po = p
+        sc = p
+        if HAS_NW:
+            lo = tl.maximum(p - nw + 1, 0)
+        else:
+            lo = tl.full((), 0, tl.int32)
+        if BLOCK_EXACT:
+            wlo = (tl.maximum(p, 0) // SA_BLOCK - wblk + 1) * SA_BLOCK
+        else:
+            wlo = p - window + 1
+        hi1 = tl.where(is_fa, kv_len, tl.minimum(sink_end, kv_len))
+        lo2 = tl.where(is_fa, kv_len, tl.maximum(wlo, lo))
+        bl1 = lo // BLOCK_N
+        bh1 = tl.where(hi1 > lo, tl.cdiv(hi1, BLOCK_N), bl1)
+        bl2 = tl.maximum(lo2 // BLOCK_N, bh1)
+        bh2 = tl.where(kv_len > lo2, tl.maximum(tl.cdiv(kv_len, BLOCK_N), bl2), bl2)
+        n1 = bh1 - bl1
+        n_blocks = n1 + bh2 - bl2
     per = tl.cdiv(n_blocks, num_splits)
     j0 = pid_s * per
     j1 = tl.minimum(j0 + per, n_blocks)
@@ -307,7 +343,10 @@ def _decode_kernel(Q, K, V, OP, LSEP, ROUTE, KV_LENS,
     for j in range(j0, j1):
         blk = tl.where(j < n1, bl1 + j, bl2 + (j - n1))
         k_idx = blk * BLOCK_N + offs_n
-        kv_ok = k_idx < kv_len
+        if RING:
+            kv_ok = _ring_valid(k_idx, c_fill, sink_end, po, sc, BLOCK_EXACT, SA_BLOCK)
+        else:
+            kv_ok = k_idx < kv_len
         kt = tl.load(k_base + k_idx[None, :] * stride_kt + offs_d[:, None],
                      mask=kv_ok[None, :], other=0.0)
         qk = tl.dot(q, kt, input_precision=DOT_PREC)
@@ -315,8 +354,11 @@ def _decode_kernel(Q, K, V, OP, LSEP, ROUTE, KV_LENS,
             s = _tanh(qk * softcap_in) * softcap_out
         else:
             s = qk * qk_scale
-        ok = _allowed(pos, k_idx, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
-                      BLOCK_EXACT, SA_BLOCK, HAS_NW, SA_POSSIBLE)
+        if RING:
+            ok = (pos >= 0)[:, None] & kv_ok[None, :]
+        else:
+            ok = _allowed(pos, k_idx, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
+                          BLOCK_EXACT, SA_BLOCK, HAS_NW, SA_POSSIBLE)
         s = tl.where(ok, s, NEG_INF)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == NEG_INF, 0.0, m_new)

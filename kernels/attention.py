@@ -29,11 +29,13 @@ from ._common import (
     check_qkv,
     check_vec,
     resolve_pattern,
+    ring_capacity,
+    ring_slot,
 )
 from .errors import KernelError
 
-__all__ = ["routed_prefill", "routed_prefill_varlen", "routed_decode", "routed_prefill_dispatch", "prefill_config",
-           "decode_config"]
+__all__ = ["routed_prefill", "routed_prefill_varlen", "routed_decode", "routed_decode_ring", "ring_capacity",
+           "ring_slot", "routed_prefill_dispatch", "prefill_config", "decode_config"]
 
 _ROUTE_CONST = {None: 0, "fa": 1, "sa": 2}
 
@@ -258,13 +260,48 @@ def routed_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, route, *, max_seq
     return out
 
 
-def default_num_splits(B: int, Hkv: int, Tk: int, block_n: int, device: torch.device, waves: int = 4) -> int:
+def default_num_splits(B: int, Hkv: int, Tk: int, block_n: int, device: torch.device, waves: int = 4,
+                       min_blocks: int = 4) -> int:
     """Key splits for decode: enough (batch * kv head * split) programs for ``waves`` per SM, at
-    least 4 key blocks per split.  Host arithmetic on shapes only (no sync)."""
+    least ``min_blocks`` key blocks per split.  Host arithmetic on shapes only (no sync)."""
     programs = max(B * Hkv, 1)
     want = -(-waves * _num_sms(device) // programs)
-    useful = max(1, -(-Tk // (4 * block_n)))
+    useful = max(1, -(-Tk // (min_blocks * block_n)))
     return int(max(1, min(want, useful, 512)))
+
+
+def _check_splits(num_splits) -> int:
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise KernelError(f"num_splits={num_splits!r}: expected a positive int or None (automatic)")
+    return num_splits
+
+
+def _launch_decode(q, k, v, route_arg, lens, pat: Pattern, scale: float, num_splits: int, cfg: dict, *,
+                   route_mode: int, ring_c: int) -> torch.Tensor:
+    """Split kernel + combine kernel; allocations depend on shapes only (CUDA-graph safe)."""
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (B, Hq, 1, D)
+    if B == 0 or Hq == 0:
+        return out
+    BN = cfg.pop("BLOCK_N")
+    group = Hq // Hkv
+    block_g = max(16, 1 << (group - 1).bit_length())
+    part_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)  # (B, Hq, S, D)
+    part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)  # (B, Hq, S)
+    tk = _kernels()
+    tk._decode_kernel[(num_splits, B * Hkv)](
+        q, k, v, part_o, part_lse, route_arg, lens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        Hq, Hkv, group, num_splits, **_pattern_args(pat, scale), ring_c=ring_c,
+        HEAD_DIM=D, BLOCK_G=block_g, BLOCK_N=BN, ROUTE_MODE=route_mode,
+        BLOCK_EXACT=pat.block_exact, SA_BLOCK=pat.block, HAS_NW=pat.native_window > 0,
+        HAS_SOFTCAP=pat.softcap > 0, DOT_PREC=_dot_prec(q.dtype), RING=ring_c > 0, **cfg)
+    block_s = max(16, 1 << (num_splits - 1).bit_length())
+    tk._combine_kernel[(B * Hq,)](part_o, part_lse, out, Hq, num_splits, out.stride(0), out.stride(1),
+                                  HEAD_DIM=D, BLOCK_S=block_s, num_warps=4 if block_s <= 64 else 8)
+    return out
 
 
 def routed_decode(q, k_cache, v_cache, route, kv_lens, *, scale: float, sink: int, window: int, block: int,
@@ -286,32 +323,57 @@ def routed_decode(q, k_cache, v_cache, route, kv_lens, *, scale: float, sink: in
                           n_last=0, softcap=softcap, native_window=native_window)
     _check_device(q)
     cfg = dict(_config or decode_config(D, q.dtype, q.device))
-    BN = cfg.pop("BLOCK_N")
     waves = cfg.pop("SPLIT_WAVES", 4)
+    cfg.pop("RING_MIN_BLOCKS", None)
     if num_splits is None:
-        num_splits = default_num_splits(B, Hkv, Tk, BN, q.device, waves)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
-        raise KernelError(f"num_splits={num_splits!r}: expected a positive int or None (automatic)")
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if B == 0 or Hq == 0:
-        return out
-    group = Hq // Hkv
-    block_g = max(16, 1 << (group - 1).bit_length())
-    part_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
-    tk = _kernels()
-    tk._decode_kernel[(num_splits, B * Hkv)](
-        q, k_cache, v_cache, part_o, part_lse, _route_arg(route), kv_lens.contiguous(),
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        Hq, Hkv, group, num_splits, **_pattern_args(pat, scale),
-        HEAD_DIM=D, BLOCK_G=block_g, BLOCK_N=BN, ROUTE_MODE=_route_mode(_route_const),
-        BLOCK_EXACT=pat.block_exact, SA_BLOCK=pat.block, HAS_NW=pat.native_window > 0,
-        HAS_SOFTCAP=pat.softcap > 0, DOT_PREC=_dot_prec(q.dtype), **cfg)
-    block_s = max(16, 1 << (num_splits - 1).bit_length())
-    tk._combine_kernel[(B * Hq,)](part_o, part_lse, out, Hq, num_splits, out.stride(0), out.stride(1),
-                                  HEAD_DIM=D, BLOCK_S=block_s, num_warps=4 if block_s <= 64 else 8)
-    return out
+        num_splits = default_num_splits(B, Hkv, Tk, cfg["BLOCK_N"], q.device, waves)
+    num_splits = _check_splits(num_splits)
+    return _launch_decode(q, k_cache, v_cache, _route_arg(route), kv_lens.contiguous(), pat, scale, num_splits,
+                          cfg, route_mode=_route_mode(_route_const), ring_c=0)
+
+
+def routed_decode_ring(q, k_ring, v_ring, n, *, scale: float, sink: int, window: int, block: int,
+                       block_exact: bool, softcap: float = 0.0, num_splits: int | None = None,
+                       _config=None) -> torch.Tensor:
+    """SA decode over an evicted KV cache: each sequence keeps only its sink and window keys in a
+    ring buffer of C = sink + window slots, key of real index r in slot ``ring_slot(r)`` (see
+    ``_common.ring_slot``; block-exact needs sink and window to be multiples of block).
+
+    q (B, Hq, 1, D); k_ring/v_ring (B, Hkv, C, D), Hq % Hkv == 0, D in {64, 128}, fp16/bf16 (fp32 too).
+    n (B,) int32/int64 on the device: real keys written so far, the query's own included (the query
+    sits at real position n[b] - 1; n[b] == 0 gives zeros).  The query attends the streaming rule's
+    keys counted from the sequence's first real key: token-exact r < sink or p - r < window;
+    block-exact r // block < sink // block or r // block > p // block - window // block.
+    Slots the rule excludes are never read (they may hold anything, NaN included).
+
+    Flash-decoding split over the C slots (split count from C and the batch, never from n): no host
+    sync, no reads of n on the host, allocations depend on shapes only (CUDA-graph safe).
+    Returns (B, Hq, 1, D) in q's dtype."""
+    check_qkv(q, k_ring, v_ring, names=("q", "k_ring", "v_ring"))
+    B, Hq, Tq, D = q.shape
+    if Tq != 1:
+        raise KernelError(f"q.shape={tuple(q.shape)}: decode takes one query token per sequence "
+                          "(dim 2 must be 1)")
+    check_vec(n, "n", B, q.device, LEN_DTYPES)
+    pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact, pattern="streaming",
+                          softcap=softcap)
+    Hkv, C = k_ring.shape[1], k_ring.shape[2]
+    want_c = ring_capacity(sink=sink, window=window, block=block, block_exact=block_exact)
+    if C != want_c:
+        raise KernelError(f"k_ring.shape={tuple(k_ring.shape)}: a ring for sink={sink} + window={window} has "
+                          f"{want_c} slots (dim 2); allocate (B, Hkv, {want_c}, D)")
+    if num_splits is not None:
+        _check_splits(num_splits)
+    _check_device(q)
+    cfg = dict(_config or decode_config(D, q.dtype, q.device))
+    waves = cfg.pop("SPLIT_WAVES", 4)
+    min_blocks = cfg.pop("RING_MIN_BLOCKS", 4)
+    if num_splits is None:
+        num_splits = default_num_splits(B, Hkv, C, cfg["BLOCK_N"], q.device, waves, min_blocks)
+    num_splits = _check_splits(num_splits)
+    lens = n.contiguous()
+    return _launch_decode(q, k_ring, v_ring, lens, lens, pat, scale, num_splits, cfg,
+                          route_mode=_ROUTE_CONST["sa"], ring_c=C)
 
 
 def routed_prefill_dispatch(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: int, window: int, block: int,

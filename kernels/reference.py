@@ -14,6 +14,9 @@ p = kv_lens[b] - q_lens[b] + i:
   and with pattern="triangle" the rule is lifted (all k <= p) for queries p >= kv_lens[b] - n_last.
 
 Rows i >= q_lens[b] are padding and come out as zeros; so does any row with no allowed key.
+
+``routed_decode_ring_reference``: SA decode over an evicted (ring-buffer) cache; for every slot it
+recovers the real key index the slot holds, then applies the same streaming rule.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import math
 import torch
 
 from ._common import LEN_DTYPES, ROUTE_DTYPES, check_qkv, check_vec, resolve_pattern
+from .errors import KernelError
 
 
 def allowed_mask(route, kv_lens, q_lens, Tq: int, Tk: int, *, sink: int, window: int, block: int,
@@ -95,13 +99,74 @@ def routed_decode_reference(q, k_cache, v_cache, route, kv_lens, *, scale: float
     """One query per sequence at position kv_lens[b] - 1; SA sequences use the streaming rule."""
     B = q.shape[0]
     if q.dim() != 4 or q.shape[2] != 1:
-        from .errors import KernelError
         raise KernelError(f"q.shape={tuple(q.shape)}: decode expects (batch, heads, 1, head_dim)")
     q_lens = torch.ones(B, dtype=torch.int32, device=q.device)
     return routed_attention_reference(q, k_cache, v_cache, route, kv_lens, q_lens, scale=scale, sink=sink,
                                       window=window, block=block, block_exact=block_exact, pattern="streaming",
                                       n_last=0, softcap=softcap, native_window=native_window,
                                       compute_dtype=compute_dtype)
+
+
+def ring_keys(n, C: int, *, sink: int, window: int, block: int, block_exact: bool):
+    """For a ring-buffer cache of C slots holding real keys 0..n[b]-1 (see ``_common.ring_slot``):
+    (r, valid), both (B, C).  r[b, j] is the real index of the key in slot j (the latest index <= p
+    written there, p = n[b] - 1); valid[b, j] says the slot was written and the streaming rule lets
+    query p attend key r."""
+    pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact)
+    p = n.to(torch.int64)[:, None] - 1  # (B, 1)
+    j = torch.arange(C, device=n.device, dtype=torch.int64)[None, :]  # (1, C)
+    s0 = pat.sink_end
+    if pat.block_exact:
+        bs, wb = pat.block, pat.window_blocks
+        s = torch.div(torch.clamp(j - s0, min=0), bs, rounding_mode="floor")
+        first = s0 + s * bs + torch.remainder(torch.clamp(j - s0, min=0), bs)  # first key written to slot j
+        period = wb * bs
+    else:
+        first = j
+        period = pat.window
+    # the latest key first + m * period <= p (m >= 0) when p >= first
+    latest = first + period * torch.div(p - first, period, rounding_mode="floor")
+    in_sink = j < s0
+    r = torch.where(in_sink, j, latest)  # (B, C)
+    written = torch.where(in_sink, j <= p, p >= first)
+    if pat.block_exact:
+        rb = torch.div(r, pat.block, rounding_mode="floor")
+        rule = (rb < s0 // pat.block) | (rb > torch.div(p, pat.block, rounding_mode="floor") - pat.window_blocks)
+    else:
+        rule = (r < s0) | (p - r < pat.window)
+    return r, written & rule & (r <= p)
+
+
+def routed_decode_ring_reference(q, k_ring, v_ring, n, *, scale: float, sink: int, window: int, block: int,
+                                 block_exact: bool, softcap: float = 0.0, compute_dtype=None) -> torch.Tensor:
+    """SA decode (streaming rule) over a ring-buffer cache.  q (B, Hq, 1, D); k_ring/v_ring
+    (B, Hkv, sink + window, D) filled by ``_common.ring_slot``; n (B,) real keys written, the query's
+    own included (query at real position n[b] - 1).  Returns (B, Hq, 1, D); zeros where n[b] == 0."""
+    check_qkv(q, k_ring, v_ring, names=("q", "k_ring", "v_ring"), kernel=False)
+    B, Hq, Tq, D = q.shape
+    if Tq != 1:
+        raise KernelError(f"q.shape={tuple(q.shape)}: decode expects (batch, heads, 1, head_dim)")
+    check_vec(n, "n", B, q.device, LEN_DTYPES)
+    C = k_ring.shape[2]
+    pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact, softcap=softcap)
+    if C != pat.sink_end + pat.window:
+        raise KernelError(f"k_ring.shape[2]={C}: a ring of sink={sink} + window={window} has "
+                          f"{pat.sink_end + pat.window} slots")
+    _, valid = ring_keys(n, C, sink=sink, window=window, block=block, block_exact=block_exact)
+    cd = compute_dtype or q.dtype
+    group = Hq // k_ring.shape[1]
+    qc, kc, vc = q.to(cd), _expand_kv(k_ring.to(cd), group), _expand_kv(v_ring.to(cd), group)
+    s = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # (B, Hq, 1, C)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    sdt = torch.float64 if cd == torch.float64 else torch.float32
+    mask = valid[:, None, None, :]  # (B, 1, 1, C)
+    s = s.to(sdt).masked_fill(~mask, float("-inf"))
+    row_any = valid.any(-1)[:, None, None, None]
+    pr = torch.where(row_any, torch.softmax(s, dim=-1), torch.zeros((), dtype=sdt, device=s.device)).to(cd)
+    # invalid slots may hold anything (NaN included): zero them so that 0 * NaN never reaches the output
+    out = torch.matmul(pr, torch.where(mask[:, :, 0, :, None], vc, torch.zeros((), dtype=cd, device=vc.device)))
+    return out.to(q.dtype)
 
 
 def executed_pairs(route, kv_lens, q_lens, Tq: int, Tk: int, **pattern) -> int:

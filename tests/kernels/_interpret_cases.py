@@ -62,4 +62,22 @@ def cases() -> dict[str, dict]:
             c["poison"] = poison_range(c, BN=32)
             assert c["poison"][1] - c["poison"][0] >= 64, c["poison"]
             out[f"skip-{kind}-{'block' if be else 'token'}"] = c
+    # ring-buffer SA decode (evicted cache): n below the sinks, inside the first window, exactly full,
+    # wrapping several times, at block boundaries (p % block == 0 and == block - 1), n == 0
+    # (BLOCK_N=16 in some: several slot blocks per sequence, so the splits partition a real list)
+    ring = [  # name, dtype, D, group, Hkv, sink, window, block, block_exact, n, num_splits, softcap
+        ("fp32-g1-token", "fp32", 64, 1, 2, 5, 24, 8, False, [0, 3, 20, 29, 30, 130], 3, 0.0),
+        ("fp16-g4-token-nosink", "fp16", 64, 4, 2, 0, 24, 8, False, [1, 24, 25, 100], None, 0.0),
+        ("fp16-g8-token-softcap", "fp16", 64, 8, 1, 8, 16, 8, False, [7, 9, 24, 25, 77], 2, 3.0),
+        ("fp32-g4-block", "fp32", 64, 4, 1, 16, 24, 8, True, [5, 16, 17, 24, 41, 97, 104, 200], None, 0.0),
+        ("fp16-g1-block", "fp16", 64, 1, 2, 8, 16, 8, True, [1, 8, 9, 16, 17, 33, 40, 71, 72], 5, 0.0),
+        ("fp16-g8-block-nosink-d128", "fp16", 128, 8, 1, 0, 32, 16, True, [16, 17, 32, 33, 48, 100], 4, 0.0),
+    ]
+    for name, dtype, D, group, Hkv, sink, window, block, be, n, splits, softcap in ring:
+        seed += 1
+        out[f"ring-{name}"] = dict(kind="ring", seed=seed, dtype=dtype, D=D, group=group, Hkv=Hkv, sink=sink,
+                                   window=window, block=block, block_exact=be, n=n, num_splits=splits,
+                                   softcap=softcap)
+        if "g4" in name or "g1-block" in name:
+            out[f"ring-{name}"]["config"] = dict(BLOCK_N=16, num_warps=4, num_stages=1, SPLIT_WAVES=2)
     return out

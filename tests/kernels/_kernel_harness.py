@@ -245,3 +245,66 @@ def poison_range(case: dict, BN: int) -> tuple[int, int]:
     lo = -(-sink_end // BN) * BN
     hi = (w_lo // BN) * BN
     return lo, hi
+
+
+# ---------------------------------------------------------------------------------------------
+# ring-buffer SA decode (evicted cache)
+
+
+def _ring_from_dense(K, k, v, n: list[int], case: dict):
+    """The ring each sequence would hold after writing its real keys 0..n-1 in order, built from the
+    dense cache: sink keys, then the last `period` keys (each slot keeps the latest key written to
+    it; period = window, block-exact: window // block * block, the same).  Slots never written and
+    slots holding a key the query may not attend are poisoned with NaN: the kernel must not read them."""
+    common = submodule(K, "_common")
+    ref = submodule(K, "reference")
+    pk = dict(sink=case["sink"], window=case["window"], block=case["block"], block_exact=case["block_exact"])
+    C = common.ring_capacity(**pk)
+    B, Hkv, _, D = k.shape
+    kr = torch.full((B, Hkv, C, D), float("nan"), dtype=k.dtype, device=k.device)  # (B, Hkv, C, D)
+    vr = kr.clone()
+    sink_end, period = case["sink"], case["window"]
+    lens = torch.tensor(n, dtype=torch.int64, device=k.device)
+    allowed = ref.allowed_mask(torch.zeros(B, dtype=torch.bool, device=k.device), lens, torch.ones_like(lens), 1,
+                               max(max(n), 1), **pk)[:, 0]  # (B, Tk): the dense rule for the decode query
+    for b, nb in enumerate(n):
+        lo = max(sink_end, nb - period)
+        r = torch.cat([torch.arange(min(sink_end, nb)), torch.arange(lo, max(lo, nb))]).to(k.device)
+        slots = common.ring_slot(r, **pk)
+        assert slots.unique().numel() == slots.numel() and bool((slots < C).all()), (b, nb)
+        keep = allowed[b, r]
+        kr[b, :, slots[keep]] = k[b, :, r[keep]]
+        vr[b, :, slots[keep]] = v[b, :, r[keep]]
+    return kr, vr
+
+
+def run_ring_case(K, case: dict, device: str) -> dict:
+    """routed_decode_ring on a ring built from a dense cache, against the dense SA decode reference
+    (routed_decode_reference, route False, kv_lens = n) in float64; PyTorch's own error is the dense
+    reference in the low-precision dtype.  Also checks the ring reference against the dense one."""
+    attn = submodule(K, "attention")
+    ref = submodule(K, "reference")
+    g = torch.Generator(device="cpu").manual_seed(case["seed"])
+    n = case["n"]
+    B, Hkv, grp, D = len(n), case["Hkv"], case["group"], case["D"]
+    dt = DTYPES[case["dtype"]]
+    Tk = max(max(n), 1)
+    gd = torch.Generator(device=device).manual_seed(case["seed"]) if device != "cpu" else g
+    q = torch.randn(B, Hkv * grp, 1, D, generator=gd, device=device).to(dt)
+    k = torch.randn(B, Hkv, Tk, D, generator=gd, device=device).to(dt)
+    v = torch.randn(B, Hkv, Tk, D, generator=gd, device=device).to(dt)
+    lens = torch.tensor(n, dtype=torch.int32, device=device)
+    kw = dict(scale=D ** -0.5, sink=case["sink"], window=case["window"], block=case["block"],
+              block_exact=case["block_exact"], softcap=case.get("softcap", 0.0))
+    kr, vr = _ring_from_dense(K, k, v, n, case)
+    out = attn.routed_decode_ring(q, kr, vr, lens, num_splits=case.get("num_splits"), _config=case.get("config"),
+                                  **kw)
+    route = torch.zeros(B, dtype=torch.bool, device=device)
+    ref64 = ref.routed_decode_reference(q.double(), k.double(), v.double(), route, lens, **kw)
+    low = ref.routed_decode_reference(q, k, v, route, lens, **kw)
+    rep = error_report(out, ref64, low, q.dtype)
+    ring64 = ref.routed_decode_ring_reference(q.double(), kr.double(), vr.double(), lens, **kw)
+    rep["ring_ref_err"] = (ring64 - ref64).abs().max().item()
+    if not rep["ring_ref_err"] <= 1e-9:
+        rep["ok"] = False
+    return rep

@@ -160,3 +160,71 @@ def test_reference_block_exact_rule_matches_brief(K):
     ki = torch.arange(T)[None, :]
     want = (ki <= qi) & ((ki // 128 < 1) | (ki // 128 > qi // 128 - 2))
     assert torch.equal(m, want)
+
+
+# ----------------------------------------------------------------------------- ring-buffer decode
+
+
+@pytest.mark.parametrize("block_exact", [False, True])
+def test_ring_slot_layout(K, block_exact):
+    """ring_slot against the layout written out per key (the engine writes key r to this slot)."""
+    common = submodule(K, "_common")
+    sink, window, b = 16, 24, 8
+    r = torch.arange(300)
+    got = common.ring_slot(r, sink=sink, window=window, block=b, block_exact=block_exact)
+    want = []
+    for i in range(300):
+        if i < sink:
+            want.append(i)
+        elif block_exact:
+            want.append(sink + ((i // b - sink // b) % (window // b)) * b + i % b)
+        else:
+            want.append(sink + (i - sink) % window)
+    assert got.tolist() == want
+    assert common.ring_capacity(sink=sink, window=window, block=b, block_exact=block_exact) == sink + window
+
+
+@pytest.mark.parametrize("block_exact", [False, True])
+def test_ring_reference_matches_dense_reference(K, block_exact):
+    """The ring reference (plain PyTorch, no Triton) against the dense SA decode on the same keys,
+    for every n from 0 to several wraps of the ring."""
+    ref = submodule(K, "reference")
+    common = submodule(K, "_common")
+    torch.manual_seed(0)
+    sink, window, b, Tk = 8, 16, 4, 90
+    pk = dict(sink=sink, window=window, block=b, block_exact=block_exact)
+    n = torch.arange(Tk + 1, dtype=torch.int32)
+    B = n.shape[0]
+    q = torch.randn(B, 4, 1, 16, dtype=torch.float64)
+    k = torch.randn(1, 2, Tk, 16, dtype=torch.float64).expand(B, -1, -1, -1)
+    v = torch.randn(1, 2, Tk, 16, dtype=torch.float64).expand(B, -1, -1, -1)
+    C = common.ring_capacity(**pk)
+    kr = torch.full((B, 2, C, 16), float("nan"), dtype=torch.float64)
+    vr = kr.clone()
+    for bi in range(B):  # write keys 0..n-1 in order, as a decode loop would
+        for r in range(int(n[bi])):
+            s = int(common.ring_slot(torch.tensor(r), **pk))
+            kr[bi, :, s], vr[bi, :, s] = k[bi, :, r], v[bi, :, r]
+    dense = ref.routed_decode_reference(q, k, v, torch.zeros(B, dtype=torch.bool), n, scale=0.25, **pk)
+    ring = ref.routed_decode_ring_reference(q, kr, vr, n, scale=0.25, **pk)
+    assert not torch.isnan(ring).any()
+    assert (ring - dense).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(C=30), r"k_ring.shape=.*has 32 slots"),
+    (dict(sink=12), "multiples of block"),
+    (dict(n=torch.tensor([5, 6], dtype=torch.int32)), r"n.shape=\(2,\)"),
+    (dict(n=torch.tensor([5.0])), "n.dtype"),
+    (dict(num_splits=0), "num_splits=0"),
+])
+def test_ring_errors_name_argument(K, kw, match):
+    attn = submodule(K, "attention")
+    C = kw.pop("C", 32)
+    q = torch.randn(1, 4, 1, 64, dtype=torch.float16)
+    kr = torch.randn(1, 2, C, 64, dtype=torch.float16)
+    args = dict(scale=0.125, sink=16, window=16, block=8, block_exact=True)
+    n = kw.pop("n", torch.tensor([5], dtype=torch.int32))
+    args.update(kw)
+    with pytest.raises(K.KernelError, match=match):
+        attn.routed_decode_ring(q, kr, kr.clone(), n, **args)
