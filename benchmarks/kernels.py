@@ -5,14 +5,14 @@ heads, head dim 128), bf16, on one GPU, everything measured side by side in one 
 Prefill (B=1) at 8K/32K/64K/128K: SDPA flash, SDPA cuDNN, FlexAttention causal and with the SA mask
 (compiled), ours Triton FA/SA (route read from device memory), ours FlexAttention lowering
 (routed mask_mod), and the route fixed at compile time (routing cost).  Decode at (B, L) in
-(1,32K) (1,128K) (8,32K) (32,32K): SDPA flash/cuDNN full, ours FA/SA, ours flex lowering.  Plus a
-device copy bandwidth.  Medians of triton.testing.do_bench (decode also under CUDA-graph replay).
+(1,32K) (1,128K) (8,32K) (32,32K): SDPA flash/cuDNN full, ours FA/SA, ours SA over the evicted
+(ring-buffer) cache of sink + window slots, ours flex lowering.  Plus a device copy bandwidth.  Medians of triton.testing.do_bench (decode also under CUDA-graph replay).
 
 TFLOP/s count executed (allowed) query-key pairs: 4 * pairs * head_dim * query heads.  Decode GB/s
 count the K and V bytes the branch must read once.  SA pattern: sink 128, window 2048, 128-token
 blocks, block-exact (the method's released config).
 
-    python benchmarks/kernels.py --out results.json [--sweep] [--lengths 8192,32768]
+    python benchmarks/kernels.py --out results.json [--sweep] [--lengths 8192,32768] [--decode-only]
 """
 
 from __future__ import annotations
@@ -269,6 +269,16 @@ def decode_section(rec, K, B, L, args):
         q, k, v, fa_route, lens, **kw), route="device"))
     guarded(rec, f"ours sa decode {B},{L}", lambda: row("ours_triton", "sa_block", sa_bytes, lambda: attn.routed_decode(
         q, k, v, sa_route, lens, **kw), route="device"))
+    # SA over the evicted cache: a ring of sink + window slots per sequence (full: n = L)
+    ring_c = SINK + WINDOW
+    ring_bytes = B * HKV * ring_c * D * 2 * 2
+
+    def ring_row():
+        kr = torch.randn(B, HKV, ring_c, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        vr = torch.randn(B, HKV, ring_c, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        row("ours_triton", "sa_ring", ring_bytes, lambda: attn.routed_decode_ring(q, kr, vr, lens, **kw),
+            route="ring", slots=ring_c)
+    guarded(rec, f"ours sa ring decode {B},{L}", ring_row)
     if (B, L) in args.route_cost_decode:
         guarded(rec, f"ours fa const {B},{L}", lambda: row("ours_triton", "full", fa_bytes, lambda: attn.routed_decode(
             q, k, v, fa_route, lens, _route_const="fa", **kw), route="constexpr"))
@@ -284,6 +294,32 @@ def decode_section(rec, K, B, L, args):
                 row("ours_flex", mask, nb, lambda: flex.routed_decode_flex(q, k, v, route, lens, block_mask=bm, **kw),
                     route="device")
             guarded(rec, f"ours_flex decode {mask} {B},{L}", go)
+
+
+def ring_sweep(rec, K, args):
+    """Launch configurations of the ring decode (CUDA-graph medians) at the decode shapes."""
+    attn = importlib.import_module(K.__name__ + ".attention")
+    C = SINK + WINDOW
+    for spec in [s for s in args.decode.split(",") if s]:
+        B, L = (int(x) for x in spec.split("x"))
+        q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+        kr = torch.randn(B, HKV, C, D, device="cuda", dtype=torch.bfloat16)
+        vr = torch.randn(B, HKV, C, D, device="cuda", dtype=torch.bfloat16)
+        n = torch.full((B,), L, dtype=torch.int32, device="cuda")
+        nbytes = B * HKV * C * D * 4
+        for bn, w, st, waves, mb in args.ring_cfgs:
+            cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=st, SPLIT_WAVES=waves, RING_MIN_BLOCKS=mb)
+            for splits in (None, 1, 2, 4, 9, 17, 34):  # None: the automatic choice
+
+                def go():
+                    fn = lambda: attn.routed_decode_ring(q, kr, vr, n, scale=D ** -0.5, _config=cfg,  # noqa: E731
+                                                         num_splits=splits, **SA)
+                    msg = bench(fn, graph=True, rep=30)
+                    s = splits or attn.ring_num_splits(B, HKV, C, q.device, cfg)
+                    rec.add(kind="sweep_ring", B=B, L=L, cfg=f"bn{bn}w{w}s{st}waves{waves}mb{mb}splits{s}"
+                            + ("auto" if splits is None else ""), ms_graph=msg, ms=msg,
+                            gbps=nbytes / (msg * 1e-3) / 1e9)
+                guarded(rec, f"ring sweep {cfg} splits {splits}", go)
 
 
 def sweep(rec, K, args):
@@ -363,14 +399,15 @@ def evaluate(rec, copy_gbps):
                 add(f"FA decode B={B} 32K bandwidth / copy bandwidth (CUDA graph)", fa["gbps_graph"] / copy_gbps,
                     ">= 0.85", fa["gbps_graph"] / copy_gbps >= 0.85)
     for B, L in ((1, 32768), (1, 131072), (8, 32768), (32, 32768)):
-        sa = rec.get(kind="decode", B=B, L=L, impl="ours_triton", mask="sa_block", route="device")
-        if sa:
-            ideal = sa["bytes"] / (copy_gbps * 1e9) * 1e3
-            add(f"SA decode B={B} {L // 1024}K time / (sink+window bytes at copy bw) (do_bench)", sa["ms"] / ideal,
-                "<= 1.2", sa["ms"] / ideal <= 1.2)
-            if sa.get("ms_graph"):
-                add(f"SA decode B={B} {L // 1024}K time / ideal (CUDA graph)", sa["ms_graph"] / ideal, "<= 1.2",
-                    sa["ms_graph"] / ideal <= 1.2)
+        for mask, route, what in (("sa_block", "device", "SA decode"), ("sa_ring", "ring", "SA ring decode")):
+            sa = rec.get(kind="decode", B=B, L=L, impl="ours_triton", mask=mask, route=route)
+            if sa:
+                ideal = sa["bytes"] / (copy_gbps * 1e9) * 1e3
+                add(f"{what} B={B} {L // 1024}K time / (sink+window bytes at copy bw) (do_bench)", sa["ms"] / ideal,
+                    "<= 1.2", sa["ms"] / ideal <= 1.2)
+                if sa.get("ms_graph"):
+                    add(f"{what} B={B} {L // 1024}K time / ideal (CUDA graph)", sa["ms_graph"] / ideal, "<= 1.2",
+                        sa["ms_graph"] / ideal <= 1.2)
     for kind, sel in (("prefill", dict(L=32768, B=1)), ("decode", dict(B=8, L=32768))):
         for mask in (("causal", "sa_block") if kind == "prefill" else ("full", "sa_block")):
             dev = rec.get(kind=kind, impl="ours_triton", mask=mask, route="device", **sel)
@@ -396,7 +433,12 @@ def main():
     ap.add_argument("--flex-decode", default="1x32768,8x32768")
     ap.add_argument("--skip-flex", action="store_true")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
+    ap.add_argument("--decode-only", action="store_true", help="copy bandwidth + the decode section only")
+    ap.add_argument("--ring-sweep", action="store_true", help="also sweep the ring decode's launch configurations")
     args = ap.parse_args()
+    if args.decode_only:
+        args.lengths = ""
+    args.ring_cfgs = [(64, 4, 2, 4, 1), (64, 4, 3, 4, 1), (64, 8, 3, 4, 1)]
     args.route_cost_lengths = {32768}
     args.route_cost_decode = {(8, 32768)}
 
@@ -421,6 +463,8 @@ def main():
     rec.meta["copy_gbps"] = copy_gbps
     if args.sweep or args.sweep_only:
         sweep(rec, K, args)
+    if args.ring_sweep:
+        ring_sweep(rec, K, args)
     if not args.sweep_only:
         for L in [int(x) for x in args.lengths.split(",") if x]:
             prefill_section(rec, K, L, args)

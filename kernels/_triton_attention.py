@@ -13,7 +13,8 @@ Three kernels:
   query heads of its GQA group as the rows of one tile; the splits partition the list of key blocks
   the sequence's branch visits (all causal blocks for FA, sink + window blocks for SA).  RING mode:
   the cache is an SA layer's ring buffer (sink + window slots) and the splits partition its slots.
-* ``_combine_kernel``: merges the splits' partial outputs with their log-sum-exps.
+* ``_combine_kernel``: merges the splits' partial outputs with their log-sum-exps (not launched
+  with a single split: the decode kernel then writes the output itself).
 
 Scores are kept in the log2 domain (scale pre-multiplied by log2(e), exp2).
 """
@@ -270,17 +271,18 @@ def _ring_valid(j_idx, c_fill, sink_end, po, sc, BLOCK_EXACT: tl.constexpr, SA_B
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, OP, LSEP, ROUTE, KV_LENS,
+def _decode_kernel(Q, K, V, OP, LSEP, OUT, ROUTE, KV_LENS,
                    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                   HQ, HKV, GROUP, num_splits,
+                   stride_ob, stride_oh, HQ, HKV, GROUP, num_splits,
                    qk_scale, softcap_in, softcap_out, sink_end, window, wblk, nw, ring_c,
                    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    ROUTE_MODE: tl.constexpr, BLOCK_EXACT: tl.constexpr, SA_BLOCK: tl.constexpr,
                    HAS_NW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-                   RING: tl.constexpr):
+                   RING: tl.constexpr, DIRECT: tl.constexpr):
     """RING=False: K/V are (B, HKV, T, D) caches of real keys 0..kv_len-1, FA or SA per the route.
     RING=True: K/V are SA ring buffers of ring_c = sink + window slots (layout: _common.ring_slot),
-    KV_LENS holds n (real keys written, the query's own included); the splits partition the slots."""
+    KV_LENS holds n (real keys written, the query's own included); the splits partition the slots.
+    DIRECT (num_splits == 1): write the normalised output to OUT, no partials and no combine."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -373,11 +375,15 @@ def _decode_kernel(Q, K, V, OP, LSEP, ROUTE, KV_LENS,
 
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), NEG_INF)
-    # partial layout: (B, HQ, num_splits, HEAD_DIM) and (B, HQ, num_splits), contiguous
-    row = (b * HQ + heads).to(tl.int64) * num_splits + pid_s
-    tl.store(OP + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_ok[:, None])
-    tl.store(LSEP + row, lse, mask=g_ok)
+    if DIRECT:
+        o_ptrs = OUT + b.to(tl.int64) * stride_ob + heads[:, None].to(tl.int64) * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=g_ok[:, None])
+    else:
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), NEG_INF)
+        # partial layout: (B, HQ, num_splits, HEAD_DIM) and (B, HQ, num_splits), contiguous
+        row = (b * HQ + heads).to(tl.int64) * num_splits + pid_s
+        tl.store(OP + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_ok[:, None])
+        tl.store(LSEP + row, lse, mask=g_ok)
 
 
 @triton.jit

@@ -35,7 +35,7 @@ from ._common import (
 from .errors import KernelError
 
 __all__ = ["routed_prefill", "routed_prefill_varlen", "routed_decode", "routed_decode_ring", "ring_capacity",
-           "ring_slot", "routed_prefill_dispatch", "prefill_config", "decode_config"]
+           "ring_slot", "routed_prefill_dispatch", "prefill_config", "decode_config", "ring_decode_config"]
 
 _ROUTE_CONST = {None: 0, "fa": 1, "sa": 2}
 
@@ -121,6 +121,28 @@ def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> di
     if dtype == torch.float32:
         return dict(BLOCK_N=32, num_warps=4, num_stages=2, SPLIT_WAVES=4)
     return dict(BLOCK_N=64, num_warps=4, num_stages=4, SPLIT_WAVES=4)
+
+
+def ring_decode_config(head_dim: int, dtype: torch.dtype, device: torch.device, programs: int = 1) -> dict:
+    """Launch configuration of ``routed_decode_ring`` for ``programs`` = batch * kv heads (H100 sweep,
+    benchmarks/kernels.py --ring-sweep, 32 query / 8 kv heads, d128, 2176 slots): one 64-slot block
+    per split is enough (the ring is only 34 blocks); no split at all (one launch, no combine) once the
+    (batch, kv head) programs alone about fill the SMs; 3 stages, 2 with more than 3 programs per SM.
+    B=1 / 8 / 16 / 32 / 64: 7.6 / 31 / 52 / 98 / 191 us under CUDA graphs (ideal 3.0 / 24 / 48 / 95 / 190)."""
+    if device.type != "cuda":
+        return dict(BLOCK_N=32, num_warps=4, num_stages=1, SPLIT_WAVES=2, RING_MIN_BLOCKS=1, NOSPLIT_PER_SM=1.5)
+    if dtype == torch.float32:
+        return dict(BLOCK_N=32, num_warps=4, num_stages=2, SPLIT_WAVES=4, RING_MIN_BLOCKS=1, NOSPLIT_PER_SM=0.9)
+    stages = 2 if programs >= 3 * _num_sms(device) else 3
+    return dict(BLOCK_N=64, num_warps=4, num_stages=stages, SPLIT_WAVES=4, RING_MIN_BLOCKS=1, NOSPLIT_PER_SM=0.9)
+
+
+def ring_num_splits(B: int, Hkv: int, C: int, device: torch.device, cfg: dict) -> int:
+    """Slot splits for the ring decode from shapes only (never from n)."""
+    if B * Hkv >= cfg.get("NOSPLIT_PER_SM", 0.9) * _num_sms(device):
+        return 1
+    return default_num_splits(B, Hkv, C, cfg["BLOCK_N"], device, cfg.get("SPLIT_WAVES", 4),
+                              cfg.get("RING_MIN_BLOCKS", 1))
 
 
 def _pattern_args(pat: Pattern, scale: float) -> dict:
@@ -278,7 +300,8 @@ def _check_splits(num_splits) -> int:
 
 def _launch_decode(q, k, v, route_arg, lens, pat: Pattern, scale: float, num_splits: int, cfg: dict, *,
                    route_mode: int, ring_c: int) -> torch.Tensor:
-    """Split kernel + combine kernel; allocations depend on shapes only (CUDA-graph safe)."""
+    """Split kernel + combine kernel (one launch when num_splits == 1); allocations depend on shapes
+    only (CUDA-graph safe)."""
     B, Hq, _, D = q.shape
     Hkv = k.shape[1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (B, Hq, 1, D)
@@ -287,17 +310,23 @@ def _launch_decode(q, k, v, route_arg, lens, pat: Pattern, scale: float, num_spl
     BN = cfg.pop("BLOCK_N")
     group = Hq // Hkv
     block_g = max(16, 1 << (group - 1).bit_length())
-    part_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)  # (B, Hq, S, D)
-    part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)  # (B, Hq, S)
+    direct = num_splits == 1
+    if direct:
+        part_o = part_lse = out  # unused
+    else:
+        part_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)  # (B, Hq, S, D)
+        part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)  # (B, Hq, S)
     tk = _kernels()
     tk._decode_kernel[(num_splits, B * Hkv)](
-        q, k, v, part_o, part_lse, route_arg, lens,
+        q, k, v, part_o, part_lse, out, route_arg, lens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
         Hq, Hkv, group, num_splits, **_pattern_args(pat, scale), ring_c=ring_c,
         HEAD_DIM=D, BLOCK_G=block_g, BLOCK_N=BN, ROUTE_MODE=route_mode,
         BLOCK_EXACT=pat.block_exact, SA_BLOCK=pat.block, HAS_NW=pat.native_window > 0,
-        HAS_SOFTCAP=pat.softcap > 0, DOT_PREC=_dot_prec(q.dtype), RING=ring_c > 0, **cfg)
+        HAS_SOFTCAP=pat.softcap > 0, DOT_PREC=_dot_prec(q.dtype), RING=ring_c > 0, DIRECT=direct, **cfg)
+    if direct:
+        return out
     block_s = max(16, 1 << (num_splits - 1).bit_length())
     tk._combine_kernel[(B * Hq,)](part_o, part_lse, out, Hq, num_splits, out.stride(0), out.stride(1),
                                   HEAD_DIM=D, BLOCK_S=block_s, num_warps=4 if block_s <= 64 else 8)
@@ -324,7 +353,6 @@ def routed_decode(q, k_cache, v_cache, route, kv_lens, *, scale: float, sink: in
     _check_device(q)
     cfg = dict(_config or decode_config(D, q.dtype, q.device))
     waves = cfg.pop("SPLIT_WAVES", 4)
-    cfg.pop("RING_MIN_BLOCKS", None)
     if num_splits is None:
         num_splits = default_num_splits(B, Hkv, Tk, cfg["BLOCK_N"], q.device, waves)
     num_splits = _check_splits(num_splits)
@@ -365,12 +393,12 @@ def routed_decode_ring(q, k_ring, v_ring, n, *, scale: float, sink: int, window:
     if num_splits is not None:
         _check_splits(num_splits)
     _check_device(q)
-    cfg = dict(_config or decode_config(D, q.dtype, q.device))
-    waves = cfg.pop("SPLIT_WAVES", 4)
-    min_blocks = cfg.pop("RING_MIN_BLOCKS", 4)
+    cfg = dict(_config or ring_decode_config(D, q.dtype, q.device, B * Hkv))
     if num_splits is None:
-        num_splits = default_num_splits(B, Hkv, C, cfg["BLOCK_N"], q.device, waves, min_blocks)
+        num_splits = ring_num_splits(B, Hkv, C, q.device, cfg)
     num_splits = _check_splits(num_splits)
+    for key in ("SPLIT_WAVES", "RING_MIN_BLOCKS", "NOSPLIT_PER_SM"):
+        cfg.pop(key, None)
     lens = n.contiguous()
     return _launch_decode(q, k_ring, v_ring, lens, lens, pat, scale, num_splits, cfg,
                           route_mode=_ROUTE_CONST["sa"], ring_c=C)

@@ -22,6 +22,7 @@ from _kernel_harness import (  # noqa: E402
     random_prefill_case,
     run_decode_case,
     run_prefill_case,
+    run_ring_case,
     run_skip_case,
     run_varlen_case,
     submodule,
@@ -30,7 +31,7 @@ from _kernel_harness import (  # noqa: E402
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-RUN = {"prefill": run_prefill_case, "decode": run_decode_case, "varlen": run_varlen_case}
+RUN = {"prefill": run_prefill_case, "decode": run_decode_case, "varlen": run_varlen_case, "ring": run_ring_case}
 
 
 def gpu_cases() -> dict[str, dict]:
@@ -82,6 +83,22 @@ def gpu_cases() -> dict[str, dict]:
                      pattern="streaming", num_splits=16)
             c["poison"] = poison_range(c, BN=128)
             out[f"skip-{kind}-{'block' if be else 'token'}"] = c
+    # ring-buffer SA decode at the released pattern (sink 128, window 2048, block 128): n below the
+    # sinks, inside the first window, one past the ring, at block boundaries (p % 128 == 0 / 127),
+    # up to 200K keys (the dense reference reads all of them)
+    ring = [  # dtype, D, group, Hkv, block_exact, n, num_splits, softcap
+        ("bf16", 128, 4, 2, True, [1, 60, 128, 129, 2176, 2177, 2304, 128 * 50 + 1, 128 * 50], None, 0.0),
+        ("bf16", 128, 8, 1, True, [200_000, 128 * 1000 + 1, 128 * 1000, 3000], None, 0.0),
+        ("bf16", 128, 8, 1, False, [200_000, 128 * 1000 + 1, 50, 2177, 131_072], None, 0.0),
+        ("bf16", 64, 1, 4, True, [129, 4000, 128 * 40, 128 * 40 + 1, 70_001], 7, 0.0),
+        ("fp16", 128, 4, 2, False, [5, 2176, 9_999, 40_000], 1, 30.0),
+        ("bf16", 128, 4, 8, True, [32_768] * 3 + [32_769], None, 0.0),
+    ]
+    for dtype, D, group, Hkv, be, n, splits, softcap in ring:
+        seed += 1
+        out[f"ring-{dtype}-d{D}-g{group}-{'block' if be else 'token'}-n{max(n)}-s{splits}"] = dict(
+            kind="ring", seed=seed, dtype=dtype, D=D, group=group, Hkv=Hkv, sink=128, window=2048, block=128,
+            block_exact=be, n=n, num_splits=splits, softcap=softcap)
     return out
 
 
@@ -228,3 +245,67 @@ def test_prefill_dispatch(K, routes):
     r = ref.routed_attention_reference(q.double(), k.double(), v.double(), route, lens, lens, **kw)
     low = ref.routed_attention_reference(q, k, v, route, lens, lens, **kw)
     assert (out.double() - r).abs().max().item() <= 2 * (low.double() - r).abs().max().item() + 1e-4
+
+
+@pytest.mark.parametrize("block_exact", [False, True])
+def test_cuda_graph_ring_decode_steps(K, block_exact):
+    """Capture routed_decode_ring once, then run decode steps by writing the new key into its ring slot
+    and bumping n in place (across a block boundary and past the ring's wrap); each replay must match
+    the dense SA reference over all keys so far.  Also: no recompilation as n changes."""
+    attn = submodule(K, "attention")
+    ref = submodule(K, "reference")
+    tk = attn._kernels()
+    torch.manual_seed(11)
+    B, Hkv, Hq, D, steps = 3, 2, 8, 128, 4
+    pk = dict(sink=128, window=2048, block=128, block_exact=block_exact)
+    n0 = [128 * 40 - 2, 2175, 126]  # crosses p % 128 == 0, fills the ring then wraps, ends below the sinks
+    Tk = max(n0) + steps
+    k = torch.randn(B, Hkv, Tk, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, Hkv, Tk, D, device="cuda", dtype=torch.bfloat16)
+    qs = torch.randn(steps + 1, B, Hq, 1, D, device="cuda", dtype=torch.bfloat16)
+    C = attn.ring_capacity(**pk)
+    kr = torch.zeros(B, Hkv, C, D, device="cuda", dtype=torch.bfloat16)
+    vr = torch.zeros_like(kr)
+    for b, nb in enumerate(n0):  # the keys written so far, in order (later writes win)
+        r = torch.arange(nb, device="cuda")
+        for lo, hi in [(0, 128)] + [(x, x + 2048) for x in range(128, nb, 2048)]:  # distinct slots per write
+            rr = r[lo:hi]
+            slots = attn.ring_slot(rr, **pk)
+            kr[b, :, slots] = k[b, :, rr]
+            vr[b, :, slots] = v[b, :, rr]
+    n = torch.tensor(n0, dtype=torch.int32, device="cuda")
+    q = qs[0].clone()
+
+    def step():
+        return attn.routed_decode_ring(q, kr, vr, n, scale=D ** -0.5, **pk)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    n_compiled = _n_compiled(tk._decode_kernel)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step()
+    route = torch.zeros(B, dtype=torch.bool, device="cuda")
+    for t in range(steps + 1):
+        if t:
+            r = n.long()  # the new token's real index
+            slots = attn.ring_slot(r, **pk)
+            bi = torch.arange(B, device="cuda")
+            kr[bi, :, slots] = k[bi, :, r]
+            vr[bi, :, slots] = v[bi, :, r]
+            n += 1
+            q.copy_(qs[t])
+        g.replay()
+        torch.cuda.synchronize()
+        want = ref.routed_decode_reference(q.double(), k.double(), v.double(), route, n, scale=D ** -0.5, **pk)
+        low = ref.routed_decode_reference(q, k, v, route, n, scale=D ** -0.5, **pk)
+        err = (out.double() - want).abs().max().item()
+        tol = 2 * (low.double() - want).abs().max().item() + 1e-4
+        assert err <= tol, (t, err, tol)
+        eager = step()
+        assert (eager.double() - want).abs().max().item() <= tol
+    assert _n_compiled(tk._decode_kernel) == n_compiled
