@@ -26,8 +26,18 @@ from fluxc.passes import RouteState, SiteInfo
 
 __version__ = "0.1.0"
 
+_LAZY = {"DecodeEngine": "fluxc.engine", "FluxCache": "fluxc.engine", "SamplingConfig": "fluxc.engine"}
+
+
+def __getattr__(name: str):  # the engine imports transformers: loaded on first use, not by `import fluxc`
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fluxc' has no attribute {name!r}")
+
 __all__ = [
-    "CheckpointError", "CheckpointMismatchError", "ConfigError", "CorruptCheckpointError", "Fingerprint",
+    "CheckpointError", "CheckpointMismatchError", "DecodeEngine", "FluxCache", "SamplingConfig", "ConfigError", "CorruptCheckpointError", "Fingerprint",
     "FluxConfig", "FluxError", "FluxModule", "ImplementationError", "NoAttentionError", "NotTracedError",
     "RouteError", "RouteState", "SiteInfo", "compile", "generate", "last_route", "read_checkpoint",
     "save_routers", "sites",

@@ -1,26 +1,63 @@
-"""Plain greedy generation with an HF-style cache (the decode engine of issue 4 builds on this)."""
+"""`fluxc.generate`: the decode engine for fluxc-compiled models, a plain DynamicCache loop otherwise."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from fluxc.errors import ConfigError
 
+log = logging.getLogger("fluxc")
 
-@torch.no_grad()
+
 def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
-             eos_token_id: int | None = None) -> torch.Tensor:
-    """Greedy decoding: prefill once (routes decided there), then one token per step reusing the cache.
+             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_token_id: int | None = None, engine: bool | None = None, cuda_graphs: bool | str = "auto") -> torch.Tensor:
+    """(B, T + new) token ids, greedy or sampled (temperature / top-k / top-p); left-padded batches.
 
-    `model` is called like an HF causal LM (input_ids, attention_mask, position_ids, past_key_values).
-    Returns (B, T + new) token ids.
+    A `fluxc.compile` model runs on its `DecodeEngine` (routes fixed at prefill, SA layers evicted to sink +
+    window, one CUDA graph per routing mask); `engine=False` (or any other HF-style model) runs a plain loop
+    with HF's DynamicCache, keeping every key (SA without eviction).
     """
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    from fluxc.api import FluxModule
+
+    if engine and not isinstance(model, FluxModule):
+        raise ConfigError(f"engine=True needs a fluxc.compile(...) model, got {type(model).__name__}")
+    if max_new_tokens == 0:
+        return input_ids
+    if isinstance(model, FluxModule) and engine is not False:
+        from fluxc.engine import DecodeEngine
+
+        decode = getattr(model, "_fluxc_engine", None)
+        if decode is None or decode.cuda_graphs != cuda_graphs:
+            try:
+                decode = DecodeEngine(model, cuda_graphs=cuda_graphs)
+            except ConfigError as exc:
+                if engine:
+                    raise
+                log.info("fluxc.generate: the DynamicCache loop runs instead of the decode engine: %s", exc)
+                decode = None
+            object.__setattr__(model, "_fluxc_engine", decode)  # not a submodule: keep it out of state_dict
+        if decode is not None:
+            return decode.generate(input_ids, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id)
+    return _generate_dynamic(model, input_ids, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
+                             temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id)
+
+
+@torch.no_grad()
+def _generate_dynamic(model: Any, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None,
+                      do_sample: bool, temperature: float, top_k: int, top_p: float,
+                      eos_token_id: int | None) -> torch.Tensor:
     from transformers import DynamicCache
 
+    from fluxc.engine import SamplingConfig, select_tokens
+
+    sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
     ids = input_ids
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask
     cache = DynamicCache()
@@ -31,7 +68,7 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int, *, attent
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True)
         cache = out.past_key_values
-        next_ids = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
+        next_ids = select_tokens(out.logits[:, -1], sampling)  # (B, 1)
         if eos_token_id is not None:
             next_ids = torch.where(done[:, None], torch.full_like(next_ids, eos_token_id), next_ids)
             done = done | (next_ids[:, 0] == eos_token_id)

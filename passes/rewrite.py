@@ -166,6 +166,17 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
     counters["sites_found"] += len(matches)
     if not matches:
         return PassResult([], True)
+    cache_writes = _cache_writes(graph)
+    if cache_writes and all(m.k in cache_writes for m in matches):
+        # A decode step over the engine's compacted cache: routes were fixed at prefill and travel with the
+        # cache writes, so there is nothing to route or check here (and the site's own mask is not used).
+        for match, write in zip(matches, [cache_writes.pop(m.k) for m in matches]):
+            _rewrite_cache_site(graph, match, write, options.config)
+            counters["sites_rewritten"] += 1
+            counters["rewrite_cache_decode"] += 1
+        graph.lint()
+        gm.recompile()
+        return PassResult(infos, False)
     use_routers = options.route is None
     check_route(options.route, infos, use_routers)
     if use_routers:
@@ -245,9 +256,35 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
         counters[f"rewrite_{match.kind}"] += 1
         if use_routers:
             counters["routers_inserted"] += 1
+    if cache_writes:
+        layers = sorted({int(w.args[5]) for w in cache_writes.values()})
+        raise RouteError(f"{len(cache_writes)} fluxc cache writes (layouts {layers}) feed no attention site the pass "
+                         f"could route; the decode engine needs every attention site of the model routed")
     graph.lint()
     gm.recompile()
     return PassResult(infos, prefill)
+
+
+def _cache_writes(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
+    """Key store -> its `fluxc::cache_write` node (the decode engine's compacted cache)."""
+    return {node.args[0]: node for node in graph.nodes
+            if node.op == "call_function"
+            and node.target in (torch.ops.fluxc.cache_write, torch.ops.fluxc.cache_write.default)}
+
+
+def _rewrite_cache_site(graph: fx.Graph, match: SiteMatch, write: fx.Node, cfg: FluxConfig) -> None:
+    """A decode site over the engine's compacted cache: one `cache_attention` on the layout fixed at prefill
+    (no positions, no router, no branch: the routes are baked into the layout and the stored route)."""
+    k_store, v_store, _k_new, _v_new, lengths, layout, sink, window, block, block_exact, route = write.args
+    if match.v is not v_store or match.layout != "bhtd" or match.kind not in ("sdpa", "eager"):
+        raise RouteError(f"attention site {match.anchor.name} ({match.kind}) reads the fluxc cache in a form the "
+                         f"decode engine does not support; use fluxc.generate(..., engine=False)")
+    with graph.inserting_before(match.anchor):
+        out = graph.call_function(torch.ops.fluxc.cache_attention.default, (
+            match.q, k_store, v_store, lengths, route, layout, match.scale, match.softcap, match.math,
+            match.softmax_fp32, sink, window, block, block_exact, cfg.impl))
+    match.anchor.replace_all_uses_with(out)
+    _erase_dead_site(graph, match.anchor)
 
 
 def _rewrite_flex(graph: fx.Graph, gm: fx.GraphModule, options: PassOptions, layer: int, match: SiteMatch,

@@ -1,11 +1,12 @@
 """fluxc's custom ops and their plain-PyTorch references (the layer between passes and kernels)."""
 
 from fluxc.ops.attention import routed_attention, routed_attention_reference
+from fluxc.ops.cache import cache_attention, cache_write
 from fluxc.ops.masks import allowed_mask, mask_positions, sparse_allowed
 from fluxc.ops.positions import flux_positions
 from fluxc.ops.router import LayerRouter, pool_queries, record_route, router_logits
 
 __all__ = [
-    "LayerRouter", "allowed_mask", "flux_positions", "mask_positions", "pool_queries", "record_route",
+    "LayerRouter", "allowed_mask", "cache_attention", "cache_write", "flux_positions", "mask_positions", "pool_queries", "record_route",
     "routed_attention", "routed_attention_reference", "router_logits", "sparse_allowed",
 ]

@@ -59,3 +59,29 @@ def run_kernel(impl: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | N
         return routed_decode(q, k, v, route, kv_lens, **common)
     q_lens = torch.full((batch,), q_len, dtype=torch.int32, device=q.device)
     return routed_prefill(q, k, v, route, kv_lens, q_lens, pattern=pattern, n_last=n_last, **common)
+
+
+def run_cache_kernel(impl: str, q: Tensor, k_store: Tensor, v_store: Tensor, lengths: Tensor, route: Tensor, *,
+                     layout: int, scale: float, softcap: float, sink: int, window: int, block: int,
+                     block_exact: bool, explicit: bool) -> Tensor | None:
+    """Decode over the engine's compacted cache with the Triton kernels, or None after logging why not."""
+    from fluxc.ops.cache import RING
+
+    why = unsupported_reason(q[:, :, :1], k_store, None, False)
+    if why is None and impl == "flex":
+        why = "the FlexAttention lowering has no compacted-cache decode"
+    if why is not None:
+        if explicit:
+            raise ImplementationError(f"impl={impl!r} cannot run this decode step: {why}; use impl='auto' "
+                                      f"(falls back to the reference, logged) or impl='reference'")
+        log.info("fluxc: cache attention runs the reference implementation: %s", why)
+        return None
+    kv_lens = lengths.to(torch.int32)
+    common = dict(scale=scale, sink=sink, window=window, block=block, block_exact=block_exact, softcap=softcap)
+    if layout == RING:
+        from fluxc.kernels.attention import routed_decode_ring
+
+        return routed_decode_ring(q, k_store, v_store, kv_lens, **common)
+    from fluxc.kernels.attention import routed_decode
+
+    return routed_decode(q, k_store, v_store, route, kv_lens, **common)

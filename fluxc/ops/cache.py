@@ -1,0 +1,139 @@
+"""KV-cache ops of the decode engine: `fluxc::cache_write` and `fluxc::cache_attention`.
+
+After prefill the engine compacts each layer's cache (padding dropped, keys stored by *real* index r):
+- DENSE: slot r holds key r; the layer keeps every key (FA, or a batch mixing FA and SA sequences).
+- RING: only the sink and the window are kept (the layer is SA for every sequence). With b the block
+  size (1 when token-exact), sb = sink // b and wb = window // b blocks: r < sb*b -> slot r; else slot
+  sb*b + ((r // b - sb) % wb) * b + r % b. A new block overwrites the block that just left the window.
+
+`lengths` (B,) counts each sequence's real keys, the current query's own key included, so the query's
+real position is lengths - 1. The decode graph's attention reads only `lengths` and the layout: no mask,
+no router, no branch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fluxc.ops.attention import routed_attention_reference
+
+DENSE, RING, MIXED = 0, 1, 2  # layouts: all sequences FA | all SA (evicted) | per-sequence route, dense
+LAYOUT_NAMES = {DENSE: "full", RING: "sparse-ring", MIXED: "mixed"}
+
+
+def ring_blocks(sink: int, window: int, block: int, block_exact: bool) -> tuple[int, int, int]:
+    """(b, sb, wb): block size and sink/window in blocks of the ring layout (b = 1 when token-exact)."""
+    b = block if block_exact else 1
+    return b, sink // b, window // b
+
+
+def ring_capacity(sink: int, window: int, block: int, block_exact: bool) -> int:
+    """Slots of a ring layer: the sink plus the window, in whole blocks when block-exact."""
+    b, sb, wb = ring_blocks(sink, window, block, block_exact)
+    return (sb + wb) * b
+
+
+def ring_supported(sink: int, window: int, block: int, block_exact: bool) -> str | None:
+    """Why a ring cannot hold exactly the SA keys, or None when it can."""
+    if block_exact and (sink % block or window % block):
+        return f"block-exact ring needs sink ({sink}) and window ({window}) to be multiples of block ({block})"
+    if window < (block if block_exact else 1):
+        return f"window={window} is shorter than one block"
+    return None
+
+
+def ring_slot(r: Tensor, sink: int, window: int, block: int, block_exact: bool) -> Tensor:
+    """Slot of real key index r (any shape, int64) in a ring layer."""
+    b, sb, wb = ring_blocks(sink, window, block, block_exact)
+    win = sb * b + torch.remainder(torch.div(r, b, rounding_mode="floor") - sb, wb) * b + torch.remainder(r, b)
+    return torch.where(r < sb * b, r, win)
+
+
+def ring_keys(n: Tensor, sink: int, window: int, block: int, block_exact: bool) -> tuple[Tensor, Tensor]:
+    """(r (B, C) int64, valid (B, C) bool): the real key index each slot holds when n[b] keys were written,
+    and whether the query at position n - 1 may attend it (the SA rule of `sparse_allowed`)."""
+    b, sb, wb = ring_blocks(sink, window, block, block_exact)
+    cap = (sb + wb) * b
+    j = torch.arange(cap, device=n.device)[None, :]  # (1, C)
+    p = (n.to(torch.int64) - 1)[:, None]  # (B, 1) query position
+    qb = torch.div(p, b, rounding_mode="floor")  # (B, 1) query block
+    s = torch.div(j - sb * b, b, rounding_mode="floor")  # window block slot of j
+    cur = torch.remainder(qb - sb, wb)  # (B, 1) slot of the query's block
+    kb = qb - torch.remainder(cur - s, wb)  # block held by slot s (the latest one <= qb)
+    r_win = kb * b + torch.remainder(j - sb * b, b)
+    valid_win = (kb >= sb) & (r_win <= p)  # written, and in the window (kb > qb - wb holds by construction)
+    in_sink = j < sb * b
+    r = torch.where(in_sink, j, r_win)
+    valid = torch.where(in_sink, j <= p, valid_win)
+    return r, valid
+
+
+@torch.library.custom_op("fluxc::cache_write", mutates_args=("k_store", "v_store"))
+def cache_write(k_store: Tensor, v_store: Tensor, k_new: Tensor, v_new: Tensor, lengths: Tensor, layout: int,
+                sink: int, window: int, block: int, block_exact: bool, route: Tensor) -> None:
+    """Write the current token's key/value (B, Hkv, 1, D) at real index lengths - 1 of each sequence.
+
+    `route` (B,) bool, the layer's stored route, is not used here: it travels with the write so that the
+    pass finds it next to the store when it rewrites the layer's attention site."""
+    r = lengths.to(torch.int64) - 1  # (B,)
+    slot = ring_slot(r, sink, window, block, block_exact) if layout == RING else r
+    batch, heads, _, dim = k_new.shape
+    index = slot.view(batch, 1, 1, 1).expand(batch, heads, 1, dim)  # (B, Hkv, 1, D)
+    k_store.scatter_(2, index, k_new.to(k_store.dtype))
+    v_store.scatter_(2, index.expand(batch, heads, 1, v_new.shape[-1]), v_new.to(v_store.dtype))
+
+
+@cache_write.register_fake
+def _(k_store, v_store, k_new, v_new, lengths, layout, sink, window, block, block_exact, route):
+    return None
+
+
+def cache_attention_reference(q: Tensor, k_store: Tensor, v_store: Tensor, lengths: Tensor, route: Tensor, *,
+                              layout: int, scale: float, softcap: float, math: str, softmax_fp32: bool, sink: int,
+                              window: int, block: int, block_exact: bool) -> Tensor:
+    """Decode attention over a compacted cache, as `routed_attention_reference` computes it on the full cache."""
+    batch, cap = q.shape[0], k_store.shape[2]
+    n = lengths.to(torch.int64)  # (B,)
+    if layout == RING:
+        _, valid = ring_keys(n, sink, window, block, block_exact)  # (B, C): the SA keys, already
+        route = torch.ones_like(route, dtype=torch.bool)
+    else:
+        valid = torch.arange(cap, device=q.device)[None, :] < n[:, None]  # (B, C)
+        if layout == DENSE:
+            route = torch.ones_like(route, dtype=torch.bool)
+    mask = valid[:, None, None, :]  # (B, 1, 1, C)
+    qpos = (n - 1).view(batch, 1)  # (B, 1)
+    key_start = torch.zeros_like(n)
+    return routed_attention_reference(q, k_store, v_store, mask, route.to(torch.bool), qpos, key_start,
+                                      is_causal=False, scale=scale, softcap=softcap, math=math,
+                                      softmax_fp32=softmax_fp32, pattern="streaming", sink=sink, window=window,
+                                      block=block, block_exact=block_exact, n_last=0)
+
+
+@torch.library.custom_op("fluxc::cache_attention", mutates_args=())
+def cache_attention(q: Tensor, k_store: Tensor, v_store: Tensor, lengths: Tensor, route: Tensor, layout: int,
+                    scale: float, softcap: float, math: str, softmax_fp32: bool, sink: int, window: int, block: int,
+                    block_exact: bool, impl: str) -> Tensor:
+    """One decode token per sequence, q (B, Hq, 1, D), against a compacted cache (B, Hkv, C, D)."""
+    from fluxc.ops.attention import resolve_impl
+
+    chosen = resolve_impl(impl, q.device)
+    if chosen != "reference":
+        from fluxc.ops.dispatch import run_cache_kernel
+
+        out = run_cache_kernel(chosen, q, k_store, v_store, lengths, route, layout=layout, scale=scale,
+                               softcap=softcap, sink=sink, window=window, block=block, block_exact=block_exact,
+                               explicit=impl != "auto")
+        if out is not None:
+            return out
+    out = cache_attention_reference(q, k_store, v_store, lengths, route, layout=layout, scale=scale, softcap=softcap,
+                                    math=math, softmax_fp32=softmax_fp32, sink=sink, window=window, block=block,
+                                    block_exact=block_exact)
+    return out.contiguous()
+
+
+@cache_attention.register_fake
+def _(q, k_store, v_store, lengths, route, layout, scale, softcap, math, softmax_fp32, sink, window, block,
+      block_exact, impl):
+    return q.new_empty((*q.shape[:-1], v_store.shape[-1]))
