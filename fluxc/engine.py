@@ -89,7 +89,6 @@ class FluxCache(Cache):
     """
 
     is_compileable = False  # HF generate must not compile the unrouted forward around this cache
-    is_sliding = False
 
     def __init__(self, config: FluxConfig) -> None:
         super().__init__(layers=[])

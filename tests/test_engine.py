@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import batch, tiny_model
 from test_hf_models import _routers_with_mixed_decisions
 from transformers import DynamicCache
 
 import fluxc
 from fluxc.engine import DecodeEngine, FluxCache
+
+from hf_models import batch, tiny_model
 
 SMALL = fluxc.FluxConfig(sink=2, window=4, block=2, compiler="eager")  # ring wraps within a few steps
 TOKEN_EXACT = SMALL.replace(block_exact=False, sink=3, window=5)
