@@ -113,13 +113,15 @@ ROUTE_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64)
 LEN_DTYPES = (torch.int32, torch.int64)
 
 
-def check_padded_prefill(q, k, v, route, kv_lens, q_lens, **pattern_args) -> Pattern:
+def check_padded_prefill(q, k, v, route, kv_lens, q_lens, kv_start=None, **pattern_args) -> Pattern:
     """Checks of the padded (B, H, T, D) prefill entry points; returns the resolved pattern."""
     check_qkv(q, k, v)
     B = q.shape[0]
     check_vec(route, "route", B, q.device, ROUTE_DTYPES)
     check_vec(kv_lens, "kv_lens", B, q.device, LEN_DTYPES)
     check_vec(q_lens, "q_lens", B, q.device, LEN_DTYPES)
+    if kv_start is not None:
+        check_vec(kv_start, "kv_start", B, q.device, LEN_DTYPES)
     return resolve_pattern(**pattern_args)
 
 

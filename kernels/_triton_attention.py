@@ -135,7 +135,7 @@ def _route_flag(ROUTE, b, ROUTE_MODE: tl.constexpr):
 
 
 @triton.jit
-def _prefill_kernel(Q, K, V, OUT, ROUTE, KV_LENS, Q_LENS, CU_Q, CU_K,
+def _prefill_kernel(Q, K, V, OUT, ROUTE, KV_LENS, Q_LENS, KV_START, CU_Q, CU_K,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                     H, GROUP, T_ROWS, num_m_blocks,
@@ -143,7 +143,11 @@ def _prefill_kernel(Q, K, V, OUT, ROUTE, KV_LENS, Q_LENS, CU_Q, CU_K,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     ROUTE_MODE: tl.constexpr, BLOCK_EXACT: tl.constexpr, SA_BLOCK: tl.constexpr,
                     TRIANGLE: tl.constexpr, HAS_NW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
+                    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+                    HAS_START: tl.constexpr):
+    """HAS_START: keys before KV_START[b] are padding.  The sequence is then re-based at its first
+    real key (key and value bases advanced, kv_len reduced), so every position below (causal, sink,
+    window, blocks, triangle) counts from it; query rows before it get no keys (zeros)."""
     # Heaviest (latest) query blocks first: better tail balance for the causal sweep.
     pid_m = num_m_blocks - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -168,6 +172,11 @@ def _prefill_kernel(Q, K, V, OUT, ROUTE, KV_LENS, Q_LENS, CU_Q, CU_K,
         v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
         o_base = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
         row_lim = T_ROWS
+        if HAS_START:
+            k_start = tl.load(KV_START + b).to(tl.int32)
+            k_base = k_base + k_start.to(tl.int64) * stride_kt
+            v_base = v_base + k_start.to(tl.int64) * stride_vt
+            kv_len = kv_len - k_start
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -271,18 +280,19 @@ def _ring_valid(j_idx, c_fill, sink_end, po, sc, BLOCK_EXACT: tl.constexpr, SA_B
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, OP, LSEP, OUT, ROUTE, KV_LENS,
+def _decode_kernel(Q, K, V, OP, LSEP, OUT, ROUTE, KV_LENS, KV_START,
                    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                    stride_ob, stride_oh, HQ, HKV, GROUP, num_splits,
                    qk_scale, softcap_in, softcap_out, sink_end, window, wblk, nw, ring_c,
                    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    ROUTE_MODE: tl.constexpr, BLOCK_EXACT: tl.constexpr, SA_BLOCK: tl.constexpr,
                    HAS_NW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-                   RING: tl.constexpr, DIRECT: tl.constexpr):
+                   RING: tl.constexpr, DIRECT: tl.constexpr, HAS_START: tl.constexpr):
     """RING=False: K/V are (B, HKV, T, D) caches of real keys 0..kv_len-1, FA or SA per the route.
     RING=True: K/V are SA ring buffers of ring_c = sink + window slots (layout: _common.ring_slot),
     KV_LENS holds n (real keys written, the query's own included); the splits partition the slots.
-    DIRECT (num_splits == 1): write the normalised output to OUT, no partials and no combine."""
+    DIRECT (num_splits == 1): write the normalised output to OUT, no partials and no combine.
+    HAS_START (not with RING): keys before KV_START[b] are padding; the sequence is re-based there."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -298,6 +308,11 @@ def _decode_kernel(Q, K, V, OP, LSEP, OUT, ROUTE, KV_LENS,
     v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
 
     kv_len = tl.load(KV_LENS + b).to(tl.int32)
+    if HAS_START:
+        k_start = tl.load(KV_START + b).to(tl.int32)
+        k_base = k_base + k_start.to(tl.int64) * stride_kt
+        v_base = v_base + k_start.to(tl.int64) * stride_vt
+        kv_len = kv_len - k_start
     p = kv_len - 1
     pos = tl.zeros([BLOCK_G], dtype=tl.int32) + p
     dense_row = tl.full([BLOCK_G], 0, tl.int1)

@@ -186,7 +186,7 @@ def _tma_choice(requested, q, k, v) -> bool:
 
 def routed_prefill(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: int, window: int, block: int,
                    block_exact: bool, pattern: str, n_last: int, softcap: float = 0.0, native_window: int = 0,
-                   out=None, _route_const=None, _config=None, _use_tma=None) -> torch.Tensor:
+                   out=None, kv_start=None, _route_const=None, _config=None, _use_tma=None) -> torch.Tensor:
     """Routed prefill attention.
 
     q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), Hq % Hkv == 0, D in {64, 128}, fp16/bf16 (fp32 too).
@@ -194,12 +194,15 @@ def routed_prefill(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: int, 
     keys and its queries are the last q_lens[b] of them (q row i at position kv_lens[b]-q_lens[b]+i;
     rows >= q_lens[b] come out as zeros).  Preconditions not checked on the host (that would need a
     sync): q_lens[b] <= kv_lens[b] <= Tk and q_lens[b] <= Tq.
+    kv_start (B,) int32/int64 or None (zeros): keys before kv_start[b] are padding (left padding):
+    never read, and positions (causal, sink, window, blocks) count from kv_start[b]; query rows at
+    positions before it see no key and come out as zeros.  Precondition: kv_start[b] <= kv_lens[b].
 
     Returns (B, Hq, Tq, D) in q's dtype (written into ``out`` when given).
     ``_route_const`` ('fa'/'sa'), ``_config`` and ``_use_tma`` are for benchmarks and tests: fix the
     route at compile time / override the launch configuration / force the key-value load path (TMA
     tensor descriptors, the default on Hopper, or plain pointer loads)."""
-    pat = check_padded_prefill(q, k, v, route, kv_lens, q_lens, sink=sink, window=window, block=block,
+    pat = check_padded_prefill(q, k, v, route, kv_lens, q_lens, kv_start, sink=sink, window=window, block=block,
                                block_exact=block_exact, pattern=pattern, n_last=n_last, softcap=softcap,
                                native_window=native_window)
     B, Hq, Tq, D = q.shape
@@ -219,15 +222,16 @@ def routed_prefill(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: int, 
     use_tma = _tma_choice(_use_tma, q, k, v)
     num_m = -(-Tq // BM)
     dummy = kv_lens
+    start = dummy if kv_start is None else kv_start.contiguous()
     tk._prefill_kernel[(num_m, B * Hq)](
-        q, k, v, out, _route_arg(route), kv_lens.contiguous(), q_lens.contiguous(), dummy, dummy,
+        q, k, v, out, _route_arg(route), kv_lens.contiguous(), q_lens.contiguous(), start, dummy, dummy,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         Hq, Hq // Hkv, Tq, num_m, n_last=pat.n_last, **_pattern_args(pat, scale),
         HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, ROUTE_MODE=_route_mode(_route_const),
         BLOCK_EXACT=pat.block_exact, SA_BLOCK=pat.block, TRIANGLE=pat.triangle,
         HAS_NW=pat.native_window > 0, HAS_SOFTCAP=pat.softcap > 0, VARLEN=False,
-        DOT_PREC=_dot_prec(q.dtype), USE_TMA=use_tma, **cfg)
+        DOT_PREC=_dot_prec(q.dtype), USE_TMA=use_tma, HAS_START=kv_start is not None, **cfg)
     return out
 
 
@@ -271,14 +275,14 @@ def routed_prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, route, *, max_seq
     num_m = -(-max_seqlen_q // BM)
     cq, ck = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     tk._prefill_kernel[(num_m, B * Hq)](
-        q, k, v, out, _route_arg(route), cq, cq, cq, ck,
+        q, k, v, out, _route_arg(route), cq, cq, cq, cq, ck,
         0, q.stride(1), q.stride(0), 0, k.stride(1), k.stride(0),
         0, v.stride(1), v.stride(0), 0, out.stride(1), out.stride(0),
         Hq, Hq // Hkv, Tq, num_m, n_last=pat.n_last, **_pattern_args(pat, scale),
         HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, ROUTE_MODE=0,
         BLOCK_EXACT=pat.block_exact, SA_BLOCK=pat.block, TRIANGLE=pat.triangle,
         HAS_NW=pat.native_window > 0, HAS_SOFTCAP=pat.softcap > 0, VARLEN=True,
-        DOT_PREC=_dot_prec(q.dtype), USE_TMA=use_tma, **cfg)
+        DOT_PREC=_dot_prec(q.dtype), USE_TMA=use_tma, HAS_START=False, **cfg)
     return out
 
 
@@ -299,7 +303,7 @@ def _check_splits(num_splits) -> int:
 
 
 def _launch_decode(q, k, v, route_arg, lens, pat: Pattern, scale: float, num_splits: int, cfg: dict, *,
-                   route_mode: int, ring_c: int) -> torch.Tensor:
+                   route_mode: int, ring_c: int, kv_start=None) -> torch.Tensor:
     """Split kernel + combine kernel (one launch when num_splits == 1); allocations depend on shapes
     only (CUDA-graph safe)."""
     B, Hq, _, D = q.shape
@@ -318,13 +322,14 @@ def _launch_decode(q, k, v, route_arg, lens, pat: Pattern, scale: float, num_spl
         part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)  # (B, Hq, S)
     tk = _kernels()
     tk._decode_kernel[(num_splits, B * Hkv)](
-        q, k, v, part_o, part_lse, out, route_arg, lens,
+        q, k, v, part_o, part_lse, out, route_arg, lens, lens if kv_start is None else kv_start.contiguous(),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
         Hq, Hkv, group, num_splits, **_pattern_args(pat, scale), ring_c=ring_c,
         HEAD_DIM=D, BLOCK_G=block_g, BLOCK_N=BN, ROUTE_MODE=route_mode,
         BLOCK_EXACT=pat.block_exact, SA_BLOCK=pat.block, HAS_NW=pat.native_window > 0,
-        HAS_SOFTCAP=pat.softcap > 0, DOT_PREC=_dot_prec(q.dtype), RING=ring_c > 0, DIRECT=direct, **cfg)
+        HAS_SOFTCAP=pat.softcap > 0, DOT_PREC=_dot_prec(q.dtype), RING=ring_c > 0, DIRECT=direct,
+        HAS_START=kv_start is not None, **cfg)
     if direct:
         return out
     block_s = max(16, 1 << (num_splits - 1).bit_length())
@@ -335,11 +340,13 @@ def _launch_decode(q, k, v, route_arg, lens, pat: Pattern, scale: float, num_spl
 
 def routed_decode(q, k_cache, v_cache, route, kv_lens, *, scale: float, sink: int, window: int, block: int,
                   block_exact: bool, softcap: float = 0.0, native_window: int = 0, num_splits: int | None = None,
-                  _route_const=None, _config=None) -> torch.Tensor:
+                  kv_start=None, _route_const=None, _config=None) -> torch.Tensor:
     """Routed decode (flash-decoding).  q (B, Hq, 1, D); k_cache/v_cache (B, Hkv, Tk, D) with
     kv_lens[b] valid keys; the query sits at position kv_lens[b] - 1.  FA sequences read all their
     keys, SA sequences only the sink and window blocks (streaming rule; triangle layers decode as
-    streaming).  Two launches: the split kernel and the combine kernel.  Returns (B, Hq, 1, D)."""
+    streaming).  kv_start (B,) or None: keys before kv_start[b] are padding, positions count from it
+    (as in ``routed_prefill``).  Two launches (split kernel, combine kernel), one when num_splits == 1.
+    Returns (B, Hq, 1, D)."""
     check_qkv(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"))
     B, Hq, Tq, D = q.shape
     if Tq != 1:
@@ -348,6 +355,8 @@ def routed_decode(q, k_cache, v_cache, route, kv_lens, *, scale: float, sink: in
     Hkv, Tk = k_cache.shape[1], k_cache.shape[2]
     check_vec(route, "route", B, q.device, ROUTE_DTYPES)
     check_vec(kv_lens, "kv_lens", B, q.device, LEN_DTYPES)
+    if kv_start is not None:
+        check_vec(kv_start, "kv_start", B, q.device, LEN_DTYPES)
     pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact, pattern="streaming",
                           n_last=0, softcap=softcap, native_window=native_window)
     _check_device(q)
@@ -357,7 +366,7 @@ def routed_decode(q, k_cache, v_cache, route, kv_lens, *, scale: float, sink: in
         num_splits = default_num_splits(B, Hkv, Tk, cfg["BLOCK_N"], q.device, waves)
     num_splits = _check_splits(num_splits)
     return _launch_decode(q, k_cache, v_cache, _route_arg(route), kv_lens.contiguous(), pat, scale, num_splits,
-                          cfg, route_mode=_route_mode(_route_const), ring_c=0)
+                          cfg, route_mode=_route_mode(_route_const), ring_c=0, kv_start=kv_start)
 
 
 def routed_decode_ring(q, k_ring, v_ring, n, *, scale: float, sink: int, window: int, block: int,
@@ -406,21 +415,23 @@ def routed_decode_ring(q, k_ring, v_ring, n, *, scale: float, sink: int, window:
 
 def routed_prefill_dispatch(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: int, window: int, block: int,
                             block_exact: bool, pattern: str, n_last: int, softcap: float = 0.0,
-                            native_window: int = 0, out=None) -> torch.Tensor:
+                            native_window: int = 0, out=None, kv_start=None) -> torch.Tensor:
     """Prefill that lets the FA branch use the fastest library kernel.
 
     Reads route and lengths on the host (ONE device sync; not CUDA-graph capturable, unlike
     ``routed_prefill``).  When every sequence is FA, unpadded (q_lens == kv_lens == Tk) and
-    the options are plain (no soft-cap, no native window), it runs PyTorch SDPA (cuDNN, else
+    the options are plain (no soft-cap, no native window, no kv_start padding), it runs PyTorch SDPA (cuDNN, else
     flash/efficient, whichever PyTorch picks first) with is_causal=True; otherwise the routed Triton
     kernel.  Same semantics either way."""
-    check_padded_prefill(q, k, v, route, kv_lens, q_lens, sink=sink, window=window, block=block,
+    check_padded_prefill(q, k, v, route, kv_lens, q_lens, kv_start, sink=sink, window=window, block=block,
                          block_exact=block_exact, pattern=pattern, n_last=n_last, softcap=softcap,
                          native_window=native_window)
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
-    host = torch.stack([route.to(torch.int64) != 0, kv_lens.to(torch.int64) == Tk,
-                        q_lens.to(torch.int64) == Tq]).cpu()
+    rows = [route.to(torch.int64) != 0, kv_lens.to(torch.int64) == Tk, q_lens.to(torch.int64) == Tq]
+    if kv_start is not None:
+        rows.append(kv_start.to(torch.int64) == 0)
+    host = torch.stack(rows).cpu()
     if (q.device.type == "cuda" and Tq == Tk and softcap == 0 and native_window == 0 and bool(host.all())):
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -435,4 +446,4 @@ def routed_prefill_dispatch(q, k, v, route, kv_lens, q_lens, *, scale: float, si
         return res
     return routed_prefill(q, k, v, route, kv_lens, q_lens, scale=scale, sink=sink, window=window, block=block,
                           block_exact=block_exact, pattern=pattern, n_last=n_last, softcap=softcap,
-                          native_window=native_window, out=out)
+                          native_window=native_window, out=out, kv_start=kv_start)

@@ -5,12 +5,13 @@ gives the reference tests compare against, the input's own low-precision dtype g
 error" used to set tolerances.  The kernels never import this module.
 
 Allowed (query position p, key k) for sequence b, where query row i < q_lens[b] has
-p = kv_lens[b] - q_lens[b] + i:
+p = kv_lens[b] - q_lens[b] + i, and s = kv_start[b] (0 without kv_start) is the first real key:
 
-* k <= p, k < kv_lens[b], and (native_window == 0 or p - k < native_window);
-* if route[b] == 0 (sparse attention) also the streaming rule
-    - token-exact: k < sink or p - k < window,
-    - block-exact: k // block < ceil(sink / block) or k // block > p // block - window // block,
+* s <= k <= p, k < kv_lens[b], and (native_window == 0 or p - k < native_window);
+* if route[b] == 0 (sparse attention) also the streaming rule, in positions counted from s
+  (k' = k - s, p' = p - s)
+    - token-exact: k' < sink or p' - k' < window,
+    - block-exact: k' // block < ceil(sink / block) or k' // block > p' // block - window // block,
   and with pattern="triangle" the rule is lifted (all k <= p) for queries p >= kv_lens[b] - n_last.
 
 Rows i >= q_lens[b] are padding and come out as zeros; so does any row with no allowed key.
@@ -31,7 +32,7 @@ from .errors import KernelError
 
 def allowed_mask(route, kv_lens, q_lens, Tq: int, Tk: int, *, sink: int, window: int, block: int,
                  block_exact: bool, pattern: str = "streaming", n_last: int = 0, native_window: int = 0,
-                 ) -> torch.Tensor:
+                 kv_start=None) -> torch.Tensor:
     """Bool (B, Tq, Tk): True where query row i of sequence b may attend to key k."""
     pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact, pattern=pattern,
                           n_last=n_last, native_window=native_window)
@@ -44,6 +45,10 @@ def allowed_mask(route, kv_lens, q_lens, Tq: int, Tk: int, *, sink: int, window:
     ok = (i < ql) & (k <= p) & (k < kv)
     if pat.native_window:
         ok &= (p - k) < pat.native_window
+    if kv_start is not None:  # the streaming rule below sees positions relative to the first real key
+        s0 = kv_start.to(device=dev, dtype=torch.int64)[:, None, None]
+        ok &= k >= s0
+        k, p, kv = k - s0, p - s0, kv - s0
     if pat.block_exact:
         bs = pat.block
         sink_blocks = math.ceil(sink / bs)
@@ -64,7 +69,7 @@ def _expand_kv(t: torch.Tensor, group: int) -> torch.Tensor:
 def routed_attention_reference(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: int, window: int,
                                block: int, block_exact: bool, pattern: str = "streaming", n_last: int = 0,
                                softcap: float = 0.0, native_window: int = 0, compute_dtype=None,
-                               ) -> torch.Tensor:
+                               kv_start=None) -> torch.Tensor:
     """Routed attention, dense.  q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D); returns q's dtype.
 
     ``compute_dtype`` (default: q.dtype) is the dtype of the matmuls; the softmax runs in float32 or
@@ -75,6 +80,8 @@ def routed_attention_reference(q, k, v, route, kv_lens, q_lens, *, scale: float,
     check_vec(route, "route", B, q.device, ROUTE_DTYPES)
     check_vec(kv_lens, "kv_lens", B, q.device, LEN_DTYPES)
     check_vec(q_lens, "q_lens", B, q.device, LEN_DTYPES)
+    if kv_start is not None:
+        check_vec(kv_start, "kv_start", B, q.device, LEN_DTYPES)
     cd = compute_dtype or q.dtype
     group = Hq // k.shape[1]
     qc, kc, vc = q.to(cd), _expand_kv(k.to(cd), group), _expand_kv(v.to(cd), group)
@@ -82,7 +89,8 @@ def routed_attention_reference(q, k, v, route, kv_lens, q_lens, *, scale: float,
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
     mask = allowed_mask(route, kv_lens, q_lens, Tq, Tk, sink=sink, window=window, block=block,
-                        block_exact=block_exact, pattern=pattern, n_last=n_last, native_window=native_window)
+                        block_exact=block_exact, pattern=pattern, n_last=n_last, native_window=native_window,
+                        kv_start=kv_start)
     sdt = torch.float64 if cd == torch.float64 else torch.float32
     s = s.to(sdt).masked_fill(~mask[:, None], float("-inf"))
     row_any = mask.any(-1)[:, None, :, None]
@@ -95,7 +103,7 @@ def routed_attention_reference(q, k, v, route, kv_lens, q_lens, *, scale: float,
 
 def routed_decode_reference(q, k_cache, v_cache, route, kv_lens, *, scale: float, sink: int, window: int,
                             block: int, block_exact: bool, softcap: float = 0.0, native_window: int = 0,
-                            compute_dtype=None) -> torch.Tensor:
+                            compute_dtype=None, kv_start=None) -> torch.Tensor:
     """One query per sequence at position kv_lens[b] - 1; SA sequences use the streaming rule."""
     B = q.shape[0]
     if q.dim() != 4 or q.shape[2] != 1:
@@ -104,7 +112,7 @@ def routed_decode_reference(q, k_cache, v_cache, route, kv_lens, *, scale: float
     return routed_attention_reference(q, k_cache, v_cache, route, kv_lens, q_lens, scale=scale, sink=sink,
                                       window=window, block=block, block_exact=block_exact, pattern="streaming",
                                       n_last=0, softcap=softcap, native_window=native_window,
-                                      compute_dtype=compute_dtype)
+                                      compute_dtype=compute_dtype, kv_start=kv_start)
 
 
 def ring_keys(n, C: int, *, sink: int, window: int, block: int, block_exact: bool):

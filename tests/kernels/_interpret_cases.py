@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from _kernel_harness import poison_range, random_prefill_case
 
 
@@ -62,6 +64,29 @@ def cases() -> dict[str, dict]:
             c["poison"] = poison_range(c, BN=32)
             assert c["poison"][1] - c["poison"][0] >= 64, c["poison"]
             out[f"skip-{kind}-{'block' if be else 'token'}"] = c
+    # left padding (kv_start): HF layout (every query row, padded ones too: they come out as zeros) and
+    # chunks whose queries are all real; TMA and pointer loads; decode
+    for name, kind, dtype, group, pattern, be, tma, hf in (
+            ("prefill-fp16-g4-streaming-block-hfpad", "prefill", "fp16", 4, "streaming", True, True, True),
+            ("prefill-fp32-g1-triangle-token-kvstart", "prefill", "fp32", 1, "triangle", False, False, False),
+            ("decode-fp16-g4-block-kvstart", "decode", "fp16", 4, "streaming", True, None, False)):
+        seed += 1
+        rnd = random.Random(seed)
+        c = random_prefill_case(seed, dtype=dtype, D=64, group=group, max_t=140, pattern=pattern, block_exact=be,
+                                block=16, num_splits=3)
+        if hf:
+            c["kv_lens"] = c["q_lens"] = [c["Tk"]] * c["B"]
+            c["Tq"] = c["Tk"]
+            c["kv_start"] = [0] + [rnd.randint(1, c["Tk"] // 2) for _ in range(c["B"] - 1)]
+        else:  # chunks: queries the last third of the keys, padding before them
+            if kind == "prefill":
+                c["q_lens"] = [max(1, kl // 3) for kl in c["kv_lens"]]
+                c["Tq"] = max(c["q_lens"])
+            ql = c["q_lens"] if kind == "prefill" else [1] * c["B"]
+            c["kv_start"] = [rnd.randint(1, kl - q) for kl, q in zip(c["kv_lens"], ql)]
+        if tma is not None:
+            c["tma"] = tma
+        out[name] = dict(kind=kind, **c)
     # ring-buffer SA decode (evicted cache): n below the sinks, inside the first window, exactly full,
     # wrapping several times, at block boundaries (p % block == 0 and == block - 1), n == 0
     # (BLOCK_N=16 in some: several slot blocks per sequence, so the splits partition a real list)

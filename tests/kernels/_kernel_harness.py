@@ -70,6 +70,9 @@ def make_prefill_inputs(case: dict, device: str):
     for b in range(B):
         k[b, :, kv_lens[b]:] = float("nan")
         v[b, :, kv_lens[b]:] = float("nan")
+        if "kv_start" in case:  # left padding: never read either
+            k[b, :, : case["kv_start"][b]] = float("nan")
+            v[b, :, : case["kv_start"][b]] = float("nan")
     route = torch.tensor(case["route"], dtype=torch.bool)
     to = dict(device=device)
     return (q.to(**to), k.to(**to), v.to(**to), route.to(**to),
@@ -82,6 +85,13 @@ def pattern_kwargs(case: dict) -> dict:
                 block_exact=case["block_exact"], pattern=case.get("pattern", "streaming"),
                 n_last=case.get("n_last", 0), softcap=case.get("softcap", 0.0),
                 native_window=case.get("native_window", 0))
+
+
+def start_kwargs(case: dict, device) -> dict:
+    """kv_start for the kernels and the reference, when the case has left padding."""
+    if "kv_start" not in case:
+        return {}
+    return {"kv_start": torch.tensor(case["kv_start"], dtype=torch.int32, device=device)}
 
 
 def _clean(t: torch.Tensor) -> torch.Tensor:
@@ -100,7 +110,7 @@ def run_prefill_case(K, case: dict, device: str) -> dict:
     attn = submodule(K, "attention")
     ref = submodule(K, "reference")
     q, k, v, route, kv_lens, q_lens = make_prefill_inputs(case, device)
-    kw = pattern_kwargs(case)
+    kw = {**pattern_kwargs(case), **start_kwargs(case, device)}
     out = torch.full_like(q, float("nan"))  # poison: every element must be written
     extra = {}
     if "tma" in case:
@@ -127,7 +137,7 @@ def run_decode_case(K, case: dict, device: str) -> dict:
     c["q_lens"] = [1] * case["B"]
     c["Tq"] = 1
     q, k, v, route, kv_lens, _ = make_prefill_inputs(c, device)
-    kw = pattern_kwargs(case)
+    kw = {**pattern_kwargs(case), **start_kwargs(case, device)}
     kw.pop("pattern")
     kw.pop("n_last")
     out = attn.routed_decode(q, k, v, route, kv_lens, num_splits=case.get("num_splits"), **kw)

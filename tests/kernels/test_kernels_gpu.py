@@ -83,6 +83,18 @@ def gpu_cases() -> dict[str, dict]:
                      pattern="streaming", num_splits=16)
             c["poison"] = poison_range(c, BN=128)
             out[f"skip-{kind}-{'block' if be else 'token'}"] = c
+    # left padding (kv_start): HF layout at up to 2.5K keys (TMA and pointer loads), decode
+    for i, (kind, be, tma) in enumerate((("prefill", True, True), ("prefill", False, False), ("decode", True, None))):
+        seed += 1
+        c = random_prefill_case(seed, dtype="bf16", D=128, group=4, max_t=2500, pattern="streaming", block_exact=be,
+                                block=128, Hkv=2, B=3, sink=128, window=512, num_splits=None)
+        c["kv_lens"] = [c["Tk"]] * 3
+        c["q_lens"] = [c["Tk"]] * 3 if kind == "prefill" else [1] * 3
+        c["Tq"] = max(c["q_lens"])
+        c["kv_start"] = [0, c["Tk"] // 3 + i, c["Tk"] - 200]
+        if tma is not None:
+            c["tma"] = tma
+        out[f"kvstart-{kind}-bf16-d128-{'block' if be else 'token'}-tma{tma}"] = dict(kind=kind, **c)
     # ring-buffer SA decode at the released pattern (sink 128, window 2048, block 128): n below the
     # sinks, inside the first window, one past the ring, at block boundaries (p % 128 == 0 / 127),
     # up to 200K keys (the dense reference reads all of them)

@@ -228,3 +228,25 @@ def test_ring_errors_name_argument(K, kw, match):
     args.update(kw)
     with pytest.raises(K.KernelError, match=match):
         attn.routed_decode_ring(q, kr, kr.clone(), n, **args)
+
+
+@pytest.mark.parametrize("block_exact, pattern", [(True, "streaming"), (False, "triangle")])
+def test_reference_kv_start_is_left_padding(K, block_exact, pattern):
+    """The reference with kv_start on a left-padded batch equals the reference on each sequence with
+    its padding cut off (sinks and windows count from the first real key); padded query rows are zeros."""
+    ref = submodule(K, "reference")
+    torch.manual_seed(1)
+    B, H, T, D = 3, 2, 70, 16
+    pk = dict(scale=0.25, sink=8, window=16, block=8, block_exact=block_exact, pattern=pattern, n_last=5)
+    q, k, v = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3))
+    start = torch.tensor([0, 9, 30], dtype=torch.int32)
+    full = torch.full((B,), T, dtype=torch.int32)
+    route = torch.tensor([False, False, True])
+    out = ref.routed_attention_reference(q, k, v, route, full, full, kv_start=start, **pk)
+    for b in range(B):
+        s = int(start[b])
+        n = torch.tensor([T - s], dtype=torch.int32)
+        want = ref.routed_attention_reference(q[b:b + 1, :, s:], k[b:b + 1, :, s:], v[b:b + 1, :, s:], route[b:b + 1],
+                                              n, n, **pk)
+        assert (out[b:b + 1, :, s:] - want).abs().max().item() < 1e-12
+        assert (out[b, :, :s] == 0).all()
