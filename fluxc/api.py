@@ -76,6 +76,13 @@ class FluxModule(nn.Module):
                 raise inner.with_traceback(None) from None
             raise
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `generate()` running the routed graph with a `fluxc.FluxCache` (see
+        `fluxc.engine.hf_generate`); `fluxc.generate` / `DecodeEngine` add CUDA graphs per routing mask."""
+        from fluxc.engine import hf_generate
+
+        return hf_generate(self, *args, **kwargs)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)

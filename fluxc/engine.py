@@ -183,6 +183,18 @@ class FluxCache(Cache):
         self.lengths = torch.zeros(routes.shape[0], dtype=torch.int64, device=routes.device)
         self.phase = "decode"
 
+    def compact(self, routes: Tensor, n_real: Tensor, capacity: int) -> None:
+        """In place: move this prefill cache to the layouts of `routes` (B, L) bool (one host read)."""
+        cfg = self.flux_config
+        host = routes.cpu()
+        ring_ok = ring_supported(cfg.sink, cfg.window, cfg.block, cfg.block_exact) is None
+        key = DecodeKey(tuple(tuple(bool(x) for x in row) for row in host.tolist()), capacity,
+                        routes.dtype, str(routes.device), SamplingConfig())
+        decoded = FluxCache(cfg)
+        decoded.allocate(self, key.layouts(ring_ok), routes, capacity)
+        decoded.load(self, n_real)
+        self.flux_layers, self.lengths, self.phase = decoded.flux_layers, decoded.lengths, "decode"
+
     def load(self, prefill: FluxCache, n_real: Tensor) -> None:
         """Copy `prefill`'s keys into this cache's buffers, left-packed (padding dropped), SA layers evicted
         to their sink + window: the eviction. On the device, no host sync."""
@@ -439,6 +451,57 @@ class DecodeEngine:
             after = (new == eos_token_id).cumsum(dim=1) - (new == eos_token_id).long() > 0
             new = new.masked_fill(after, eos_token_id)
         return torch.cat([input_ids, new], dim=1)
+
+
+def hf_generate(fm: FluxModule, *args: Any, past_key_values: FluxCache | None = None, **kwargs: Any) -> Any:
+    """`transformers`' own `generate()` on a fluxc-compiled model, with a `FluxCache`.
+
+    HF drives the loop (logits processors, stopping criteria, beam-free decoding strategies); each forward
+    runs fluxc's rewritten graph. After prefill the cache is compacted to the routes (SA layers evicted);
+    decode steps then run the decode graph of that routing mask. No CUDA graphs here (use `DecodeEngine`).
+    """
+    cache = FluxCache(fm.flux_config) if past_key_values is None else past_key_values
+    if not isinstance(cache, FluxCache):
+        raise ConfigError(f"past_key_values must be a fluxc.FluxCache (or None), got {type(cache).__name__}")
+    max_new = kwargs.get("max_new_tokens")
+    if not isinstance(max_new, int) or max_new < 1:
+        raise ConfigError(f"max_new_tokens={max_new!r}: give generate() a positive max_new_tokens (it sizes the cache)")
+    DecodeEngine(fm, cuda_graphs=False)  # the same model checks as the engine
+    model = fm.model
+    had_own_forward = "forward" in vars(model)
+    original = model.forward
+    inside = {"now": False}
+
+    def routed(*a: Any, **k: Any) -> Any:
+        if inside["now"]:  # Dynamo tracing fluxc's graph reaches the model's own forward here
+            return original(*a, **k)
+        c = k.get("past_key_values")
+        if isinstance(c, FluxCache) and c.phase == "prefill" and c.flux_layers:
+            mask = k.get("attention_mask")
+            t = c.flux_layers[0].keys.shape[2]  # type: ignore[union-attr]
+            n_real = mask[:, :t].sum(dim=1) if mask is not None else torch.full(
+                (c.flux_layers[0].keys.shape[0],), t, device=c.flux_layers[0].keys.device)  # type: ignore[union-attr]
+            c.compact(fm.route_state.route[: n_real.shape[0]].to(torch.bool), n_real, _bucket(t + max_new))
+        if isinstance(c, FluxCache) and c.phase == "decode":
+            assert c.lengths is not None
+            c.lengths.add_(1)  # positions stay HF's own (given, or counted from get_seq_length)
+        inside["now"] = True
+        try:
+            out = fm(*a, **k)
+        finally:
+            inside["now"] = False
+        if isinstance(c, FluxCache) and c.phase == "decode":
+            c.seen += 1
+        return out
+
+    model.forward = routed
+    try:
+        return model.generate(*args, past_key_values=cache, **kwargs)
+    finally:
+        if had_own_forward:
+            model.forward = original
+        else:
+            del model.forward
 
 
 def _bucket(n: int) -> int:

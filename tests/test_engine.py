@@ -176,3 +176,19 @@ def test_flux_cache_is_an_hf_cache():
     cache = FluxCache(SMALL)
     assert isinstance(cache, DynamicCache.__mro__[1])  # transformers' Cache base
     assert cache.get_seq_length() == 0 and not cache.is_compileable
+
+
+def test_hf_generate_with_flux_cache():
+    """transformers' own generate() on the routed graph: route full equals the untouched model's HF generate
+    (left padding included); a mixed route equals the engine."""
+    model = tiny_model("llama", "sdpa")
+    ids, mask = batch(seq=12, left_pad=3)
+    full = fluxc.compile(model, config=SMALL, route="full")
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(full.generate(ids, attention_mask=mask, **kwargs), model.generate(ids, attention_mask=mask, **kwargs))
+    mixed = fluxc.compile(model, config=SMALL, route=MIXED)
+    cache = FluxCache(SMALL)
+    assert torch.equal(mixed.generate(ids[:, 3:], past_key_values=cache, **kwargs), fluxc.generate(mixed, ids[:, 3:], 8))
+    assert cache.layouts() == ["sparse-ring", "full", "sparse-ring"]
+    with pytest.raises(fluxc.ConfigError, match="max_new_tokens"):
+        mixed.generate(ids)
