@@ -36,7 +36,8 @@ def main(src: str, dst: str) -> None:
     ax.set_xlabel("prefill length (K tokens), B=1")
     ax.set_ylabel("ms (median)")
     ax.set_title("Prefill attention, 32q/8kv heads, d128, bf16")
-    ax.legend(fontsize=7)
+    if series:  # a decode-only run has no prefill rows
+        ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
 
     ax = axes[1]

@@ -7,8 +7,10 @@ PyTorch, the semantics) are plain submodules that import their heavy dependencie
 Public entry points::
 
     from fluxc.kernels.attention import routed_prefill, routed_decode, routed_prefill_varlen
+    from fluxc.kernels.attention import routed_decode_ring, ring_slot, ring_capacity  # evicted SA cache
     from fluxc.kernels.flex import routed_prefill_flex, routed_decode_flex
     from fluxc.kernels.reference import routed_attention_reference, routed_decode_reference
+    from fluxc.kernels.reference import routed_decode_ring_reference
 """
 
 from __future__ import annotations
