@@ -73,7 +73,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -126,7 +126,10 @@ LLAMA31_8B = Spec("llama-3.1-8b", 128256, 4096, 14336, 32, 32, 8, 128, (32768, 6
                   4, 3, 16, 2, 2, 1 << 30, "bfloat16", "cuda", 1.0)
 SMOKE = Spec("smoke-tiny-llama", 256, 64, 128, 4, 4, 2, 16, (64, 128, 256), 2,
              ((1, 32), (1, 48), (2, 32)), 48, 8, 16, 8, (32, 16, 24, 8),
-             1, 2, 3, 2, 2, 1 << 20, "float32", "cpu", 0.0)
+             2, 2, 3, 2, 2, 1 << 20, "float32", "cpu", 0.0)
+# the test's run: two layers, short prompts, one rep each (every code path, fewer Dynamo traces)
+SMOKE_QUICK = replace(SMOKE, name="smoke-quick", layers=2, lengths=(32, 40, 48), warm=((1, 16), (1, 24), (2, 16)),
+                      verify_prompt=24, decode_reps=1, decode_steps=2, reps_short=1, reps_long=1)
 
 
 def route_for(r: float, layers: int) -> list[str]:
@@ -476,8 +479,11 @@ class Bench:
             self.error(label, exc)
             return None
 
-    def free(self) -> None:
-        gc.collect()
+    def free(self, collect: bool = True) -> None:
+        """Release cached device memory; `collect` also runs the cycle collector first (0.2-0.3 s each, so only
+        where an engine and its KV buffers are dropped; CPU runs hold no device memory and skip it)."""
+        if collect and self.cuda:
+            gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
 
@@ -547,10 +553,10 @@ class Bench:
         for batch, length in ((1, short), (1, mid), (1, long), (spec.big_batch, short)):
             est = 2 + 6 * batch * 0.249 * (length / 131072) ** 2 * 32 / 32
             self.step(f"sdpa cudnn {batch}x{length}", est, lambda b=batch, t=length: self.sdpa_floor(b, t))
-            self.free()
+            self.free(collect=False)
         for length in (short, long):
             self.step(f"router op {length}", 3, lambda t=length: self.router_op(t))
-            self.free()
+            self.free(collect=False)
 
     def sdpa_floor(self, batch: int, length: int) -> None:
         import torch.nn.functional as F
@@ -580,7 +586,8 @@ class Bench:
                     return F.scaled_dot_product_attention(q, ke, ve, is_causal=True)
             fn = expanded
         guess = max(1.0, batch * 249.0 * (length / 131072) ** 2)
-        ms_all = self.clock.bench(fn, iters=max(3, min(20, int(1500 / guess))), warm=1)
+        iters = max(3, min(20, int(1500 / guess))) if self.cuda else 3
+        ms_all = self.clock.bench(fn, iters=iters, warm=1)
         self.rec.add(kind="attn_floor", impl="sdpa_cudnn" if self.cuda else "sdpa_math_cpu", B=batch, L=length,
                      ms=median(ms_all), ms_all=ms_all, gqa=gqa)
 
@@ -593,7 +600,7 @@ class Bench:
         valid = torch.ones(1, length, dtype=torch.bool, device=spec.device)
         weights = router.weights()
         ms_all = self.clock.bench(lambda: torch.ops.fluxc.router_logits(q, valid, weights, self.cfg.pool_size),
-                                  iters=20, warm=3)
+                                  iters=20 if self.cuda else 3, warm=3 if self.cuda else 1)
         self.rec.add(kind="router_op", impl="fluxc::router_logits", B=1, L=length, ms=median(ms_all), ms_all=ms_all,
                      note="one layer's router on a (1, T, 32, 128) pre-RoPE query, valid mask all true")
 
@@ -613,7 +620,7 @@ class Bench:
 
     def fluxc_prefill(self, engine: Any, fm: Any, ids: torch.Tensor) -> dict[str, Any]:
         """One timed engine.prefill; memory and recompiles around it."""
-        self.free()
+        self.free(collect=False)
         before = self.mem.reset()
         g0 = self.graphs(fm)
         ms, state = self.clock.run(lambda: engine.prefill(ids, max_new_tokens=self.spec.new_tokens))
@@ -635,7 +642,7 @@ class Bench:
         attn = self.sa_factor(r or 0.0, length)
         for i in range(reps):
             state = None
-            self.free()
+            self.free(collect=False)
 
             def go() -> dict[str, Any]:
                 return self.fluxc_prefill(engine, fm, self.ids(batch, length))
@@ -842,7 +849,7 @@ class Bench:
         for i in range(reps):
             def go() -> tuple[float, float | None, float | None]:
                 ids = self.ids(batch, length)
-                self.free()
+                self.free(collect=False)
                 before = self.mem.reset()
                 ctx = sdpa_kernel(SDPBackend.FLASH_ATTENTION) if flash else contextlib.nullcontext()
 
@@ -886,7 +893,7 @@ class Bench:
                     ms_all = []
                     for _ in range(reps):
                         ids = self.ids(1, length)
-                        self.free()
+                        self.free(collect=False)
                         self.mem.reset()
                         ms, _ = self.clock.run(lambda ids=ids: self.model(input_ids=ids, use_cache=False, logits_to_keep=1))
                         ms_all.append(ms)
@@ -895,7 +902,7 @@ class Bench:
                 self.step(f"nonattn prefill 1x{length}", reps * self.fwd_s(1, length, 0.0) + 1, go)
             for batch in (1, spec.big_batch):
                 self.step(f"nonattn decode B={batch}", 5, lambda b=batch: self.nonattn_decode(b, short))
-                self.free()
+                self.free(collect=False)
         self.free()
 
     def nonattn_decode(self, batch: int, length: int) -> None:
@@ -1255,7 +1262,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/e2e_h100.json; smoke: a temp "
                                                 "file)")
     ap.add_argument("--smoke", action="store_true", help="tiny Llama on CPU: every phase's logic, no real numbers")
-    ap.add_argument("--time-budget", type=float, default=480.0, help="seconds for the whole process")
+    ap.add_argument("--quick", action="store_true", help="with --smoke: a 2-layer model, one rep (the test)")
+    ap.add_argument("--time-budget", type=float, default=None, help="seconds for the whole process (default 480; "
+                                                                   "smoke 3600)")
     ap.add_argument("--rs", default="0,0.75,1,0.5", help="SA fractions (0, .75, 1 required; others optional)")
     ap.add_argument("--phases", default="", help="comma list of phase names to run (default all); fluxc = all r")
     ap.add_argument("--compiler", default="eager", choices=("eager", "inductor"), help="FluxConfig.compiler")
@@ -1263,7 +1272,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--b-backend", default=None, help="backend of (b): inductor (mode reduce-overhead; default on "
                                                       "GPU) or eager (smoke default)")
     args = ap.parse_args(argv)
-    spec = SMOKE if args.smoke else LLAMA31_8B
+    spec = (SMOKE_QUICK if args.quick else SMOKE) if args.smoke else LLAMA31_8B
+    if args.time_budget is None:
+        args.time_budget = 3600.0 if args.smoke else 480.0
     if args.out is None:
         args.out = (os.path.join(tempfile.gettempdir(), "fluxc-e2e-smoke.json") if args.smoke
                     else str(ROOT / "benchmarks" / "results" / "e2e_h100.json"))
