@@ -33,6 +33,15 @@ def unsupported_reason(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal
     return None
 
 
+def _decline(impl: str, why: str, explicit: bool, what: str, op: str) -> None:
+    """An explicit `impl` that cannot run raises; `auto` logs why the reference runs instead."""
+    if explicit:
+        raise ImplementationError(f"impl={impl!r} cannot run {what}: {why}; use impl='auto' "
+                                  f"(falls back to the reference, logged) or impl='reference'")
+    log.info("fluxc: %s runs the reference implementation: %s", op, why)
+    return None
+
+
 def run_kernel(impl: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, route: Tensor, qpos: Tensor,
                key_start: Tensor, *, is_causal: bool, scale: float, softcap: float, pattern: str, sink: int,
                window: int, block: int, block_exact: bool, n_last: int, bottom_right: bool = False,
@@ -40,11 +49,7 @@ def run_kernel(impl: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | N
     """Run `impl` ("triton" | "flex") or return None after logging why the reference must run instead."""
     why = unsupported_reason(q, k, attn_mask, is_causal, bottom_right)
     if why is not None:
-        if explicit:
-            raise ImplementationError(f"impl={impl!r} cannot run this attention site: {why}; use impl='auto' "
-                                      f"(falls back to the reference, logged) or impl='reference'")
-        log.info("fluxc: routed attention runs the reference implementation: %s", why)
-        return None
+        return _decline(impl, why, explicit, "this attention site", "routed attention")
     batch, _, q_len, _ = q.shape
     kv_len = k.shape[2]
     kv_lens = torch.full((batch,), kv_len, dtype=torch.int32, device=q.device)
@@ -71,11 +76,7 @@ def run_cache_kernel(impl: str, q: Tensor, k_store: Tensor, v_store: Tensor, len
     if why is None and impl == "flex":
         why = "the FlexAttention lowering has no compacted-cache decode"
     if why is not None:
-        if explicit:
-            raise ImplementationError(f"impl={impl!r} cannot run this decode step: {why}; use impl='auto' "
-                                      f"(falls back to the reference, logged) or impl='reference'")
-        log.info("fluxc: cache attention runs the reference implementation: %s", why)
-        return None
+        return _decline(impl, why, explicit, "this decode step", "cache attention")
     kv_lens = lengths.to(torch.int32)
     common = dict(scale=scale, sink=sink, window=window, block=block, block_exact=block_exact, softcap=softcap)
     if layout == RING:
