@@ -42,14 +42,20 @@ that picks the r = 0.75 routes (the router MLP runs in full, the decisions equal
 router engine is compared with the forced r = 0.75 one at the same shapes; `fluxc::router_logits` alone on
 a (1, T, 32, 128) query per layer.
 
-Budget: `--time-budget` seconds for the whole process. Phases run in priority order; each step checks
-the time left against an H100 cost model (Dynamo traces of the 32-layer graph, about 10 s each, dominate
-the fluxc phases: 3 prefill shapes classes + 2 decode graphs per route), optional steps also keep the time
-the later required phases need, and each step runs under a watchdog. Every measurement is written to the
-JSON as soon as it exists (atomic rename), with per-phase wall times printed.
+Budget: `--time-budget` seconds (default 500) from the end of the imports. Phases, in priority order:
+floors (copy bandwidth, cuDNN per shape, router op) | fluxc r = 0, 0.75, 1 | (a) prefill | non-attention
+| (b) decode | fluxc r = 0.5 -- required -- then router engine | max-batch verification | (a') prefill |
+(a) decode | (a) prefill at B=8 -- optional. Each step checks the time left against an H100 cost model
+(Dynamo traces of the 32-layer graph, ~10 s each and calibrated by the warm-ups, dominate the fluxc phases:
+3 prefill shape classes + 1 per decode shape, since each decode entry compiles its own step); second
+repetitions and optional phases also keep the time the later required phases need; a required phase starts
+with half its estimate left and keeps its headline shapes first. Each step runs under a watchdog (>= 120 s);
+a step that overruns it makes the phase skip its remaining long steps. Every measurement is written to the
+JSON as soon as it exists (atomic rename), with per-phase wall times printed; SIGINT (the runner's timeout)
+keeps what was measured and prints the summary.
 
-    python benchmarks/e2e.py [--out results.json] [--time-budget 480]     # GPU
-    python benchmarks/e2e.py --smoke                                       # tiny model on CPU, all logic
+    python benchmarks/e2e.py [--out results.json] [--time-budget 500]     # GPU (scripts/gpu_e2e.sh)
+    python benchmarks/e2e.py --smoke [--quick]                             # tiny model on CPU, all logic
 """
 
 from __future__ import annotations
@@ -123,13 +129,14 @@ class Spec:
 
 LLAMA31_8B = Spec("llama-3.1-8b", 128256, 4096, 14336, 32, 32, 8, 128, (32768, 65536, 131072), 8,
                   ((1, 4096), (1, 8192), (2, 4096)), 4096, 128, 2048, 128, (1024, 256, 512, 128),
-                  4, 3, 16, 2, 2, 1 << 30, "bfloat16", "cuda", 1.0)
+                  4, 3, 16, 3, 2, 1 << 30, "bfloat16", "cuda", 1.0)
 SMOKE = Spec("smoke-tiny-llama", 256, 64, 128, 4, 4, 2, 16, (64, 128, 256), 2,
              ((1, 32), (1, 48), (2, 32)), 48, 8, 16, 8, (32, 16, 24, 8),
              2, 2, 3, 2, 2, 1 << 20, "float32", "cpu", 0.0)
-# the test's run: two layers, short prompts, one rep each (every code path, fewer Dynamo traces)
-SMOKE_QUICK = replace(SMOKE, name="smoke-quick", layers=2, lengths=(32, 40, 48), warm=((1, 16), (1, 24), (2, 16)),
-                      verify_prompt=24, decode_reps=1, decode_steps=2, reps_short=1, reps_long=1)
+# the test's run: two layers, one prompt length (no dynamic-length trace), one rep each: every code path with
+# the fewest Dynamo traces (the full --smoke covers the three lengths and the dynamic shapes)
+SMOKE_QUICK = replace(SMOKE, name="smoke-quick", layers=2, lengths=(40, 40, 40), warm=((1, 40), (2, 40)),
+                      verify_prompt=16, decode_reps=1, decode_steps=2, reps_short=1, reps_long=1)
 
 
 def route_for(r: float, layers: int) -> list[str]:
@@ -327,11 +334,17 @@ def _noattn(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Te
 def attention_impl(model: Any, name: str) -> Iterator[None]:
     """Switch the HF attention implementation of `model` (restored after)."""
     saved = model.config._attn_implementation
-    model.set_attn_implementation(name)
+
+    def switch(to: str) -> None:
+        try:
+            model.set_attn_implementation(to)
+        except (ValueError, KeyError, TypeError):  # an older API: the config is shared by every layer
+            model.config._attn_implementation = to
+    switch(name)
     try:
         yield
     finally:
-        model.set_attn_implementation(saved)
+        switch(saved)
 
 
 def param_bytes(model: Any) -> tuple[int, int]:
@@ -387,6 +400,7 @@ class Bench:
         self.t0 = time.perf_counter()
         self.budget = float(args.time_budget)
         self.broken: str | None = None
+        self.phase_timeout: str | None = None  # a step of the current phase ran past its watchdog
         self.trace_s = 10.0  # one Dynamo trace of the 32-layer graph (calibrated by the warm-ups)
         self.model: Any = None
         self.fms: dict[float, Any] = {}  # kept fluxc modules (max-batch verification)
@@ -399,7 +413,8 @@ class Bench:
         self.fluxc = fluxc
         self.cfg = fluxc.FluxConfig(sink=spec.sink, window=spec.window, block=spec.block,
                                     router_hidden=spec.router_hidden, compiler=args.compiler)
-        self.rec.data["meta"]["flux_config"] = self.cfg.to_dict()
+        self.rec.data["meta"].update(flux_config=self.cfg.to_dict(), fluxc_path=fluxc.__file__,
+                                     fluxc_passes_path=fluxc.passes.__file__)
 
     # --- bookkeeping
     def meta(self) -> dict[str, Any]:
@@ -467,17 +482,24 @@ class Bench:
         if est > left:
             self.skip(label, f"time budget: {left:.0f} s left, step needs ~{est:.0f} s")
             return None
+        if self.phase_timeout and est > 10:
+            self.skip(label, f"an earlier step of this phase ran past its watchdog ({self.phase_timeout})")
+            return None
         if optional and est + self.reserve() > left:
             self.skip(label, f"optional; {left:.0f} s left, step ~{est:.0f} s + {self.reserve():.0f} s kept for "
                              f"later required phases")
             return None
-        limit = min(max(60.0, 3.0 * est + 30.0), left + 20.0) if self.spec.est_scale else None
+        # generous: a slow Dynamo trace must finish; only a hung or pathological step is cut
+        limit = min(max(120.0, 3.0 * est + 30.0), left + 20.0) if self.spec.est_scale else None
         try:
             with deadline(limit):
                 return fn()
         except Exception as exc:  # noqa: BLE001  (one failing step must not sink the run)
             self.error(label, exc)
-            return None
+            if isinstance(exc, CallTimeout):
+                self.phase_timeout = label
+        self.free()  # the exception's frames may hold device memory in reference cycles
+        return None
 
     def free(self, collect: bool = True) -> None:
         """Release cached device memory; `collect` also runs the cycle collector first (0.2-0.3 s each, so only
@@ -696,6 +718,10 @@ class Bench:
         self.free()
 
     def fluxc_phase(self, r: float) -> None:
+        """Forced routes with SA fraction r: warm-ups (one trace per shape class), then the headline shapes
+        first (a phase cut short by the budget keeps them): B=big at the short length with decode, B=1 at the
+        long length with decode and the max-batch model, then B=1 at the short and mid lengths. Each shape
+        gets a fresh engine: an engine's decode entries own their KV buffers."""
         spec = self.spec
         route = route_for(r, spec.layers)
         fm = self.fluxc.compile(self.model, config=self.cfg, route=route)
@@ -703,28 +729,25 @@ class Bench:
         short, mid, long = spec.lengths
         engine = self.new_engine(fm)
         self.warmups(f"fluxc r={r}", fm, engine)
+        for batch, length, reps in ((spec.big_batch, short, 1), (1, long, spec.reps_long)):
+            engine = state = None
+            self.drop_trace_refs(fm)
+            self.free()
+            engine = self.new_engine(fm)
+            state = self.prefill_series(impl, r, fm, engine, route, batch, length, reps, keep=True)
+            if state is None:
+                continue
+            if batch == 1:
+                self.maxbatch_model(r, self.last_prefill)
+            self.step(f"fluxc r={r} decode {batch}x{length}", self.trace_s + 4,
+                      lambda b=batch, t=length, e=engine, s=state: self.decode_series(impl, r, e, s, b, t))
         for length, reps in ((short, spec.reps_short), (mid, 1)):
-            engine = None
+            engine = state = None
+            self.drop_trace_refs(fm)
             self.free()
             engine = self.new_engine(fm)
             self.prefill_series(impl, r, fm, engine, route, 1, length, reps, keep=False)
-        engine = None
-        self.free()
-        engine = self.new_engine(fm)
-        state = self.prefill_series(impl, r, fm, engine, route, 1, long, spec.reps_long, keep=True)
-        if state is not None:
-            self.maxbatch_model(r, self.last_prefill)
-            self.step(f"fluxc r={r} decode 1x{long}", self.trace_s + 3,
-                      lambda: self.decode_series(impl, r, engine, state, 1, long))
-        state = engine = None
-        self.drop_trace_refs(fm)
-        self.free()
-        engine = self.new_engine(fm)
-        state = self.prefill_series(impl, r, fm, engine, route, spec.big_batch, short, 1, keep=True)
-        if state is not None:
-            self.step(f"fluxc r={r} decode {spec.big_batch}x{short}", self.trace_s + 4,
-                      lambda: self.decode_series(impl, r, engine, state, spec.big_batch, short))
-        state = engine = None
+        engine = state = None
         self.drop_trace_refs(fm)
         if r in (0.0, 0.75):
             self.fms[r] = fm
@@ -921,10 +944,14 @@ class Bench:
                     for _ in range(2):
                         fwd()
                 torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    fwd()
-                fn, how = graph.replay, "cuda graph"
+                try:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        fwd()
+                    fn, how = graph.replay, "cuda graph"
+                except Exception as exc:  # noqa: BLE001  (eager steps are launch-bound: flagged in the row)
+                    how = f"eager (capture failed: {type(exc).__name__}: {str(exc)[:160]})"
+                    torch.cuda.synchronize()
             ms_all = self.clock.bench(fn, iters=30 if self.cuda else 5, warm=2)
         self.rec.add(kind="nonattn_decode", impl="hf_noattn", B=batch, L=length, ms=median(ms_all), ms_all=ms_all,
                      how=how)
@@ -935,7 +962,7 @@ class Bench:
 
         spec = self.spec
         batch, length = spec.big_batch, spec.lengths[0]
-        total = 3 + spec.decode_reps * spec.decode_steps
+        total = 4 + spec.decode_reps * spec.decode_steps
         cache = StaticCache(config=self.model.config, max_cache_len=length + total + 8)
         try:
             cache.early_initialization(batch, spec.kv_heads, spec.head_dim, self.dtype, torch.device(spec.device))
@@ -952,10 +979,12 @@ class Bench:
             pos = getattr(layer, "cumulative_length", None)
             if isinstance(pos, torch.Tensor):
                 pos.fill_(length)
-        if self.args.b_backend == "inductor":
-            fwd = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
-        else:
-            fwd = torch.compile(self.model.forward, backend=self.args.b_backend, fullgraph=True)
+        def compiled(fullgraph: bool) -> Callable[..., Any]:
+            if self.args.b_backend == "inductor":
+                return torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=fullgraph)
+            return torch.compile(self.model.forward, backend=self.args.b_backend, fullgraph=fullgraph)
+        fullgraph = True
+        fwd = compiled(fullgraph)
         tok = self.ids(batch, 1)
         step_no = [0]
 
@@ -975,14 +1004,29 @@ class Bench:
                 one()
             return tok
         self.mem.reset()
-        compile_ms, _ = self.clock.run(lambda: steps(3))  # compile, record, first replay
+        try:
+            compile_ms, _ = self.clock.run(lambda: steps(4))  # compile, warm-up run, record, first replay
+        except (CallTimeout, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001  (a graph break: HF's documented set-up, without fullgraph)
+            if self.left() < self.est(80):
+                raise
+            self.error("hf_static_compiled fullgraph=True", exc)
+            fullgraph = False
+            fwd = compiled(fullgraph)
+            for layer in getattr(cache, "layers", []):
+                pos = getattr(layer, "cumulative_length", None)
+                if isinstance(pos, torch.Tensor):
+                    pos.fill_(length)
+            step_no[0] = 0
+            compile_ms, _ = self.clock.run(lambda: steps(4))
         ms_all = []
         for _ in range(spec.decode_reps):
             ms, _ = self.clock.run(lambda: steps(spec.decode_steps))
             ms_all.append(ms / spec.decode_steps)
         self.rec.add(kind="decode", impl="hf_static_compiled", r=None, B=batch, L=length, ms=median(ms_all),
                      ms_all=ms_all, compile_and_warm_s=compile_ms / 1e3, peak_gib=self.mem.peak(),
-                     cache_tensors_filled=filled, backend=self.args.b_backend,
+                     cache_tensors_filled=filled, backend=self.args.b_backend, fullgraph=fullgraph,
                      note="StaticCache filled with random K/V at position L (no prefill)")
         fwd = cache = None  # noqa: F841  (free before the cleanup phase)
         self.free()
@@ -1175,7 +1219,7 @@ class Bench:
                     + f(b, short) + 6)
         rs = [float(x) for x in self.args.rs.split(",") if x]
         core = [r for r in (0.0, 0.75, 1.0) if r in rs]
-        extra = [r for r in rs if r not in core]
+        extra = [r for r in rs if r not in core]  # after (b), still required: "every r" has targets
         add = self.phases.append
         add(Phase("floors", self.floors, lambda: self.est(14), True))
         for r in core:
@@ -1189,7 +1233,7 @@ class Bench:
                   lambda: self.est(70), True))
         add(Phase("hf_b_cleanup", self.b_cleanup, lambda: 0.0, True))
         for r in extra:
-            add(Phase(f"fluxc_r{r}", lambda r=r: self.fluxc_phase(r), lambda r=r: self.est(fluxc_est(r)), False))
+            add(Phase(f"fluxc_r{r}", lambda r=r: self.fluxc_phase(r), lambda r=r: self.est(fluxc_est(r)), True))
         add(Phase("router", self.router_phase,
                   lambda: self.est(3 * self.trace_s + 4 * self.fwd_s(1, short, self.sa_factor(0.75, short))
                                    + self.fwd_s(1, long, self.sa_factor(0.75, long)) + 4), False))
@@ -1217,11 +1261,13 @@ class Bench:
                 entry.update(status="not selected")
             elif self.broken:
                 entry.update(status="skipped", reason=f"CUDA context unusable since {self.broken}")
-            elif ph.est() > self.left() or (not ph.required and ph.est() + self.reserve() > self.left()):
+            elif (ph.required and 0.5 * ph.est() > self.left()) or (
+                    not ph.required and ph.est() + self.reserve() > self.left()):
                 entry.update(status="skipped", reason=f"time budget: {self.left():.0f} s left, phase ~{ph.est():.0f} s, "
                                                       f"{self.reserve():.0f} s kept for later required phases")
             else:
                 print(f"== phase {ph.name} (est {ph.est():.0f} s, {self.left():.0f} s left)", flush=True)
+                self.phase_timeout = None
                 try:
                     ph.fn()
                     entry.update(status="ok")
@@ -1263,7 +1309,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 "file)")
     ap.add_argument("--smoke", action="store_true", help="tiny Llama on CPU: every phase's logic, no real numbers")
     ap.add_argument("--quick", action="store_true", help="with --smoke: a 2-layer model, one rep (the test)")
-    ap.add_argument("--time-budget", type=float, default=None, help="seconds for the whole process (default 480; "
+    ap.add_argument("--time-budget", type=float, default=None, help="seconds for the whole process (default 500; "
                                                                    "smoke 3600)")
     ap.add_argument("--rs", default="0,0.75,1,0.5", help="SA fractions (0, .75, 1 required; others optional)")
     ap.add_argument("--phases", default="", help="comma list of phase names to run (default all); fluxc = all r")
@@ -1274,7 +1320,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     spec = (SMOKE_QUICK if args.quick else SMOKE) if args.smoke else LLAMA31_8B
     if args.time_budget is None:
-        args.time_budget = 3600.0 if args.smoke else 480.0
+        args.time_budget = 3600.0 if args.smoke else 500.0
     if args.out is None:
         args.out = (os.path.join(tempfile.gettempdir(), "fluxc-e2e-smoke.json") if args.smoke
                     else str(ROOT / "benchmarks" / "results" / "e2e_h100.json"))
@@ -1289,7 +1335,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             bench.run()
     except KeyboardInterrupt:  # the outer timeout: keep what was measured
-        bench.rec.data["phases"].append(dict(name="interrupted", status="interrupted", end_s=round(bench.elapsed(), 1)))
+        during = bench.phases[bench.current].name if bench.phases else "setup"
+        bench.rec.data["phases"].append(dict(name=during, status="interrupted", end_s=round(bench.elapsed(), 1)))
         rc = 130
     except Exception as exc:  # noqa: BLE001
         bench.error("run", exc)

@@ -3,7 +3,7 @@
 # Results go to $OUT when set (the device tool's output folder), else benchmarks/results/:
 #   $NAME.json (rewritten after every measurement), $NAME.log, $NAME.png      (NAME: e2e_h100)
 #   FLUXC_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_e2e.sh            # the copy there has no .git
-#   E2E_BUDGET=480 bash scripts/gpu_e2e.sh --rs 0,0.75,1                  # extra args go to e2e.py
+#   E2E_BUDGET=500 bash scripts/gpu_e2e.sh --rs 0,0.75,1                  # extra args go to e2e.py
 # The Python process gets E2E_BUDGET seconds (phases are planned inside it), then SIGINT (it writes what it
 # has and prints its summary), then SIGKILL 20 s later; the plot runs after, on whatever the JSON holds.
 set -uo pipefail
@@ -13,7 +13,7 @@ OUT_DIR="${OUT:-$ROOT/benchmarks/results}"
 mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python3}"
 NAME="${BENCH_NAME:-e2e_h100}"
-BUDGET="${E2E_BUDGET:-480}"
+BUDGET="${E2E_BUDGET:-500}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/fluxc-inductor-cache}"
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"

@@ -68,6 +68,8 @@ def test_smoke_run_writes_every_measurement(smoke_json):
     short, mid, long = meta["spec"]["lengths"]
     big = meta["spec"]["big_batch"]
     rows = data["rows"]
+    assert [(r["B"], r["L"]) for r in rows if r["kind"] == "prefill" and r["impl"] == "fluxc"] == [
+        (big, short), (1, long), (1, short), (1, mid)]  # headline shapes first
     for batch, length in ((1, short), (1, mid), (1, long), (big, short)):
         row = _find(rows, kind="prefill", impl="fluxc", r=0.75, B=batch, L=length)
         assert row["ms"] > 0 and row["route_ok"] is True and set(row["recompiled"]) == {0}
