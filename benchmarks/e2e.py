@@ -66,6 +66,7 @@ import datetime
 import gc
 import hashlib
 import json
+import logging
 import math
 import os
 import pathlib
@@ -78,6 +79,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -191,6 +193,17 @@ def _round(v: Any) -> Any:
     if isinstance(v, dict):
         return {k: _round(x) for k, x in v.items()}
     return v
+
+
+class LogTally(logging.Handler):
+    """Counts fluxc's log messages (e.g. which sites fall back to the reference implementation, and why)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.counts: Counter[str] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.counts[f"{record.levelname}: {record.getMessage()[:300]}"] += 1
 
 
 class CallTimeout(Exception):
@@ -415,6 +428,15 @@ class Bench:
                                     router_hidden=spec.router_hidden, compiler=args.compiler)
         self.rec.data["meta"].update(flux_config=self.cfg.to_dict(), fluxc_path=fluxc.__file__,
                                      fluxc_passes_path=fluxc.passes.__file__)
+        self.tally = LogTally()  # fluxc logs at INFO why a site runs the reference instead of the kernels
+        self.logger = logging.getLogger("fluxc")
+        self.saved_level = self.logger.level
+        self.logger.addHandler(self.tally)
+        self.logger.setLevel(logging.INFO)
+
+    def close(self) -> None:
+        self.logger.removeHandler(self.tally)
+        self.logger.setLevel(self.saved_level)
 
     # --- bookkeeping
     def meta(self) -> dict[str, Any]:
@@ -1204,6 +1226,7 @@ class Bench:
                 ">= 3.5", lambda v: v >= 3.5, f"B_max dense {dense}, r=0.75 {sparse}; verified: "
                 f"{mb['0.0'].get('verified')} / {mb['0.75'].get('verified')}")
         self.rec.data["targets"] = targets
+        self.rec.data["fluxc_log"] = dict(self.tally.counts.most_common(40))
         self.rec.flush()
 
     # ------------------------------------------------------------------------------------ driver
@@ -1300,6 +1323,8 @@ class Bench:
             print(f"TARGET {t['target']}: {t['value']} (goal {t['goal']}) -> {flag}")
         for e in self.rec.data["errors"]:
             print(f"ERROR {e['label']}: {e['error'][:160]}")
+        for msg, n in self.tally.counts.most_common(8):
+            print(f"FLUXC LOG x{n}: {msg[:200]}")
         print(f"elapsed {self.elapsed():.0f} s; results: {self.args.out}", flush=True)
 
 
@@ -1349,6 +1374,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.rec.data["meta"]["elapsed_s"] = round(bench.elapsed(), 1)
         bench.rec.flush()
         bench.summary()
+        bench.close()
     return rc
 
 
