@@ -125,3 +125,68 @@ def test_two_gloo_processes_train_the_same_routers(tmp_path):
     text = out.read_text()
     assert "same=True" in text, text
     assert "lambda=[0.0, 0.0]" not in text  # the multipliers moved
+
+
+
+def _grads_and_saved(module, recorder, ids, mask, calls):
+    """Router gradients of one forward/backward, bytes saved for backward during the forward, and the number of
+    reference attention calls in forward and in backward."""
+    from fluxc.training import lm_loss
+
+    for p in module.routers.parameters() if module.routers is not None else ():
+        p.grad = None
+    saved = []
+    torch.manual_seed(5)
+    calls.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        out = module(input_ids=ids, attention_mask=mask)
+    forward_calls = calls["n"]
+    (lm_loss(out.logits, ids) + recorder.samples().sum()).backward()
+    grads = [p.grad.clone() for p in module.routers.parameters()]
+    return grads, sum(saved), forward_calls, calls["n"] - forward_calls
+
+
+def test_gradient_checkpointing_same_gradients_fewer_saved_activations(monkeypatch):
+    import collections
+    import copy
+
+    import fluxc.ops.attention as attention
+    from fluxc.api import compile_for_training
+    from fluxc.ops.router import LayerRouter, RouteRecorder
+    from fluxc.training.checkpointing import compile_for_training_checkpointed
+
+    calls = collections.Counter()
+    reference = attention.routed_attention_reference
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return reference(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "routed_attention_reference", counted)
+    torch.manual_seed(1)
+    routers = torch.nn.ModuleList(LayerRouter(16, CFG.router_hidden) for _ in range(3))
+    model = tiny_model("llama", "sdpa", layers=3)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    inputs = []
+    for length in (24, 48):
+        ids = torch.randint(1, 128, (2, length), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0  # a left-padded row
+        inputs.append((ids, mask))
+    results = {}
+    for name, build in (("plain", compile_for_training), ("checkpointed", compile_for_training_checkpointed)):
+        recorder = RouteRecorder(1.2)
+        module = build(model, CFG, recorder, routers=copy.deepcopy(routers))
+        for ids, mask in inputs:
+            results[name, ids.shape[1]] = _grads_and_saved(module, recorder, ids, mask, calls)
+    for length in (24, 48):
+        plain, ckpt = results["plain", length], results["checkpointed", length]
+        for a, b in zip(plain[0], ckpt[0]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        assert plain[2] == ckpt[2] == 6  # forward: both branches of 3 layers
+        assert ckpt[3] == plain[3] + 6  # backward: each layer's forward is recomputed
+    growth = {name: results[name, 48][1] - results[name, 24][1] for name in ("plain", "checkpointed")}
+    assert growth["checkpointed"] * 4 < growth["plain"]  # activations kept per token: a fraction

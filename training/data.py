@@ -178,13 +178,25 @@ def _render(tokenizer: Any, user: str, chat: bool, plain_suffix: str = "\nAnswer
     return user + plain_suffix
 
 
+_END_OF_TURN: dict[int, tuple[Any, int | None]] = {}
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """Id of the token that ends an assistant turn: ``<|im_end|>`` when the vocabulary has it (SmolLM2's
+    chat format), else the eos token. Cached per tokenizer (`get_vocab` builds a large dict)."""
+    held = _END_OF_TURN.get(id(tokenizer))
+    if held is None or held[0] is not tokenizer:
+        end = getattr(tokenizer, "eos_token_id", None)
+        if "<|im_end|>" in tokenizer.get_vocab():
+            end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        held = _END_OF_TURN[id(tokenizer)] = (tokenizer, end)
+    return held[1]
+
+
 def _answer_ids(tokenizer: Any, answer: str, chat: bool) -> list[int]:
     templated = chat and getattr(tokenizer, "chat_template", None)
     ids = _encode(tokenizer, answer if templated else " " + answer)
-    end = getattr(tokenizer, "eos_token_id", None)
-    if templated:  # the end of the assistant turn; SmolLM2's eos is <|im_end|>
-        end_tok = "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else None
-        end = tokenizer.convert_tokens_to_ids(end_tok) if end_tok else end
+    end = end_of_turn_id(tokenizer) if templated else getattr(tokenizer, "eos_token_id", None)
     return ids + ([end] if end is not None else [])
 
 

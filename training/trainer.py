@@ -37,10 +37,14 @@ class TrainConfig:
     tau_anneal_frac: float = 0.6
     targets: dict[str, float] = field(default_factory=lambda: {"retrieval": 0.45, "holistic": 1.0})
     extra_lr: float = 1e-5  # learning rate of backbone parameters made trainable (e.g. q/k/v)
+    grad_checkpointing: bool = False  # recompute each layer's activations in backward (long sequences)
+    loss_average: str = "token"  # "token": mean over all label tokens; "example": per example, then over the batch
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"TrainConfig.steps={self.steps} must be >= 1")
+        if self.loss_average not in ("token", "example"):
+            raise ConfigError(f"TrainConfig.loss_average={self.loss_average!r}: use 'token' or 'example'")
         for task, target in self.targets.items():
             if not 0.0 <= target <= 1.0:
                 raise ConfigError(f"TrainConfig.targets[{task!r}]={target} must be a sparsity in [0, 1]")
@@ -79,9 +83,25 @@ class SparsityLagrangian(nn.Module):
         return torch.stack(terms).mean()
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy; labels -100 are ignored."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+def mark_dynamic(*tensors: torch.Tensor) -> None:
+    """Let Dynamo trace batch and length as symbols from the first call: one graph serves every batch shape
+    (otherwise the first shape is traced static and the second traced again as dynamic)."""
+    for t in tensors:
+        for dim in range(min(2, t.dim())):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, average: str = "token") -> torch.Tensor:
+    """Next-token cross-entropy; labels -100 are ignored. ``average="example"`` takes each example's mean over its
+    label tokens, then the mean over examples (a 64-token target weighs as much as a 5-token answer)."""
+    if average == "token":
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    target = labels[:, 1:]  # (B, T-1)
+    per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target, ignore_index=-100,
+                                reduction="none")  # (B, T-1)
+    counts = (target != -100).sum(dim=1)  # (B,)
+    per_example = per_token.sum(dim=1) / counts.clamp_min(1)  # (B,)
+    return per_example[counts > 0].mean()
 
 
 class RouterTrainer:
@@ -99,7 +119,13 @@ class RouterTrainer:
         for name, p in model.named_parameters():
             p.requires_grad_(trainable is not None and trainable(name))
         self.recorder = RouteRecorder(temperature(0, self.cfg))
-        self.module: FluxModule = compile_for_training(model, flux_config, self.recorder, routers=routers)
+        if self.cfg.grad_checkpointing:
+            from fluxc.training.checkpointing import compile_for_training_checkpointed
+
+            self.module: FluxModule = compile_for_training_checkpointed(model, flux_config, self.recorder,
+                                                                        routers=routers)
+        else:
+            self.module = compile_for_training(model, flux_config, self.recorder, routers=routers)
         self.penalty = SparsityLagrangian(self.cfg.targets)
         self.lambda_opt = torch.optim.AdamW(self.penalty.parameters(), lr=self.cfg.lambda_lr, betas=self.cfg.betas,
                                             weight_decay=0.0, maximize=True)
@@ -128,9 +154,10 @@ class RouterTrainer:
         """One update. `batch`: input_ids, attention_mask, labels (B, T) and task (list of task classes)."""
         self.recorder.tau.fill_(temperature(self.step_index, self.cfg))
         self.recorder.clear()
+        mark_dynamic(batch["input_ids"], batch["attention_mask"])
         out = self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = out.logits if hasattr(out, "logits") else out
-        lm = lm_loss(logits, batch["labels"])
+        lm = lm_loss(logits, batch["labels"], self.cfg.loss_average)
         sparsity = 1.0 - self.recorder.samples().mean(dim=1)  # (B,) fraction of layers routed sparse
         penalty = self.penalty(sparsity, batch["task"])
         loss = lm + penalty

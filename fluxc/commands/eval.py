@@ -1,0 +1,50 @@
+"""`fluxc eval`: per task family, full attention vs all-sparse vs the router on held-out examples
+(see `fluxc.training.evaluate`); writes eval.json and eval_heatmap.png."""
+
+from __future__ import annotations
+
+import argparse
+
+from fluxc.commands._common import add_config_arguments, overrides
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--router", help="router checkpoint to evaluate (default: <run.out>/routers.safetensors)")
+    parser.add_argument("--examples", type=int, help="eval.examples per family")
+    parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], help="eval.lengths, e.g. 2048,4096")
+    parser.add_argument("--modes", type=lambda s: s.split(","), help="eval.modes, e.g. full,sparse,router")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fluxc.training import evaluate, load_run_config
+
+    extra = {"eval.examples": args.examples, "eval.lengths": args.lengths, "eval.modes": args.modes}
+    cfg = load_run_config(args.config, overrides(args, extra))
+    router = args.router
+    if router is None and "router" in cfg.eval.modes:
+        router = str(Path(cfg.run.out) / "routers.safetensors")
+    evaluate(cfg, router)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fluxc.commands.eval`: this subcommand alone (same arguments as `fluxc eval`)."""
+    import sys
+
+    from fluxc.errors import FluxError
+
+    parser = argparse.ArgumentParser(prog="fluxc eval", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except FluxError as exc:
+        print(f"fluxc eval: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

