@@ -15,12 +15,14 @@ from fluxc.errors import (
     CheckpointMismatchError,
     ConfigError,
     CorruptCheckpointError,
+    ExportError,
     FluxError,
     ImplementationError,
     NoAttentionError,
     NotTracedError,
     RouteError,
 )
+from fluxc.export import export, export_aoti, export_onnx  # cheap: onnx, onnxscript and Inductor load on use
 from fluxc.generate import generate
 from fluxc.passes import RouteState, SiteInfo
 
@@ -40,5 +42,5 @@ __all__ = [
     "CheckpointError", "CheckpointMismatchError", "DecodeEngine", "FluxCache", "SamplingConfig", "ConfigError", "CorruptCheckpointError", "Fingerprint",
     "FluxConfig", "FluxError", "FluxModule", "ImplementationError", "NoAttentionError", "NotTracedError",
     "RouteError", "RouteState", "SiteInfo", "compile", "generate", "last_route", "read_checkpoint",
-    "save_routers", "sites",
+    "save_routers", "sites", "ExportError", "export", "export_aoti", "export_onnx",
 ]

@@ -38,3 +38,7 @@ class ImplementationError(FluxError):
 
 class NotTracedError(FluxError):
     """Information that exists only after the model has been traced was asked for too early."""
+
+
+class ExportError(FluxError):
+    """A model, route, opset or input cannot be exported as asked."""

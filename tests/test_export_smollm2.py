@@ -1,0 +1,64 @@
+"""fluxc.export on the real SmolLM2-135M-Instruct: one dynamic prefill program with a per-layer route baked in,
+checked at two prompt lengths against the fluxc module (torch.export) and in onnxruntime.
+
+Marked slow as documentation only: `make test` runs it. One export serves both checks (each takes ~30 s on CPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+import torch
+
+import fluxc
+from fluxc.export import export_with_signature
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+PROMPTS = [["Attention lets every token of a sequence look at the tokens before it.",
+            "Sparse attention keeps a few links: the first tokens and a local window."],
+           ["Routers pick a branch per layer.", "Full or sparse?"]]
+ROUTE = ["full" if layer % 3 == 0 else "sparse" for layer in range(30)]  # differs per layer
+CONFIG = fluxc.FluxConfig(sink=4, window=8, block_exact=False, compiler="eager")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("fluxc_examples_smollm2", EXAMPLES / "smollm2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.load_smollm2(torch.float32)
+
+
+def _encode(tokenizer, texts):
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    return enc.input_ids, enc.attention_mask, (enc.attention_mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def test_smollm2_prefill_exports_to_torch_export_and_onnx(tmp_path):
+    model, tokenizer = _load()
+    fm = fluxc.compile(model, config=CONFIG, route=ROUTE)
+    batches = [_encode(tokenizer, texts) for texts in PROMPTS]
+    assert batches[0][0].shape[1] != batches[1][0].shape[1] and (batches[0][1] == 0).any()  # lengths, padding
+    ids, mask, pos = batches[0]
+    program, sig = export_with_signature(fm, dict(input_ids=ids, attention_mask=mask, position_ids=pos))
+    assert sig.num_layers == 30 and sig.route == tuple(r == "full" for r in ROUTE)
+    path = tmp_path / "smollm2.onnx"
+    fluxc.export_onnx(program, None, path, optimize=False)  # the ONNX optimizer takes about a minute here
+    session = ort.InferenceSession(str(path))
+    for ids, mask, pos in batches:
+        with torch.no_grad():
+            want = fm(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            got = program.module()(ids, mask, pos)
+        torch.testing.assert_close(got[0], want, atol=1e-5, rtol=0)
+        assert got[-1].tolist() == [[r == "full" for r in ROUTE]] * ids.shape[0]
+        onnx_logits = torch.from_numpy(session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+                                                          "position_ids": pos.numpy()})[0])
+        real = mask.bool()  # 30 fp32 layers, logits up to ~25: 1e-4 plus 1e-5 of the value for summation order
+        torch.testing.assert_close(onnx_logits[real], want[real], atol=1e-4, rtol=1e-5)
