@@ -12,7 +12,7 @@
 #                     routers.safetensors (+ .state.pt, to resume), train_log.jsonl, eval.json, eval_heatmap.png,
 #                     train_smollm2.log. A run cut short keeps its last checkpoint (every 25 steps) and logs.
 # FLUXC_TIME_LIMIT_S  hard limit of the training + eval process (default 420 s; training itself stops at the
-#                     config's run.time_budget_s, 210 s, and sizes its step count to fit).
+#                     config's run.time_budget_s, 180 s, and sizes its step count to fit).
 # FLUXC_COMMIT        the commit to record in the checkpoint's provenance where the copy has no .git
 #                     (FLUXC_COMMIT=$(git rev-parse HEAD) on the machine that sends the tree).
 # FLUXC_SMOKE=1       the same path at toy sizes on CPU (real SmolLM2; a few minutes);
@@ -101,9 +101,15 @@ if [ -f "$OUT_DIR/eval.json" ]; then
   "$PY" - "$OUT_DIR/eval.json" <<'PY'
 import json, sys
 result = json.load(open(sys.argv[1]))
-print(result["table"])
-print("summary:", json.dumps(result["summary"], indent=1))
-print("criteria:", json.dumps(result["criteria"]))
+if not result.get("complete"):
+    print("eval.json is PARTIAL (the evaluation was cut short); finished rows:")
+    for family, row in result.get("families", {}).items():
+        print(" ", family, json.dumps({m: {k: v for k, v in r.items() if k != "sa_fraction_per_layer"}
+                                       for m, r in row["modes"].items()}))
+else:
+    print(result["table"])
+    print("summary:", json.dumps(result["summary"], indent=1))
+    print("criteria:", json.dumps(result["criteria"]))
 PY
 fi
 rm -rf "$VIEW"

@@ -3,7 +3,6 @@ split between training batches and evaluation examples."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -22,18 +21,9 @@ FAST = ["--set", 'data.tasks=["passkey","lm"]', "--set", "data.lengths=[448]", "
 
 
 def _fluxc(*argv: str) -> int:
+    """The `fluxc` console entry point (fluxc.cli.main)."""
     import fluxc.cli
 
-    if importlib.util.find_spec("fluxc.commands.export") is None:  # issue 6 lands `fluxc export` separately
-        parser = __import__("argparse").ArgumentParser(prog="fluxc")
-        sub = parser.add_subparsers(dest="command", required=True)
-        for name in ("train", "eval"):
-            importlib.import_module(f"fluxc.commands.{name}").add_arguments(sub.add_parser(name))
-        args = parser.parse_args(list(argv))
-        try:
-            return int(importlib.import_module(f"fluxc.commands.{args.command}").run(args) or 0)
-        except fluxc.FluxError:
-            return 2
     return fluxc.cli.main(list(argv))
 
 
@@ -78,6 +68,10 @@ def test_train_resume_and_eval_through_the_cli(tmp_path, capsys):
 def test_cli_errors_are_one_line_messages(tmp_path, capsys):
     assert _fluxc("train", "--config", "tiny", "--out", str(tmp_path), "--set", "train.stepz=3") == 2
     assert _fluxc("train", "--config", "tiny", "--out", str(tmp_path / "none"), "--resume") == 2
+    (tmp_path / "routers.safetensors").write_bytes(b"")
+    assert _fluxc("train", "--config", "tiny", "--out", str(tmp_path)) == 2  # never overwrites a run silently
+    err = capsys.readouterr().err
+    assert "stepz" in err and "does not exist" in err and "pass --resume" in err
 
 
 def test_configs_files_and_overrides(tmp_path):
@@ -116,3 +110,11 @@ def test_heldout_split_never_meets_training_batches():
     assert training_batch(cfg, tok, 5)["input_ids"].equal(training_batch(cfg, tok, 5)["input_ids"])
     assert not torch.equal(training_batch(cfg, tok, 5, rank=0, world=2)["input_ids"],
                            training_batch(cfg, tok, 5, rank=1, world=2)["input_ids"])
+
+
+def test_eval_batches_avoid_a_lone_example():
+    from fluxc.training.evaluation import _balanced
+
+    assert [len(b) for b in _balanced(list(range(40)), 16)] == [13, 14, 13]
+    assert [len(b) for b in _balanced(list(range(33)), 16)] == [11, 11, 11]
+    assert [len(b) for b in _balanced(list(range(4)), 16)] == [4] and _balanced([], 4) == []

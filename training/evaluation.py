@@ -16,11 +16,12 @@ router's SA fraction).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,8 @@ def _answers(runner: Any, examples: list[Example], pad: int, eos: int | None, ma
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     for _ in range(max_new):
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -step_ids.shape[1]:]
-        mark_dynamic(positions, mask)
+        if step_ids is ids:
+            mark_dynamic(positions)  # the prefill: batch and length symbolic, like ids and mask
         out = runner(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                      use_cache=True)
         cache = out.past_key_values
@@ -109,17 +111,38 @@ def _continuation_nll(runner: Any, examples: list[Example], pad: int, device: to
     tgt, tmask = tgt.to(device), tmask.to(device)
     cache = DynamicCache()
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    mark_dynamic(ids, mask, positions, tgt, tmask)
+    mark_dynamic(ids, mask, positions)
     first = runner(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
     full_mask = torch.cat([mask, tmask], dim=1)
     positions = (full_mask.cumsum(-1) - 1).clamp_min(0)[:, -width:]
-    mark_dynamic(full_mask, positions)
+    mark_dynamic(tgt, full_mask, positions, dims=(1,))
     second = runner(input_ids=tgt, attention_mask=full_mask, position_ids=positions,
                     past_key_values=first.past_key_values, use_cache=True)
     logits = torch.cat([first.logits[:, -1:], second.logits[:, :-1]], dim=1).float()  # (B, S, V) predicts tgt
     logp = torch.log_softmax(logits, dim=-1).gather(-1, tgt[..., None])[..., 0]  # (B, S)
     keep = tmask.bool()
     return float(-logp[keep].sum()), int(keep.sum())
+
+
+def _balanced(items: list[Example], size: int) -> list[list[Example]]:
+    """Consecutive batches of at most `size`, as equal as possible: no batch of one after a full one (a batch
+    of one is a shape of its own for Dynamo, which specialises sizes 0 and 1)."""
+    count = -(-len(items) // size)
+    bounds = [round(i * len(items) / count) for i in range(count + 1)] if count else [0]
+    return [items[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+@contextlib.contextmanager
+def _recompiles_fail_loudly() -> Iterator[None]:
+    """More Dynamo recompiles for this evaluation's modules (prefill, two decode graphs, the scoring chunk, each
+    as shapes change), and an error rather than a silent fall-back to the untouched model past the limit."""
+    import torch._dynamo.config as dynamo_config
+
+    changes = {name: 64 for name in ("recompile_limit", "cache_size_limit") if hasattr(dynamo_config, name)}
+    if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
+        changes["fail_on_recompile_limit_hit"] = True
+    with dynamo_config.patch(**changes):
+        yield
 
 
 def _runner(mode: str, model: Any, router: str | None, flux: FluxConfig) -> Any:
@@ -169,6 +192,28 @@ def evaluate(cfg: RunConfig, router: str | None, *, model: Any = None, tokenizer
     families: dict[str, dict[str, Any]] = {t: {"kind": TASKS[t], "metric": "perplexity" if t in PERPLEXITY_TASKS
                                               else "accuracy", "examples": 0, "modes": {}} for t in spec.tasks}
     samples: dict[str, list[dict[str, Any]]] = {}
+    with _recompiles_fail_loudly():
+        _run_modes(spec, model, router, flux, tokenizer, data, pad, eos, layers, device, families, samples, timings,
+                   out, echo)
+    summary, criteria = _summarise(families, spec.capable_threshold)
+    result = {"complete": True, "families": families, "summary": summary, "criteria": criteria, "samples": samples,
+              "table": markdown_table(families), "config": cfg.to_dict(), "flux": flux.to_dict(),
+              "router": router, "router_provenance": read_checkpoint(router).provenance if router else None,
+              "lengths": list(spec.lengths), "layers": layers, "timings": timings}
+    (out / EVAL_JSON).write_text(json.dumps(result, indent=1, default=str))
+    if "router" in spec.modes:
+        heatmap(families, out / HEATMAP, layers)
+    echo(result["table"])
+    echo("criteria: " + json.dumps(criteria))
+    echo(f"wrote {out / EVAL_JSON}" + (f" and {out / HEATMAP}" if "router" in spec.modes else ""))
+    return result
+
+
+def _run_modes(spec: Any, model: Any, router: str | None, flux: FluxConfig, tokenizer: Any, data: list[Example],
+               pad: int, eos: int | None, layers: int, device: torch.device, families: dict[str, dict[str, Any]],
+               samples: dict[str, list[dict[str, Any]]], timings: dict[str, float], out: Path,
+               echo: Callable[[str], None]) -> None:
+    """Every (mode, family) of `spec`, filling `families` and `samples`; eval.json is rewritten after each."""
     for mode in spec.modes:
         t = time.perf_counter()
         runner = _runner(mode, model, router, flux)
@@ -178,8 +223,7 @@ def evaluate(cfg: RunConfig, router: str | None, *, model: Any = None, tokenizer
             correct, nll, tokens = 0, 0.0, 0
             routes: list[torch.Tensor] = []
             lens: list[int] = []
-            for i in range(0, len(chosen), spec.batch_size):
-                chunk = chosen[i: i + spec.batch_size]
+            for chunk in _balanced(chosen, spec.batch_size):
                 if task in PERPLEXITY_TASKS:
                     s, n = _continuation_nll(runner, chunk, pad, device)
                     nll, tokens = nll + s, tokens + n
@@ -211,18 +255,6 @@ def evaluate(cfg: RunConfig, router: str | None, *, model: Any = None, tokenizer
             (out / EVAL_JSON).write_text(json.dumps(partial, indent=1, default=str))  # kept if the run is cut short
         timings[f"{mode}_s"] = time.perf_counter() - t
         del runner
-    summary, criteria = _summarise(families, spec.capable_threshold)
-    result = {"complete": True, "families": families, "summary": summary, "criteria": criteria, "samples": samples,
-              "table": markdown_table(families), "config": cfg.to_dict(), "flux": flux.to_dict(),
-              "router": router, "router_provenance": read_checkpoint(router).provenance if router else None,
-              "lengths": list(spec.lengths), "layers": layers, "timings": timings}
-    (out / EVAL_JSON).write_text(json.dumps(result, indent=1, default=str))
-    if "router" in spec.modes:
-        heatmap(families, out / HEATMAP, layers)
-    echo(result["table"])
-    echo("criteria: " + json.dumps(criteria))
-    echo(f"wrote {out / EVAL_JSON}" + (f" and {out / HEATMAP}" if "router" in spec.modes else ""))
-    return result
 
 
 def _num_layers(model: Any) -> int:

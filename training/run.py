@@ -351,8 +351,10 @@ def preflight(trainer: RouterTrainer, batch: dict[str, Any], device: torch.devic
         trainer.recorder.clear()
 
     batch = to_device(batch, device)
+    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     try:
-        attempt()
+        with rng:  # the check draws Gumbel noise; the run (and a resumed run) must not see it
+            attempt()
         return contextlib.nullcontext
     except (RuntimeError, NotImplementedError) as exc:
         if device.type != "cuda":
@@ -361,7 +363,7 @@ def preflight(trainer: RouterTrainer, batch: dict[str, Any], device: torch.devic
 
         echo(f"preflight: forward+backward failed ({type(exc).__name__}: {str(exc)[:300]}); retrying with SDPA's "
              f"math backend")
-        with sdpa_kernel([SDPBackend.MATH]):
+        with sdpa_kernel([SDPBackend.MATH]), torch.random.fork_rng(devices=[device]):
             attempt()
         echo("preflight: the math backend works; the whole run uses it (slower attention)")
         return lambda: sdpa_kernel([SDPBackend.MATH])
@@ -383,7 +385,8 @@ class _Loop:
 
     def run(self, stream: BatchStream) -> str | None:
         """Train until train.steps (or the budget, or an interrupt); returns why it stopped early, if it did."""
-        log_file = open(self.out / TRAIN_LOG, "a") if self.procs.main else None  # noqa: SIM115
+        mode = "a" if self.cfg.run.resume else "w"  # a new run starts a new log
+        log_file = open(self.out / TRAIN_LOG, mode) if self.procs.main else None  # noqa: SIM115
         progress = Progress(self.trainer.cfg.steps, self.echo, self.cfg.run.log_every) if self.procs.main else None
         self.loop_start = time.perf_counter()
         try:
@@ -471,6 +474,9 @@ def train(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: An
     ckpt_path = out / ROUTERS
     if cfg.run.resume and not ckpt_path.is_file():
         raise ConfigError(f"run.resume=true but {ckpt_path} does not exist; drop --resume or fix run.out")
+    if not cfg.run.resume and ckpt_path.exists():
+        raise ConfigError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out "
+                          f"(or delete it) to start a new one")
     procs = setup_processes(cfg.model.device)
     timings: dict[str, float] = {}
     say = echo if procs.main else (lambda _text: None)

@@ -83,12 +83,15 @@ class SparsityLagrangian(nn.Module):
         return torch.stack(terms).mean()
 
 
-def mark_dynamic(*tensors: torch.Tensor) -> None:
-    """Let Dynamo trace batch and length as symbols from the first call: one graph serves every batch shape
-    (otherwise the first shape is traced static and the second traced again as dynamic)."""
+def mark_dynamic(*tensors: torch.Tensor, dims: tuple[int, ...] = (0, 1)) -> None:
+    """Let Dynamo trace these dims (batch, length) as symbols from the first call: one graph serves every shape
+    (otherwise the first shape is traced static and the second traced again as dynamic). Calls that pass a
+    KV cache mark the length only: a symbolic batch on the inputs next to the cache's static one would give
+    the graph two batch sizes."""
     for t in tensors:
-        for dim in range(min(2, t.dim())):
-            torch._dynamo.maybe_mark_dynamic(t, dim)
+        for dim in dims:
+            if dim < t.dim():
+                torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, average: str = "token") -> torch.Tensor:
@@ -195,7 +198,9 @@ class RouterTrainer:
         save_routers(path, self.module.routers, self.flux_config, fp, info)
         torch.save({"step": self.step_index, "router_opt": self._optimizer().state_dict(),
                     "lambda_opt": self.lambda_opt.state_dict(), "penalty": self.penalty.state_dict(),
-                    "rng": torch.get_rng_state()}, path + ".state.pt")
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None},
+                   path + ".state.pt")
 
     @classmethod
     def resume(cls, path: str, model: nn.Module, train_config: TrainConfig | None = None, *,
@@ -212,6 +217,9 @@ class RouterTrainer:
         trainer.lambda_opt.load_state_dict(state["lambda_opt"])
         trainer._optimizer().load_state_dict(state["router_opt"])
         torch.set_rng_state(state["rng"])
+        cuda_rng = state.get("cuda_rng")
+        if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_rng)  # Gumbel noise on GPUs comes from their generators
         return trainer
 
 
