@@ -64,9 +64,11 @@ class FluxBackend:
         self.on_routers = on_routers
         self.sites: list[SiteInfo] | None = None
         self.graphs = 0
-        # the latest rewritten graph and the inputs Dynamo called it with, in placeholder order (inspection, export)
+        # the latest rewritten graph and, with keep_inputs, the inputs Dynamo called it with, in placeholder order
+        # (export, inspection); off by default: they would keep a decode graph's KV buffers alive after eviction
         self.last_graph: fx.GraphModule | None = None
         self.last_inputs: tuple[Any, ...] = ()
+        self.keep_inputs = False
 
     def _routers_for(self, sites: list[SiteInfo], device: torch.device) -> nn.ModuleList | None:
         if self.route is not None:
@@ -108,7 +110,8 @@ class FluxBackend:
         if result.prefill or self.sites is None:
             self.sites = result.sites
         self.graphs += 1
-        self.last_graph, self.last_inputs = gm, tuple(example_inputs)
+        self.last_graph = gm
+        self.last_inputs = tuple(example_inputs) if self.keep_inputs else ()
         return self._compile(gm, example_inputs)
 
     def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:

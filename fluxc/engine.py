@@ -78,6 +78,13 @@ class _Layer:
         self.values: Tensor | None = None
         self.layout = DENSE
         self.route: Tensor | None = None  # (B,) bool on the device
+        self.shape: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)  # (B, Hkv, slots, Dk, Dv) once allocated
+
+    def materialize(self, like: Tensor) -> None:
+        """Zeroed buffers of `shape`, with `like`'s dtype and device."""
+        batch, heads, slots, dim_k, dim_v = self.shape
+        self.keys = like.new_zeros((batch, heads, slots, dim_k))  # (B, Hkv, C, Dk)
+        self.values = like.new_zeros((batch, heads, slots, dim_v))  # (B, Hkv, C, Dv)
 
 
 class FluxCache(Cache):
@@ -165,20 +172,22 @@ class FluxCache(Cache):
                    for t in (layer.keys, layer.values) if t is not None)
 
     # --- prefill -> decode
-    def allocate(self, prefill: FluxCache, layouts: tuple[int, ...], routes: Tensor, capacity: int) -> None:
-        """Buffers for `layouts`, shaped like `prefill`'s keys (called once per decode graph)."""
+    def allocate(self, prefill: FluxCache, layouts: tuple[int, ...], routes: Tensor, capacity: int, *,
+                 lazy: bool = False) -> None:
+        """Buffers for `layouts`, shaped like `prefill`'s keys (called once per decode graph). `lazy` leaves
+        each layer's buffers to `load`, which allocates a layer only once the previous prefill layer is freed."""
         cfg = self.flux_config
         ring = ring_capacity(cfg.sink, cfg.window, cfg.block, cfg.block_exact)
         self.flux_layers = []
         for i, (src, layout) in enumerate(zip(prefill.flux_layers, layouts)):
             assert src.keys is not None and src.values is not None
             batch, heads, _, dim = src.keys.shape
-            slots = ring if layout == RING else capacity
             layer = _Layer()
-            layer.keys = src.keys.new_zeros((batch, heads, slots, dim))  # (B, Hkv, C, D)
-            layer.values = src.values.new_zeros((batch, heads, slots, src.values.shape[-1]))
             layer.layout = layout
             layer.route = routes[:, i].clone()  # (B,) bool
+            layer.shape = (batch, heads, ring if layout == RING else capacity, dim, src.values.shape[-1])
+            if not lazy:
+                layer.materialize(src.keys)
             self.flux_layers.append(layer)
         self.lengths = torch.zeros(routes.shape[0], dtype=torch.int64, device=routes.device)
         self.phase = "decode"
@@ -191,18 +200,22 @@ class FluxCache(Cache):
         key = DecodeKey(tuple(tuple(bool(x) for x in row) for row in host.tolist()), capacity,
                         routes.dtype, str(routes.device), SamplingConfig())
         decoded = FluxCache(cfg)
-        decoded.allocate(self, key.layouts(ring_ok), routes, capacity)
-        decoded.load(self, n_real)
+        decoded.allocate(self, key.layouts(ring_ok), routes, capacity, lazy=True)
+        decoded.load(self, n_real, release=True)
         self.flux_layers, self.lengths, self.phase = decoded.flux_layers, decoded.lengths, "decode"
 
-    def load(self, prefill: FluxCache, n_real: Tensor) -> None:
+    def load(self, prefill: FluxCache, n_real: Tensor, *, release: bool = False) -> None:
         """Copy `prefill`'s keys into this cache's buffers, left-packed (padding dropped), SA layers evicted
-        to their sink + window: the eviction. On the device, no host sync."""
+        to their sink + window: the eviction. On the device, no host sync. `release` frees each prefill layer
+        once copied, so the peak is the prompt's cache plus one layer (not plus the whole decode cache)."""
         cfg = self.flux_config
         t = prefill.flux_layers[0].keys.shape[2]  # type: ignore[union-attr]
         pad = (t - n_real)[:, None]  # (B, 1) left padding
         for src, dst in zip(prefill.flux_layers, self.flux_layers):
-            assert src.keys is not None and src.values is not None and dst.keys is not None and dst.values is not None
+            assert src.keys is not None and src.values is not None
+            if dst.keys is None:
+                dst.materialize(src.keys)
+            assert dst.keys is not None and dst.values is not None
             slots = dst.keys.shape[2]
             if dst.layout == RING:
                 r, _ = ring_keys(n_real, cfg.sink, cfg.window, cfg.block, cfg.block_exact)  # (B, C)
@@ -212,6 +225,8 @@ class FluxCache(Cache):
             for s, d in ((src.keys, dst.keys), (src.values, dst.values)):
                 idx = src_idx[:, None, :, None].expand(s.shape[0], s.shape[1], -1, s.shape[3])
                 d[:, :, : idx.shape[2]].copy_(torch.gather(s, 2, idx))
+            if release:
+                src.keys = src.values = None
         assert self.lengths is not None
         self.lengths.copy_(n_real)
         self.seen = prefill.seen
@@ -229,6 +244,14 @@ class _Entry:
     logits: Tensor | None = None  # (B, V) float32, the last step's logits
     owner: int = -1
     steps_run: int = 0
+
+    def release(self) -> None:
+        """Free the CUDA graph's memory pool and the KV buffers now: Dynamo's trace keeps the cache object in
+        reference cycles, which would hold the buffers until the next garbage collection."""
+        self.graph = None
+        for layer in self.cache.flux_layers:
+            layer.keys = layer.values = None
+        self.cache.flux_layers = []
 
 
 @dataclass
@@ -327,7 +350,7 @@ class DecodeEngine:
         key = DecodeKey(tuple(tuple(bool(x) for x in row) for row in host_routes.tolist()), capacity, kv_dtype,
                         str(input_ids.device), sampling)
         entry = self._entry(key, prefill_cache, routes)
-        entry.cache.load(prefill_cache, n_real)
+        entry.cache.load(prefill_cache, n_real, release=True)  # frees each prompt layer once copied
         entry.tokens.copy_(first)
         self._generation += 1
         entry.owner = self._generation
@@ -345,18 +368,24 @@ class DecodeEngine:
         if ring_why is not None and any(not any(col) for col in zip(*key.routes)):
             log.info("fluxc: SA layers keep their whole cache (no eviction): %s", ring_why)
         layouts = key.layouts(ring_why is None)
+        while len(self.entries) >= self.max_graphs:  # evict first: the old buffers go before new ones exist
+            _, old = self.entries.popitem(last=False)
+            old.release()
+            self.stats["graphs_evicted"] += 1
         cache = FluxCache(cfg)
-        cache.allocate(prefill_cache, layouts, routes, key.capacity)
+        cache.allocate(prefill_cache, layouts, routes, key.capacity, lazy=True)  # buffers come in `load`
         tokens = torch.zeros((key.batch, 1), dtype=torch.long, device=routes.device)
         compiled = torch.compile(_private_forward(self.model.model), backend=self.model._backend, fullgraph=True)
         entry = _Entry(key, cache, tokens, compiled)
         self.entries[key] = entry
         self.stats["graphs_built"] += 1
-        while len(self.entries) > self.max_graphs:
-            _, old = self.entries.popitem(last=False)
-            old.graph = None  # frees the CUDA graph's memory pool with its buffers
-            self.stats["graphs_evicted"] += 1
         return entry
+
+    def clear(self) -> None:
+        """Drop every decode graph and the KV buffers it owns (states from earlier prefills become stale)."""
+        for entry in self.entries.values():
+            entry.release()
+        self.entries.clear()
 
     # --- decode
     def _step(self, entry: _Entry) -> None:

@@ -264,6 +264,7 @@ def _trace(setup: _Setup, step: Any, args: list[Tensor], dynamic_dims: dict[int,
     backend = FluxBackend(setup.config.replace(compiler="eager"), checkpoint=setup.checkpoint,
                           route=setup.route, routers=setup.routers, architecture=type(setup.model).__name__,
                           require_sites=True)
+    backend.keep_inputs = True  # the program module binds the traced graph's placeholders to these
     for index, dims in dynamic_dims.items():
         for dim in dims:
             torch._dynamo.maybe_mark_dynamic(args[index], dim)
@@ -453,11 +454,13 @@ def export_with_signature(model: nn.Module, example_inputs: Any, *, dynamic: boo
         else:
             fn = _private(_prefill_step, _fluxc_model=setup.model, _fluxc_names=names, _fluxc_cache=hf)
     elif layout == "engine":
+        from fluxc.ops.cache import RING
+
         names, args, fixed_route = _engine_decode_example(setup, named)
         dyn = {0: (0,), 1: (0,)}
         for i, layout_i in enumerate(engine_layouts(fixed_route, setup.config)):
             for j in (2 + 2 * i, 3 + 2 * i):
-                dyn[j] = (0,) if layout_i == _RING() else (0, 2)  # ring slots are fixed: sink + window
+                dyn[j] = (0,) if layout_i == RING else (0, 2)  # ring slots are fixed: sink + window
         dyn = dyn if dynamic else {}
         fn = _private(_engine_decode_step, _fluxc_model=setup.model, _fluxc_config=config_, _fluxc_route=fixed_route)
     else:
@@ -508,12 +511,6 @@ def export_with_signature(model: nn.Module, example_inputs: Any, *, dynamic: boo
     log.info("fluxc: exported %s program: %d layers, %d torch.cond choices, route %s, %s KV layout", step,
              num_layers, result.conds, "routers" if fixed is None else "fixed", layout)
     return program, sig
-
-
-def _RING() -> int:
-    from fluxc.ops.cache import RING
-
-    return RING
 
 
 def _count_outputs(gm: torch.fx.GraphModule) -> int:

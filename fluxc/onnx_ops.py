@@ -319,11 +319,17 @@ def aten_where(condition: BOOL, x: TAny, y: TAny) -> TAny:
     return op.Where(condition, x, y)
 
 
+def fluxc_dense_copy(x: TAny) -> TAny:
+    """`fluxc::dense_copy`: ONNX tensors have no strides, so the copy is the value itself."""
+    return op.Identity(x)
+
+
 def translation_table(fused: bool = False) -> dict:
     """``custom_translation_table`` for fluxc's ops (and bool `where`, which onnxruntime lacks)."""
     return {
         torch.ops.aten.where.self: aten_where,
         torch.ops.fluxc.positions.default: fluxc_positions,
+        torch.ops.fluxc.dense_copy.default: fluxc_dense_copy,
         torch.ops.fluxc.router_logits.default: fluxc_router_logits,
         torch.ops.fluxc.routed_attention.default: fluxc_routed_attention_fused if fused else fluxc_routed_attention,
         torch.ops.fluxc.cache_attention.default: fluxc_cache_attention_fused if fused else fluxc_cache_attention,

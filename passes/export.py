@@ -90,10 +90,11 @@ def choose_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, 
         return torch.ops.fluxc.routed_attention.default(q, k, v, mask[0] if mask else None, route, qpos,
                                                         key_start, *static)
 
-    # contiguous operands: Inductor compiles each branch for its operands' example strides, and q/k/v are views
-    # (transposed projections) whose runtime layout it may choose differently
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    operands = (q, k, v, route, qpos, key_start) + (() if attn_mask is None else (attn_mask.contiguous(),))
+    # Opaque contiguous copies: Inductor compiles each branch for contiguous operands, but lays out a plain
+    # `.contiguous()` clone of a view (q/k/v are transposed projections) in whichever order it likes
+    dense = torch.ops.fluxc.dense_copy.default
+    q, k, v = dense(q), dense(k), dense(v)
+    operands = (q, k, v, route, qpos, key_start) + (() if attn_mask is None else (dense(attn_mask),))
     return torch.cond(route.all(), fa, routed, operands)
 
 

@@ -33,6 +33,7 @@ def test_rewritten_graph_exports_with_torch_export():
     ids, mask = batch(left_pad=2)
     with torch.no_grad():
         fm = fluxc.compile(model, route=["sparse", "full"], config=CFG.replace(compiler="eager"))
+        fm._backend.keep_inputs = True
         expected = fm(input_ids=ids, attention_mask=mask, use_cache=False).logits
     gm, inputs = fm._backend.last_graph, fm._backend.last_inputs
     names = [n.target for n in gm.graph.nodes if n.op == "call_function"]

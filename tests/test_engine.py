@@ -83,6 +83,49 @@ def test_memory_follows_the_routes():
     assert per_layer_full == 2 * 2 * 2 * 256 * 16 * 4  # capacity 40 + 8 rounded up to 256
 
 
+@torch.no_grad()
+def test_prompt_cache_is_freed_layer_by_layer_and_evicted_buffers_go():
+    """Compaction frees each prompt layer once copied (peak: prompt cache + one layer, not + the decode cache);
+    an evicted or cleared graph's buffers are freed (nothing else, the backend included, keeps them)."""
+    import weakref
+
+    model = tiny_model("llama", "sdpa")
+    ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(3))
+    fm = fluxc.compile(model, config=SMALL, route=("full", "sparse", "sparse"))
+    prompt = FluxCache(SMALL)
+    fm(input_ids=ids, past_key_values=prompt, use_cache=True)
+    layers = list(prompt.flux_layers)
+    seen: list[int] = []
+
+    def copy_and_watch(dst, src):
+        seen.append(sum(layer.keys is not None for layer in layers))  # prompt layers still held at this copy
+        return src
+
+    routes = torch.tensor([[True, False, False]] * 2)
+    prompt_keys = [weakref.ref(layer.keys) for layer in layers]
+    original = torch.Tensor.copy_
+    torch.Tensor.copy_ = lambda self, src, *a, **k: original(self, copy_and_watch(self, src), *a, **k)
+    try:
+        prompt.compact(routes, torch.full((2,), 40), 256)
+    finally:
+        torch.Tensor.copy_ = original
+    assert seen[:6:2] == [3, 2, 1]  # keys of layer i are copied while layers i.. are still held
+    assert all(ref() is None for ref in prompt_keys) and prompt.layouts() == ["full", "sparse-ring", "sparse-ring"]
+
+    engine = DecodeEngine(fluxc.compile(model, config=SMALL, route="sparse"), max_graphs=1)
+    a = engine.prefill(ids, max_new_tokens=4)
+    engine.decode(a, 2)
+    buffers = [weakref.ref(t) for layer in a.cache.flux_layers for t in (layer.keys, layer.values)]
+    del a
+    engine.prefill(ids[:1], max_new_tokens=4)  # another key: evicts the first graph and its cache
+    assert all(ref() is None for ref in buffers)
+    b = engine.prefill(ids[:1], max_new_tokens=4)
+    buffers = [weakref.ref(t) for layer in b.cache.flux_layers for t in (layer.keys, layer.values)]
+    del b
+    engine.clear()
+    assert not engine.entries and all(ref() is None for ref in buffers)
+
+
 def test_mixed_routes_in_one_batch_give_each_sequence_its_own_tokens(tmp_path):
     model = tiny_model("llama", "sdpa")
     ids, mask = batch(left_pad=3)

@@ -42,7 +42,7 @@ def _prompts() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     return out
 
 
-def _routed_module(arch: str, tmp_path) -> fluxc.FluxModule:
+def _routed_module(arch: str, tmp_path, device: str = "cpu") -> fluxc.FluxModule:
     model = tiny_model(arch, "sdpa", layers=2)
     ids, mask, _ = _prompts()[0]
     routers = _routers_with_mixed_decisions(model, ids, mask, CFG, 16)
@@ -50,7 +50,7 @@ def _routed_module(arch: str, tmp_path) -> fluxc.FluxModule:
         routers[1].head[4].bias[1] += 100.0  # layer 1: full attention for every sequence
     path = tmp_path / f"{arch}.safetensors"
     fluxc.save_routers(path, routers, CFG, fluxc.Fingerprint(type(model).__name__, 2, 4, 2, 16))
-    return fluxc.compile(model, str(path), config=CFG)
+    return fluxc.compile(model.to(device), str(path), config=CFG)
 
 
 @pytest.fixture(scope="module")
@@ -143,15 +143,32 @@ def test_program_reloads_in_a_fresh_process(exported, tmp_path):
     assert result.stdout.strip().endswith("ok")
 
 
-def test_aoti_package_runs_and_matches(exported, tmp_path):
+@pytest.mark.parametrize("arch", EXPORT_ARCHS)
+def test_aoti_package_runs_and_matches(arch, exported, tmp_path):
     """The router program (per-layer torch.cond, fluxc's ops) through AOTInductor, at both lengths."""
-    fm, program, _ = exported("llama")
+    fm, program, _ = exported(arch)
     path = fluxc.export_aoti(program, tmp_path / "prefill.pt2")
     runner = torch._inductor.aoti_load_package(path)
     for ids, mask, pos in _prompts():
         logits, routes, _ = _module_prefill(fm, ids, mask, pos)
         out = runner(ids, mask, pos)
         torch.testing.assert_close(out[0], logits, atol=1e-5, rtol=0)
+        assert torch.equal(out[-1], routes)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_aoti_package_on_gpu(tmp_path):
+    """The same router program exported from a CUDA model and compiled by AOTInductor for the GPU."""
+    fm = _routed_module("llama", tmp_path, "cuda")
+    prompts = [tuple(t.cuda() for t in p) for p in _prompts()]
+    ids, mask, pos = prompts[0]
+    program = fluxc.export(fm, dict(input_ids=ids, attention_mask=mask, position_ids=pos))
+    runner = torch._inductor.aoti_load_package(fluxc.export_aoti(program, tmp_path / "gpu.pt2"))
+    for ids, mask, pos in prompts:
+        logits, routes, _ = _module_prefill(fm, ids, mask, pos)
+        out = runner(ids, mask, pos)
+        torch.testing.assert_close(out[0], logits, atol=1e-4, rtol=1e-4)  # GPU kernels: another summation order
         assert torch.equal(out[-1], routes)
 
 

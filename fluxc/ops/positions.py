@@ -35,3 +35,16 @@ def materialize(x: Tensor) -> Tensor:
 @materialize.register_fake
 def _(x):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("fluxc::dense_copy", mutates_args=())
+def dense_copy(x: Tensor) -> Tensor:
+    """A contiguous copy of `x` whose layout compilers cannot change: operands of the export's per-layer
+    `torch.cond`, whose branches AOTInductor compiles for contiguous operands (a plain `.contiguous()` is a clone
+    that Inductor may lay out in another dimension order)."""
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+@dense_copy.register_fake
+def _(x):
+    return x.new_empty(x.shape)  # contiguous, whatever x's strides
