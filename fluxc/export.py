@@ -159,22 +159,26 @@ def _flat_cache(cache: Any) -> list[Tensor]:
     return [t for layer in layers for t in (layer.keys, layer.values)]
 
 
-def _prefill_step(*args: Tensor, _fluxc_model: nn.Module, _fluxc_names: tuple[str, ...], _fluxc_cache: bool) -> Any:
+def _dynamic_cache_class() -> type:
+    # Resolved before tracing: Dynamo of torch 2.11 cannot trace an import from transformers' lazy module.
+    from transformers import DynamicCache
+
+    return DynamicCache
+
+
+def _prefill_step(*args: Tensor, _fluxc_model: nn.Module, _fluxc_names: tuple[str, ...], _fluxc_cache: bool,
+                  _fluxc_cache_class: type) -> Any:
     kwargs = dict(zip(_fluxc_names, args))
     if not _fluxc_cache:
         return tuple(torch.utils._pytree.tree_leaves(_fluxc_model(**kwargs)))
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
+    cache = _fluxc_cache_class()
     out = _fluxc_model(**kwargs, past_key_values=cache, use_cache=True)
     return (out.logits, *_flat_cache(cache))
 
 
 def _decode_step(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor, *past: Tensor,
-                 _fluxc_model: nn.Module) -> Any:
-    from transformers import DynamicCache
-
-    cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))  # dense layers: no eviction
+                 _fluxc_model: nn.Module, _fluxc_cache_class: type) -> Any:
+    cache = _fluxc_cache_class(ddp_cache_data=list(zip(past[0::2], past[1::2])))  # dense layers: no eviction
     out = _fluxc_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                        past_key_values=cache, use_cache=True)
     return (out.logits, *_flat_cache(cache))
@@ -452,7 +456,8 @@ def export_with_signature(model: nn.Module, example_inputs: Any, *, dynamic: boo
             fn = _private(_engine_prefill_step, _fluxc_model=setup.model, _fluxc_names=names, _fluxc_config=config_,
                           _fluxc_route=setup.route)
         else:
-            fn = _private(_prefill_step, _fluxc_model=setup.model, _fluxc_names=names, _fluxc_cache=hf)
+            fn = _private(_prefill_step, _fluxc_model=setup.model, _fluxc_names=names, _fluxc_cache=hf,
+                          _fluxc_cache_class=_dynamic_cache_class())
     elif layout == "engine":
         from fluxc.ops.cache import RING
 
@@ -466,7 +471,7 @@ def export_with_signature(model: nn.Module, example_inputs: Any, *, dynamic: boo
     else:
         names, args = _decode_example(setup.model, named)
         dyn = {0: (0,), 1: (0,), 2: (0, 1), **{i: (0, 2) for i in range(3, len(args))}} if dynamic else {}
-        fn = _private(_decode_step, _fluxc_model=setup.model)
+        fn = _private(_decode_step, _fluxc_model=setup.model, _fluxc_cache_class=_dynamic_cache_class())
     gm, inputs, backend = _trace(setup, fn, args, dyn)
     bindings = _bindings(gm, inputs, args, setup.model)
     num_layers = len(backend.sites or [])

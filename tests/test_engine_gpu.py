@@ -100,10 +100,16 @@ def test_graph_of_one_mask_never_serves_another(tmp_path):
     eager = DecodeEngine(fm, cuda_graphs=False)
     assert torch.equal(out_a, eager.generate(a, 64)) and torch.equal(again_a, out_a)
     assert torch.equal(out_b, eager.generate(b, 64))
-    # B's tokens under A's routes differ: serving B from A's graph would have been visible
+    # B under A's routes gives other logits: serving B from A's graph would have been visible. (Not its tokens:
+    # prompt B is periodic, and this random model decodes it to the same tokens under either route; H100 run.)
     forced_a = tuple("full" if r else "sparse" for r in keys[0].routes[0])
-    wrong = DecodeEngine(fluxc.compile(model, config=CFG, route=forced_a), cuda_graphs=False).generate(b, 64)
-    assert not torch.equal(wrong, out_b)
+    right: list[torch.Tensor] = []
+    wrong: list[torch.Tensor] = []
+    state = engine.prefill(b, max_new_tokens=16)
+    engine.decode(state, 15, logits=right)
+    other = DecodeEngine(fluxc.compile(model, config=CFG, route=forced_a), cuda_graphs=False)
+    other.decode(other.prefill(b, max_new_tokens=16), 15, logits=wrong)
+    assert not all(torch.equal(x, y) for x, y in zip(right, wrong))
 
 
 def test_eviction_matches_sa_without_eviction_bf16_kernels():
@@ -136,7 +142,7 @@ def _smollm2():
     spec.loader.exec_module(module)
     try:
         return module.load_smollm2(torch.bfloat16, os.environ.get("FLUXC_SMOLLM2_GGUF"))
-    except (FileNotFoundError, ModuleNotFoundError) as exc:
+    except (FileNotFoundError, ModuleNotFoundError, fluxc.ConfigError) as exc:  # no GGUF, or no gguf package
         pytest.skip(f"SmolLM2 GGUF not available: {exc}")
 
 
