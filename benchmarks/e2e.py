@@ -652,13 +652,6 @@ class Bench:
     def new_engine(self, fm: Any) -> Any:
         return self.fluxc.DecodeEngine(fm, cuda_graphs=self.cuda, max_graphs=self.args.max_graphs)
 
-    def drop_trace_refs(self, fm: Any) -> None:
-        # FluxBackend keeps the inputs of the last graph it compiled (for inspection/export); after a decode
-        # trace these are that graph's KV buffers, which would outlive the engine that owns them.
-        backend = getattr(fm, "_backend", None)
-        if backend is not None and hasattr(backend, "last_inputs"):
-            backend.last_inputs = ()
-
     def graphs(self, fm: Any) -> int | None:
         return getattr(getattr(fm, "_backend", None), "graphs", None)
 
@@ -753,7 +746,6 @@ class Bench:
         self.warmups(f"fluxc r={r}", fm, engine)
         for batch, length, reps in ((spec.big_batch, short, 1), (1, long, spec.reps_long)):
             engine = state = None
-            self.drop_trace_refs(fm)
             self.free()
             engine = self.new_engine(fm)
             state = self.prefill_series(impl, r, fm, engine, route, batch, length, reps, keep=True)
@@ -765,12 +757,10 @@ class Bench:
                       lambda b=batch, t=length, e=engine, s=state: self.decode_series(impl, r, e, s, b, t))
         for length, reps in ((short, spec.reps_short), (mid, 1)):
             engine = state = None
-            self.drop_trace_refs(fm)
             self.free()
             engine = self.new_engine(fm)
             self.prefill_series(impl, r, fm, engine, route, 1, length, reps, keep=False)
         engine = state = None
-        self.drop_trace_refs(fm)
         if r in (0.0, 0.75):
             self.fms[r] = fm
         self.free()
@@ -843,7 +833,6 @@ class Bench:
                         mb["b_max_plus_1"] = outcome
                     engine = blob = None
                 self.step(f"verify r={r} B={batch}", self.trace_s + 6 if expect == "fits" else 4, go)
-                self.drop_trace_refs(fm)
                 self.free()
             self.rec.flush()
 
@@ -883,7 +872,6 @@ class Bench:
             self.step(f"router decode 1x{long}", self.trace_s + 3,
                       lambda: self.decode_series(impl, r, engine, state, 1, long))
         state = engine = None
-        self.drop_trace_refs(fm)
         self.free()
 
     # --- transformers baselines

@@ -115,12 +115,14 @@ def compile(model: nn.Module, router_ckpt: str | None = None, *, config: FluxCon
 
 
 def compile_for_training(model: nn.Module, config: FluxConfig, recorder: nn.Module, *,
-                         routers: nn.ModuleList | None = None) -> FluxModule:
+                         routers: nn.ModuleList | None = None,
+                         backend_class: type[FluxBackend] = FluxBackend) -> FluxModule:
     """`model` rewritten in training mode: every layer runs both branches, mixed by a straight-through
     Gumbel sample of its router (recorded in `recorder`). Fresh routers are created at the first trace
-    when none are given. The graph runs eagerly (autograd through fluxc's ops)."""
-    backend = FluxBackend(config.replace(compiler="eager"), routers=routers, init_routers=routers is None,
-                          architecture=type(model).__name__, require_sites=True, recorder=recorder)
+    when none are given. The graph runs eagerly (autograd through fluxc's ops). `backend_class` is a
+    `FluxBackend` subclass that changes how the rewritten graph runs (gradient checkpointing)."""
+    backend = backend_class(config.replace(compiler="eager"), routers=routers, init_routers=routers is None,
+                            architecture=type(model).__name__, require_sites=True, recorder=recorder)
     module = FluxModule(model, backend)
     if routers is not None:
         module.routers = routers

@@ -60,6 +60,13 @@ class DecodeKey:
     device: str
     sampling: SamplingConfig
 
+    @classmethod
+    def of(cls, host_routes: Tensor, capacity: int, dtype: torch.dtype, device: Any,
+           sampling: SamplingConfig) -> DecodeKey:
+        """The key of a (B, L) bool routing mask read to the host."""
+        return cls(tuple(tuple(bool(x) for x in row) for row in host_routes.tolist()), capacity, dtype, str(device),
+                   sampling)
+
     @property
     def batch(self) -> int:
         return len(self.routes)
@@ -172,10 +179,9 @@ class FluxCache(Cache):
                    for t in (layer.keys, layer.values) if t is not None)
 
     # --- prefill -> decode
-    def allocate(self, prefill: FluxCache, layouts: tuple[int, ...], routes: Tensor, capacity: int, *,
-                 lazy: bool = False) -> None:
-        """Buffers for `layouts`, shaped like `prefill`'s keys (called once per decode graph). `lazy` leaves
-        each layer's buffers to `load`, which allocates a layer only once the previous prefill layer is freed."""
+    def allocate(self, prefill: FluxCache, layouts: tuple[int, ...], routes: Tensor, capacity: int) -> None:
+        """Layers for `layouts`, shaped like `prefill`'s keys (called once per decode graph). The buffers come
+        in the first `load`, a layer at a time, each once the previous prefill layer is freed."""
         cfg = self.flux_config
         ring = ring_capacity(cfg.sink, cfg.window, cfg.block, cfg.block_exact)
         self.flux_layers = []
@@ -186,8 +192,6 @@ class FluxCache(Cache):
             layer.layout = layout
             layer.route = routes[:, i].clone()  # (B,) bool
             layer.shape = (batch, heads, ring if layout == RING else capacity, dim, src.values.shape[-1])
-            if not lazy:
-                layer.materialize(src.keys)
             self.flux_layers.append(layer)
         self.lengths = torch.zeros(routes.shape[0], dtype=torch.int64, device=routes.device)
         self.phase = "decode"
@@ -197,10 +201,9 @@ class FluxCache(Cache):
         cfg = self.flux_config
         host = routes.cpu()
         ring_ok = ring_supported(cfg.sink, cfg.window, cfg.block, cfg.block_exact) is None
-        key = DecodeKey(tuple(tuple(bool(x) for x in row) for row in host.tolist()), capacity,
-                        routes.dtype, str(routes.device), SamplingConfig())
+        key = DecodeKey.of(host, capacity, routes.dtype, routes.device, SamplingConfig())
         decoded = FluxCache(cfg)
-        decoded.allocate(self, key.layouts(ring_ok), routes, capacity, lazy=True)
+        decoded.allocate(self, key.layouts(ring_ok), routes, capacity)
         decoded.load(self, n_real, release=True)
         self.flux_layers, self.lengths, self.phase = decoded.flux_layers, decoded.lengths, "decode"
 
@@ -347,8 +350,7 @@ class DecodeEngine:
         host_routes = routes.cpu()  # the one host read of the routing mask: it picks the decode graph
         capacity = _bucket(t + max_new_tokens)
         kv_dtype = prefill_cache.flux_layers[0].keys.dtype  # type: ignore[union-attr]
-        key = DecodeKey(tuple(tuple(bool(x) for x in row) for row in host_routes.tolist()), capacity, kv_dtype,
-                        str(input_ids.device), sampling)
+        key = DecodeKey.of(host_routes, capacity, kv_dtype, input_ids.device, sampling)
         entry = self._entry(key, prefill_cache, routes)
         entry.cache.load(prefill_cache, n_real, release=True)  # frees each prompt layer once copied
         entry.tokens.copy_(first)
@@ -373,7 +375,7 @@ class DecodeEngine:
             old.release()
             self.stats["graphs_evicted"] += 1
         cache = FluxCache(cfg)
-        cache.allocate(prefill_cache, layouts, routes, key.capacity, lazy=True)  # buffers come in `load`
+        cache.allocate(prefill_cache, layouts, routes, key.capacity)  # buffers come in `load`
         tokens = torch.zeros((key.batch, 1), dtype=torch.long, device=routes.device)
         compiled = torch.compile(_private_forward(self.model.model), backend=self.model._backend, fullgraph=True)
         entry = _Entry(key, cache, tokens, compiled)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.fx.passes.split_module import split_module
 from torch.utils.checkpoint import checkpoint
 
-from fluxc.api import FluxModule
+from fluxc.api import FluxModule, compile_for_training
 from fluxc.backend import FluxBackend
 from fluxc.config import FluxConfig
 
@@ -121,9 +121,4 @@ class CheckpointingBackend(FluxBackend):
 def compile_for_training_checkpointed(model: nn.Module, config: FluxConfig, recorder: nn.Module, *,
                                       routers: nn.ModuleList | None = None) -> FluxModule:
     """`fluxc.api.compile_for_training` with per-layer gradient checkpointing of the rewritten graph."""
-    backend = CheckpointingBackend(config.replace(compiler="eager"), routers=routers, init_routers=routers is None,
-                                   architecture=type(model).__name__, require_sites=True, recorder=recorder)
-    module = FluxModule(model, backend)
-    if routers is not None:
-        module.routers = routers
-    return module
+    return compile_for_training(model, config, recorder, routers=routers, backend_class=CheckpointingBackend)

@@ -31,19 +31,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m fluxc.commands.eval`: this subcommand alone (same arguments as `fluxc eval`)."""
+    """`python -m fluxc.commands.eval`: this subcommand alone (same arguments and errors as `fluxc eval`)."""
     import sys
 
-    from fluxc.errors import FluxError
+    from fluxc.cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="fluxc eval", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except FluxError as exc:
-        print(f"fluxc eval: error: {exc}", file=sys.stderr)
-        return 2
+    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -36,19 +36,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m fluxc.commands.train`: this subcommand alone (same arguments as `fluxc train`)."""
+    """`python -m fluxc.commands.train`: this subcommand alone (same arguments and errors as `fluxc train`)."""
     import sys
 
-    from fluxc.errors import FluxError
+    from fluxc.cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="fluxc train", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except FluxError as exc:
-        print(f"fluxc train: error: {exc}", file=sys.stderr)
-        return 2
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
