@@ -18,6 +18,7 @@ from fluxc.errors import (
     ExportError,
     FluxError,
     ImplementationError,
+    MaskError,
     NoAttentionError,
     NotTracedError,
     RouteError,
@@ -40,7 +41,7 @@ def __getattr__(name: str):  # the engine imports transformers: loaded on first 
 
 __all__ = [
     "CheckpointError", "CheckpointMismatchError", "DecodeEngine", "FluxCache", "SamplingConfig", "ConfigError", "CorruptCheckpointError", "Fingerprint",
-    "FluxConfig", "FluxError", "FluxModule", "ImplementationError", "NoAttentionError", "NotTracedError",
+    "FluxConfig", "FluxError", "FluxModule", "ImplementationError", "MaskError", "NoAttentionError", "NotTracedError",
     "RouteError", "RouteState", "SiteInfo", "compile", "generate", "last_route", "read_checkpoint",
     "save_routers", "sites", "ExportError", "export", "export_aoti", "export_onnx",
 ]

@@ -69,6 +69,7 @@ class FluxBackend:
         self.last_graph: fx.GraphModule | None = None
         self.last_inputs: tuple[Any, ...] = ()
         self.keep_inputs = False
+        self.structural_masks: bool | None = None  # PassOptions.structural_masks (None: where kernels can run)
 
     def _routers_for(self, sites: list[SiteInfo], device: torch.device) -> nn.ModuleList | None:
         if self.route is not None:
@@ -106,7 +107,8 @@ class FluxBackend:
         q_device = next((n.meta["example_value"].device for n in gm.graph.nodes
                          if isinstance(n.meta.get("example_value"), torch.Tensor)), torch.device("cpu"))
         routers = self._routers_for(infos, q_device)
-        result = flux_pass(gm, PassOptions(self.config, route, routers, self.state, recorder=self.recorder))
+        result = flux_pass(gm, PassOptions(self.config, route, routers, self.state, recorder=self.recorder,
+                                                 structural_masks=self.structural_masks))
         if result.prefill or self.sites is None:
             self.sites = result.sites
         self.graphs += 1

@@ -42,3 +42,7 @@ class NotTracedError(FluxError):
 
 class ExportError(FluxError):
     """A model, route, opset or input cannot be exported as asked."""
+
+
+class MaskError(FluxError, ValueError):
+    """The model's attention mask has a form the chosen implementation cannot serve."""

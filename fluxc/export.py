@@ -269,6 +269,7 @@ def _trace(setup: _Setup, step: Any, args: list[Tensor], dynamic_dims: dict[int,
                           route=setup.route, routers=setup.routers, architecture=type(setup.model).__name__,
                           require_sites=True)
     backend.keep_inputs = True  # the program module binds the traced graph's placeholders to these
+    backend.structural_masks = False  # the program keeps the model's mask (standard ONNX ops translate it)
     for index, dims in dynamic_dims.items():
         for dim in dims:
             torch._dynamo.maybe_mark_dynamic(args[index], dim)

@@ -1,7 +1,8 @@
 """The Flux rewrite: one router node per layer and one routed-attention op per attention site.
 
 Per routable site, the rewrite inserts (before the site):
-  positions = fluxc::positions(q, k, mask, is_causal)            # once per distinct mask
+  positions = fluxc::positions(q, k, mask, is_causal)            # once per distinct mask; a causal + padding
+                                                                 # mask read as structure: causal_positions
   route     = forced constant | argmax(fluxc::router_logits(q_pre_rope, valid, W_l)) == FULL for sequences
               whose step starts at their first token; later steps reuse the route stored at prefill
   fluxc::record_route(state, route, l)                           # keeps the decision with the model
@@ -23,9 +24,10 @@ from torch import nn
 import fluxc.ops  # noqa: F401  (registers torch.ops.fluxc.*)
 from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError, RouteError
-from fluxc.ops.router import ROUTER_PARAM_NAMES, gumbel_route, record_sample
+from fluxc.ops.router import ROUTER_PARAM_NAMES, gumbel_route, record_sample, router_valid
 from fluxc.passes.flex import flex_positions, routed_score_mod
 from fluxc.passes.graph import layer_number, meta_value, module_path, shape_of
+from fluxc.passes.masks import read_causal_key_mask
 from fluxc.passes.query import ContentAnalysis, QueryInput, locate_query
 from fluxc.passes.sites import SiteMatch, find_sites
 
@@ -88,6 +90,9 @@ class PassOptions:
     routers: nn.ModuleList | None
     state: RouteState
     recorder: nn.Module | None = None  # training mode: both branches, mixed by a Gumbel sample
+    # read materialised causal + padding masks as structure (`fluxc.passes.masks`): None = where kernels can run
+    # (a CUDA graph whose impl is not "reference"); True/False force it (tests; export keeps the mask)
+    structural_masks: bool | None = None
 
 
 @dataclass
@@ -209,7 +214,9 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
     _register_sources(gm)
     cfg = options.config
     prefill = True
-    positions_memo: dict[tuple, tuple[fx.Node, fx.Node, fx.Node]] = {}
+    positions_memo: dict[tuple, tuple[fx.Node, ...]] = {}
+    kernels_possible = device.type == "cuda" and cfg.impl != "reference"
+    structural = kernels_possible if options.structural_masks is None else options.structural_masks
     for layer, (match, _info, query) in enumerate(zip(matches, infos, queries)):
         if not match.routable:
             counters["sites_kept"] += 1
@@ -227,17 +234,32 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
             q, k, v = match.q, match.k, match.v
             if match.layout == "bthd":  # flash-attn (B, T, H, D) -> (B, H, T, D)
                 q, k, v = (graph.call_method("transpose", (t, 1, 2)) for t in (q, k, v))
-            mask = match.mask
-            if mask is not None and match.mask_is_disallow:
-                mask = graph.call_function(torch.logical_not, (mask,))
-            # one positions node per distinct mask (shared by all layers); mask-free sites get their own
-            key = (match.mask, match.mask_is_disallow) if mask is not None else (match.q, match.k)
-            if key not in positions_memo:
-                pos = graph.call_function(torch.ops.fluxc.positions.default,
-                                          (q, k, mask, match.is_causal, match.bottom_right, match.native_window))
-                positions_memo[key] = tuple(graph.call_function(operator.getitem, (pos, i)) for i in range(3))
-            qpos, valid, key_start = positions_memo[key]
-            static = (match.is_causal, match.scale, match.softcap, match.math, match.softmax_fp32, cfg.pattern,
+            mask, is_causal = match.mask, match.is_causal
+            structure = None
+            if structural and mask is not None and match.kind == "sdpa" and not match.mask_is_disallow:
+                structure = read_causal_key_mask(mask, shape_of(q)[2], shape_of(k)[2])
+            if structure is not None:
+                # the (Tq, Tk) mask is never built: positions from its index vectors, a (B, 1, 1, Tk) key mask
+                key = ("structure", match.mask)
+                if key not in positions_memo:
+                    pos = graph.call_function(torch.ops.fluxc.causal_positions.default,
+                                              (q, k, structure.q_index, structure.k_index,
+                                               list(structure.key_factors), kernels_possible))
+                    positions_memo[key] = tuple(graph.call_function(operator.getitem, (pos, i)) for i in range(4))
+                    counters["structural_masks"] += 1
+                qpos, valid, key_start, mask = positions_memo[key]
+                is_causal = True
+            else:
+                if mask is not None and match.mask_is_disallow:
+                    mask = graph.call_function(torch.logical_not, (mask,))
+                # one positions node per distinct mask (shared by all layers); mask-free sites get their own
+                key = (match.mask, match.mask_is_disallow) if mask is not None else (match.q, match.k)
+                if key not in positions_memo:
+                    pos = graph.call_function(torch.ops.fluxc.positions.default,
+                                              (q, k, mask, match.is_causal, match.bottom_right, match.native_window))
+                    positions_memo[key] = tuple(graph.call_function(operator.getitem, (pos, i)) for i in range(3))
+                qpos, valid, key_start = positions_memo[key]
+            static = (is_causal, match.scale, match.softcap, match.math, match.softmax_fp32, cfg.pattern,
                       cfg.sink, cfg.window, cfg.block, cfg.block_exact, cfg.n_last, match.bottom_right,
                       match.native_window, cfg.impl)
             state = graph.get_attr("flux_state.route")
@@ -314,7 +336,9 @@ def _mixed_branches(graph: fx.Graph, options: PassOptions, layer: int, query: Qu
                     q: fx.Node, k: fx.Node, v: fx.Node, mask: fx.Node | None, qpos: fx.Node, key_start: fx.Node,
                     static: tuple, state: fx.Node) -> fx.Node:
     """Training mode: out = z * FA + (1 - z) * SA with z a straight-through Gumbel sample per sequence."""
-    logits = _router_logits_node(graph, options, layer, query, valid)
+    # the routers pool the prompt only, as they do at inference (the recorder holds the batch's prompt tokens)
+    router_tokens = graph.call_function(router_valid, (graph.get_attr("flux_recorder"), valid))
+    logits = _router_logits_node(graph, options, layer, query, router_tokens)
     sample = graph.call_function(gumbel_route, (logits, graph.get_attr("flux_recorder.tau")))  # (B,)
     sample = graph.call_function(record_sample, (graph.get_attr("flux_recorder"), layer, sample, logits))
     graph.call_function(torch.ops.fluxc.record_route.default, (state, graph.call_function(operator.gt, (sample, 0.5)), layer))

@@ -190,3 +190,46 @@ def test_gradient_checkpointing_same_gradients_fewer_saved_activations(monkeypat
         assert ckpt[3] == plain[3] + 6  # backward: each layer's forward is recomputed
     growth = {name: results[name, 48][1] - results[name, 24][1] for name in ("plain", "checkpointed")}
     assert growth["checkpointed"] * 4 < growth["plain"]  # activations kept per token: a fraction
+
+
+def test_calibration_standardises_router_inputs_and_routers_pool_the_prompt():
+    from fluxc.ops.router import capture_router_inputs
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", "sdpa", layers=2)
+    trainer = RouterTrainer(model, CFG, TrainConfig(steps=2, calibrate_batches=2))
+    g = torch.Generator().manual_seed(0)
+    batches = [_batch(g) for _ in range(2)]
+    for b in batches:  # the first 10 tokens are the prompt, the rest the answer
+        b["labels"] = b["labels"].clone()
+        b["labels"][:, :10] = -100
+
+    def pooled_inputs(runs):
+        with torch.no_grad(), capture_router_inputs() as found:
+            for b in runs:
+                trainer.recorder.clear()
+                trainer.set_router_tokens(b)
+                trainer.module(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        return found
+
+    pooled_inputs(batches[:1])  # traces the graph: the routers exist
+    before = [(r.feature[0].weight.detach().clone(), r.feature[0].bias.detach().clone()) for r in trainer.module.routers]
+    trainer.calibrate(batches)
+    pooled = pooled_inputs(batches)
+    n = len(trainer.module.routers)
+    # layer 0 only: later layers' inputs depend on the Gumbel routes sampled in the layers before them
+    for layer, router in enumerate(trainer.module.routers[:1]):
+        x = torch.cat(pooled[layer::n])  # (16, D) this layer's pooled inputs over both batches
+        z = (x - x.mean(0)) / x.std(0)  # standardised
+        w0, b0 = before[layer]
+        with torch.no_grad():
+            h = router.feature[0](x)  # the folded first layer sees x; it must act as the old one on z
+        torch.testing.assert_close(h, z @ w0.T + b0, atol=1e-4, rtol=1e-4)
+        assert x.std(0).max() / x.std(0).min() > 1.5  # the fold is not the identity here
+    # with router_on_prompt the pooled input is the prompt's: changing the answer tokens does not move it
+    changed = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in batches[0].items()}
+    changed["input_ids"][:, 10:] = 1
+    again = pooled_inputs([batches[0], changed])
+    torch.testing.assert_close(again[0], again[n])
+    trainer.cfg = TrainConfig(steps=2, router_on_prompt=False)
+    assert not torch.allclose(*[pooled_inputs([b])[0] for b in (batches[0], changed)])

@@ -317,6 +317,7 @@ def quick_eval(trainer: RouterTrainer, batches: list[dict[str, Any]], device: to
         for batch in batches:
             batch = to_device(batch, device)
             trainer.recorder.clear()
+            trainer.set_router_tokens(batch)
             mark_dynamic(batch["input_ids"], batch["attention_mask"])
             result = trainer.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             logits = (result.logits if hasattr(result, "logits") else result).detach()
@@ -529,6 +530,16 @@ def train(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: An
             timings["preflight_s"] = time.perf_counter() - t
             say(f"preflight: forward+backward on a short batch passed in {timings['preflight_s']:.1f} s "
                 f"(includes tracing the graph)")
+        if cfg.train.calibrate_batches and not cfg.run.resume and start < steps:
+            t = time.perf_counter()
+            calibration = [to_device(training_batch(cfg, tokenizer, i, procs.rank, procs.world), procs.device)
+                           for i in range(cfg.train.calibrate_batches)]
+            with torch.random.fork_rng(devices=[procs.device] if procs.device.type == "cuda" else []), loop.sdpa_ctx():
+                summary = trainer.calibrate(calibration)  # Gumbel draws of this pass must not shift the run's RNG
+            timings["calibrate_s"] = time.perf_counter() - t
+            offsets = ", ".join(f"{m:.2f}/{s:.2f}" for m, s in summary[:4])
+            say(f"calibrated the router inputs on {len(calibration)} batches in {timings['calibrate_s']:.1f} s "
+                f"(layers 0-3 mean |offset| / mean std: {offsets}, ...)")
         stream = BatchStream(lambda s: training_batch(cfg, tokenizer, s, procs.rank, procs.world), start, steps)
         t = time.perf_counter()
         stopped = loop.run(stream)

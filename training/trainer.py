@@ -20,7 +20,7 @@ from fluxc.api import FluxModule, compile_for_training, model_fingerprint
 from fluxc.checkpoint import Fingerprint, read_checkpoint, save_routers
 from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError
-from fluxc.ops.router import RouteRecorder
+from fluxc.ops.router import RouteRecorder, capture_router_inputs
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,15 @@ class TrainConfig:
     extra_lr: float = 1e-5  # learning rate of backbone parameters made trainable (e.g. q/k/v)
     grad_checkpointing: bool = False  # recompute each layer's activations in backward (long sequences)
     loss_average: str = "token"  # "token": mean over all label tokens; "example": per example, then over the batch
+    router_on_prompt: bool = True  # routers pool the prompt only (labels == -100), as at inference
+    # batches of a calibration pass that standardises each router's input (mean/std folded into its first layer)
+    calibrate_batches: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"TrainConfig.steps={self.steps} must be >= 1")
+        if self.calibrate_batches < 0:
+            raise ConfigError(f"TrainConfig.calibrate_batches={self.calibrate_batches} must be >= 0 (0: no calibration)")
         if self.loss_average not in ("token", "example"):
             raise ConfigError(f"TrainConfig.loss_average={self.loss_average!r}: use 'token' or 'example'")
         for task, target in self.targets.items():
@@ -153,10 +158,40 @@ class RouterTrainer:
             self.router_opt = torch.optim.AdamW(groups, betas=self.cfg.betas, weight_decay=self.cfg.weight_decay)
         return self.router_opt
 
+    def set_router_tokens(self, batch: dict[str, Any]) -> None:
+        """Routers pool this batch's prompt tokens (labels == -100) with `router_on_prompt`; after `recorder.clear()`."""
+        self.recorder.router_tokens = (batch["labels"] == -100) if self.cfg.router_on_prompt else None
+
+    @torch.no_grad()
+    def calibrate(self, batches: list[dict[str, Any]]) -> list[tuple[float, float]]:
+        """Standardise each router's input: run `batches`, then fold the per-dimension mean and std of every
+        layer's pooled input into its first linear layer (W <- W / std, b <- b - W mean / std), so a fresh router
+        sees unit-scale differences between prompts instead of one large shared offset. The checkpoint format and
+        the inference op do not change. Returns (mean |offset|, mean std) per layer."""
+        inputs: list[list[torch.Tensor]] = []
+        for batch in batches:
+            self.recorder.clear()
+            self.set_router_tokens(batch)
+            with capture_router_inputs() as found:
+                self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            inputs.append(found)
+        self.recorder.clear()
+        summary = []
+        for layer, router in enumerate(self.module.routers):
+            x = torch.cat([found[layer] for found in inputs])  # (N, D) pooled inputs of this layer
+            mean, std = x.mean(dim=0), x.std(dim=0)
+            std = std.clamp_min(1e-3 * float(std.mean()) + 1e-12)
+            first = router.feature[0]
+            first.weight.div_(std.to(first.weight.dtype))
+            first.bias.sub_(first.weight @ mean.to(first.weight.dtype))
+            summary.append((float(mean.abs().mean()), float(std.mean())))
+        return summary
+
     def step(self, batch: dict[str, Any]) -> dict[str, Any]:
         """One update. `batch`: input_ids, attention_mask, labels (B, T) and task (list of task classes)."""
         self.recorder.tau.fill_(temperature(self.step_index, self.cfg))
         self.recorder.clear()
+        self.set_router_tokens(batch)
         mark_dynamic(batch["input_ids"], batch["attention_mask"])
         out = self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = out.logits if hasattr(out, "logits") else out

@@ -31,12 +31,20 @@ def routed_attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tenso
                                softcap: float, math: str, softmax_fp32: bool, pattern: str, sink: int,
                                window: int, block: int, block_exact: bool, n_last: int, bottom_right: bool = False,
                                native_window: int = 0) -> Tensor:
-    """Plain-PyTorch routed attention. q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), route (B,) bool."""
+    """Plain-PyTorch routed attention. q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), route (B,) bool.
+
+    The model's mask is `attn_mask` (bool or additive, broadcast to (B, H', Tq, Tk)), or `is_causal` alone, or
+    both: `is_causal` with a bool key mask (B, 1, 1, Tk) means key j is visible to query i iff j <= qpos[b, i] and
+    the key mask holds (a structural mask, `fluxc::causal_positions`)."""
     batch, q_heads, q_len, _ = q.shape
     kv_len = k.shape[2]
     sa = sparse_allowed(qpos, key_start, kv_len, pattern=pattern, sink=sink, window=window, block=block,
                         block_exact=block_exact, n_last=n_last, prefill=q_len > 1)  # (B, Tq, Tk)
     keep = (route.view(batch, 1, 1) | sa).unsqueeze(1)  # (B, 1, Tq, Tk): full rows keep everything
+    if attn_mask is not None and is_causal:  # a structural mask: causal by query position AND a key mask
+        keys = torch.arange(kv_len, device=q.device)  # (Tk,)
+        attn_mask = (keys <= qpos[:, :, None]).unsqueeze(1) & attn_mask  # (B, 1, Tq, Tk)
+        is_causal = False
     if math == "sdpa" and softcap == 0.0:  # SDPA has no softcap: softcapped sites compute eagerly
         if attn_mask is None:
             mask = allowed_mask(None, is_causal, batch, q_len, kv_len, q.device, bottom_right=bottom_right,

@@ -1,7 +1,9 @@
 """Dispatch from `fluxc::routed_attention` to the GPU kernels of `fluxc.kernels`.
 
-The kernels take structural masks (causal + per-sequence lengths). A site whose mask is a materialised
-tensor is not handed to them yet: `auto` runs the reference and logs why; an explicit `impl` raises.
+The kernels take structural masks: causal + per-sequence key ranges. That is `is_causal` alone, or `is_causal`
+with the key mask (B, 1, 1, Tk) of a mask the pass read as structure (`fluxc::causal_positions` checked that its
+real keys are contiguous). A site whose mask is a materialised (Tq, Tk) tensor is not handed to them: `auto`
+runs the reference and logs why; an explicit `impl` raises.
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ from fluxc.errors import ImplementationError
 log = logging.getLogger("fluxc")
 
 
+def is_key_mask(attn_mask: Tensor | None, is_causal: bool) -> bool:
+    """True for a structural mask: `is_causal` with a bool key mask (B, 1, 1, Tk)."""
+    return (attn_mask is not None and is_causal and attn_mask.dtype == torch.bool and attn_mask.dim() == 4
+            and attn_mask.shape[1] == 1 and attn_mask.shape[2] == 1)
+
+
 def unsupported_reason(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool,
                        bottom_right: bool = False) -> str | None:
     """Why the kernels cannot run this call, or None when they can."""
@@ -24,6 +32,8 @@ def unsupported_reason(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal
         return f"head_dim={head_dim} (kernels take 64 or 128)"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} (kernels take float16 or bfloat16)"
+    if is_key_mask(attn_mask, is_causal):
+        return None
     if attn_mask is not None:
         return "the site passes a materialised mask (kernels take causal + lengths)"
     if q_len > 1 and not (is_causal and (bottom_right or q_len == kv_len)):
@@ -52,9 +62,18 @@ def run_kernel(impl: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | N
         return _decline(impl, why, explicit, "this attention site", "routed attention")
     batch, _, q_len, _ = q.shape
     kv_len = k.shape[2]
-    kv_lens = torch.full((batch,), kv_len, dtype=torch.int32, device=q.device)
     common = dict(scale=scale, sink=sink, window=window, block=block, block_exact=block_exact, softcap=softcap,
                   native_window=native_window)
+    if is_key_mask(attn_mask, is_causal):
+        if impl == "flex":
+            return _decline(impl, "the FlexAttention lowering takes no key ranges (left padding)", explicit,
+                            "this attention site", "routed attention")
+        # consecutive query positions (the pass proved both index vectors are aranges): the last query sits at
+        # key qpos[:, -1], so the keys are [key_start, qpos[:, -1]] and the queries the last q_len of them
+        kv_lens = (qpos[:, -1] + 1).clamp(min=q_len).to(torch.int32)  # (B,)
+        common["kv_start"] = key_start
+    else:
+        kv_lens = torch.full((batch,), kv_len, dtype=torch.int32, device=q.device)
     if impl == "triton":
         from fluxc.kernels.attention import routed_decode, routed_prefill
     else:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fluxc.errors import ConfigError
 
 ROUTER_PARAM_NAMES = (
     "feature.0.weight", "feature.0.bias", "feature.2.weight", "feature.2.bias",
@@ -58,9 +63,26 @@ def router_logits_reference(query: Tensor, valid: Tensor, weights: list[Tensor],
     return F.linear(x, w5, b5)  # (B, 2)
 
 
+_CAPTURES: list[list[Tensor]] = []
+
+
+@contextlib.contextmanager
+def capture_router_inputs() -> Iterator[list[Tensor]]:
+    """Collect the pooled router input (B, D) float32 of every `fluxc::router_logits` call run eagerly inside
+    the block, in call (= layer) order: calibration statistics for router training."""
+    found: list[Tensor] = []
+    _CAPTURES.append(found)
+    try:
+        yield found
+    finally:
+        _CAPTURES.remove(found)
+
+
 @torch.library.custom_op("fluxc::router_logits", mutates_args=())
 def router_logits(query: Tensor, valid: Tensor, weights: list[Tensor], pool_size: int) -> Tensor:
     """Router logits (B, 2) float32 of one layer from its pre-RoPE queries (B, T, H, D)."""
+    if _CAPTURES:
+        _CAPTURES[-1].append(pool_queries(query, valid, pool_size).detach().clone())
     return router_logits_reference(query, valid, weights, pool_size)
 
 
@@ -119,9 +141,12 @@ class RouteRecorder(nn.Module):
         super().__init__()
         self.register_buffer("tau", torch.tensor(float(tau)), persistent=False)
         self.records: dict[int, tuple[Tensor, Tensor]] = {}
+        # (B, T) bool: the tokens the routers pool (the prompt, as at inference); None: every real token
+        self.router_tokens: Tensor | None = None
 
     def clear(self) -> None:
         self.records = {}
+        self.router_tokens = None
 
     def samples(self) -> Tensor:
         """(B, L) float straight-through samples of the last forward (1 = full attention)."""
@@ -138,6 +163,19 @@ def gumbel_route(logits: Tensor, tau: Tensor) -> Tensor:
     soft = torch.softmax((logits - torch.log(-torch.log(uniform))) / tau, dim=-1)  # (B, 2)
     hard = torch.nn.functional.one_hot(soft.argmax(dim=-1), 2).to(soft.dtype)
     return (hard + soft - soft.detach())[:, 1]  # (B,) forward value exactly 0 or 1
+
+
+def router_valid(recorder: RouteRecorder, valid: Tensor) -> Tensor:
+    """The routers' token mask in training: the real tokens that are also `recorder.router_tokens` (all real
+    tokens of a sequence that has none of them)."""
+    tokens = recorder.router_tokens
+    if tokens is None:
+        return valid
+    if tokens.shape != valid.shape:
+        raise ConfigError(f"RouteRecorder.router_tokens has shape {tuple(tokens.shape)} but the batch's tokens are "
+                          f"{tuple(valid.shape)}; set it from this batch's labels (or to None)")
+    chosen = valid & tokens.to(device=valid.device, dtype=torch.bool)  # (B, T)
+    return torch.where(chosen.any(dim=1, keepdim=True), chosen, valid)  # a sequence with none pools all its tokens
 
 
 def record_sample(recorder: RouteRecorder, layer: int, sample: Tensor, logits: Tensor) -> Tensor:
