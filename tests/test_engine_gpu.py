@@ -100,9 +100,12 @@ def test_graph_of_one_mask_never_serves_another(tmp_path):
     eager = DecodeEngine(fm, cuda_graphs=False)
     assert torch.equal(out_a, eager.generate(a, 64)) and torch.equal(again_a, out_a)
     assert torch.equal(out_b, eager.generate(b, 64))
-    # B under A's routes gives other logits: serving B from A's graph would have been visible. (Not its tokens:
-    # prompt B is periodic, and this random model decodes it to the same tokens under either route; H100 run.)
-    forced_a = tuple("full" if r else "sparse" for r in keys[0].routes[0])
+    # B under A's routes gives other logits: serving B from A's graph would have been visible. (The entries are
+    # in LRU order, so A's routes are read off a prefill of A, not off keys[0]: replaying A made it the last.)
+    engine.prefill(a, max_new_tokens=16)
+    routes_a = fluxc.last_route(fm)[0].tolist()
+    assert tuple(routes_a) in {k.routes[0] for k in keys}
+    forced_a = tuple("full" if r else "sparse" for r in routes_a)
     right: list[torch.Tensor] = []
     wrong: list[torch.Tensor] = []
     state = engine.prefill(b, max_new_tokens=16)

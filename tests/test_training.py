@@ -233,3 +233,24 @@ def test_calibration_standardises_router_inputs_and_routers_pool_the_prompt():
     torch.testing.assert_close(again[0], again[n])
     trainer.cfg = TrainConfig(steps=2, router_on_prompt=False)
     assert not torch.allclose(*[pooled_inputs([b])[0] for b in (batches[0], changed)])
+
+
+def test_pool_queries_equals_dense_weighting_any_padding():
+    from fluxc.ops.router import pool_queries
+
+    def dense(query, valid, pool):  # every token weighted: 1 per slice (first / last `pool` real tokens) it is in
+        rank = torch.cumsum(valid.long(), dim=1) - 1
+        n_real = valid.sum(dim=1, keepdim=True)
+        weight = ((rank < pool).double() + (rank >= n_real - pool).double()) * valid
+        return torch.einsum("bt,bt d->bd".replace(" ", ""), weight, query.double().mean(dim=2)) / weight.sum(1, keepdim=True).clamp_min(1.0)
+
+    g = torch.Generator().manual_seed(0)
+    for seq in (1, 3, 7, 20, 64):
+        for pool in (1, 4, 16):
+            query = torch.randn(4, seq, 3, 8, dtype=torch.float64, generator=g)
+            valid = torch.ones(4, seq, dtype=torch.bool)
+            valid[1, : seq // 2] = False  # left padding
+            valid[2, seq // 3:] = False  # right padding (all padding when seq < 3)
+            valid[3] = torch.rand(seq, generator=g) > 0.4  # holes
+            torch.testing.assert_close(pool_queries(query, valid, pool).double(), dense(query, valid, pool),
+                                       atol=1e-6, rtol=0)

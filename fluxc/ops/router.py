@@ -42,15 +42,22 @@ class LayerRouter(nn.Module):
 def pool_queries(query: Tensor, valid: Tensor, pool_size: int) -> Tensor:
     """Mean over the first and last `pool_size` real tokens (concatenated), then over heads: (B, D) fp32.
 
-    query (B, T, H, D); valid (B, T) marks real (non-padding) tokens, left or right padded.
-    """
-    valid = valid.to(torch.bool)
-    rank = torch.cumsum(valid.to(torch.int64), dim=1) - 1  # (B, T) index among real tokens
-    n_real = valid.sum(dim=1, keepdim=True)  # (B, 1)
-    weight = ((rank < pool_size).to(torch.float32) + (rank >= n_real - pool_size).to(torch.float32))
-    weight = weight * valid  # (B, T): 2 where a token is in both slices (short prompts count twice)
-    per_token = query.to(torch.float32).mean(dim=2)  # (B, T, D) mean over heads
-    pooled = torch.einsum("bt,btd->bd", weight, per_token)  # (B, D)
+    query (B, T, H, D); valid (B, T) marks real (non-padding) tokens, left or right padded. A token in both
+    slices (a prompt shorter than 2 * pool_size) counts twice. Reads only those 2 * pool_size tokens: the
+    j-th real token is found by a search in the running count of real tokens (O(B * T) integers, no copy of
+    the (B, T, H, D) queries)."""
+    batch, seq = valid.shape
+    count = torch.cumsum(valid.to(torch.int64), dim=1)  # (B, T) real tokens up to and including t
+    n_real = count[:, -1:]  # (B, 1)
+    j = torch.arange(pool_size, device=valid.device)  # (P,)
+    ranks = torch.cat([j.expand(batch, -1), n_real - pool_size + j], dim=1)  # (B, 2P) ranks of the pooled tokens
+    used = (ranks >= 0) & (ranks < n_real)  # (B, 2P) ranks that exist
+    index = torch.searchsorted(count, (ranks + 1).clamp(1, seq).contiguous())  # (B, 2P) first t with count > rank
+    index = index.clamp_max(seq - 1)
+    tokens = query.gather(1, index[:, :, None, None].expand(-1, -1, *query.shape[2:]))  # (B, 2P, H, D)
+    per_token = tokens.to(torch.float32).mean(dim=2)  # (B, 2P, D) mean over heads
+    weight = used.to(torch.float32)  # (B, 2P)
+    pooled = torch.einsum("bp,bpd->bd", weight, per_token)  # (B, D)
     return pooled / weight.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 
