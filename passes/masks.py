@@ -44,6 +44,14 @@ def _same(a: object, b: object) -> bool:
         return False
 
 
+def _same_dtype_source(node: Node) -> Node | None:
+    """x for `x.to(...)` that keeps x's dtype (a device move), else None."""
+    if not (is_target(node, "to") and isinstance(node.args[0], Node)):
+        return None
+    source, value = meta_value(node.args[0]), meta_value(node)
+    return node.args[0] if source is not None and value is not None and source.dtype == value.dtype else None
+
+
 def _strip(node: object) -> object:
     """Skip ops that keep a bool mask's values: expand, contiguous, `.to(device)` / `.to(torch.bool)`."""
     for _ in range(8):
@@ -52,12 +60,10 @@ def _strip(node: object) -> object:
         if is_target(node, *_PASS_THROUGH) and isinstance(node.args[0], Node):
             node = node.args[0]
             continue
-        if is_target(node, "to") and isinstance(node.args[0], Node):
-            source, value = meta_value(node.args[0]), meta_value(node)
-            if source is not None and value is not None and source.dtype == value.dtype:
-                node = node.args[0]
-                continue
-        return node
+        source = _same_dtype_source(node)
+        if source is None:
+            return node
+        node = source
     return node
 
 
@@ -86,13 +92,9 @@ def _affine_arange(node: object) -> bool:
         if not isinstance(node, Node):
             return False
         if is_target(node, "arange"):
-            step = arg(node, 2, "step", 1) if len(node.args) > 1 else node.kwargs.get("step", 1)
-            return step == 1
-        if is_target(node, "to") and isinstance(node.args[0], Node):
-            source, value = meta_value(node.args[0]), meta_value(node)
-            if source is None or value is None or source.dtype != value.dtype:
-                return False
-            node = node.args[0]
+            return arg(node, 2, "step", 1) == 1
+        if is_target(node, "to"):
+            node = _same_dtype_source(node)
             continue
         if is_target(node, "add", "sub", "__add__", "__sub__", "__radd__") and len(node.args) == 2:
             a, b = node.args

@@ -236,7 +236,7 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
                 q, k, v = (graph.call_method("transpose", (t, 1, 2)) for t in (q, k, v))
             mask, is_causal = match.mask, match.is_causal
             structure = None
-            if structural and mask is not None and match.kind == "sdpa" and not match.mask_is_disallow:
+            if structural and mask is not None and match.kind == "sdpa":  # SDPA masks are "may attend" bool/additive
                 structure = read_causal_key_mask(mask, shape_of(q)[2], shape_of(k)[2])
             if structure is not None:
                 # the (Tq, Tk) mask is never built: positions from its index vectors, a (B, 1, 1, Tk) key mask

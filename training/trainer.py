@@ -21,6 +21,7 @@ from fluxc.checkpoint import Fingerprint, read_checkpoint, save_routers
 from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError
 from fluxc.ops.router import RouteRecorder, capture_router_inputs
+from fluxc.training.data import IGNORE
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,9 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, average: str = "token") 
     """Next-token cross-entropy; labels -100 are ignored. ``average="example"`` takes each example's mean over its
     label tokens, then the mean over examples (a 64-token target weighs as much as a 5-token answer)."""
     if average == "token":
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
     target = labels[:, 1:]  # (B, T-1)
-    per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target, ignore_index=-100,
+    per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target, ignore_index=IGNORE,
                                 reduction="none")  # (B, T-1)
     counts = (target != -100).sum(dim=1)  # (B,)
     per_example = per_token.sum(dim=1) / counts.clamp_min(1)  # (B,)
@@ -160,7 +161,7 @@ class RouterTrainer:
 
     def set_router_tokens(self, batch: dict[str, Any]) -> None:
         """Routers pool this batch's prompt tokens (labels == -100) with `router_on_prompt`; after `recorder.clear()`."""
-        self.recorder.router_tokens = (batch["labels"] == -100) if self.cfg.router_on_prompt else None
+        self.recorder.router_tokens = (batch["labels"] == IGNORE) if self.cfg.router_on_prompt else None
 
     @torch.no_grad()
     def calibrate(self, batches: list[dict[str, Any]]) -> list[tuple[float, float]]:
