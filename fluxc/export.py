@@ -589,18 +589,24 @@ def _engine_decode_example(setup: _Setup, named: dict[str, Tensor]
 # --------------------------------------------------------------------------------------- AOTInductor
 
 
-def export_aoti(program: torch.export.ExportedProgram, path: str | os.PathLike) -> str:
+def export_aoti(program: torch.export.ExportedProgram, path: str | os.PathLike, *,
+                inductor_configs: Mapping[str, Any] | None = None) -> str:
     """Compile `program` with AOTInductor into the package `path` (``.pt2``); load it with
-    ``torch._inductor.aoti_load_package`` after ``import fluxc`` (the package calls fluxc's ops)."""
+    ``torch._inductor.aoti_load_package`` after ``import fluxc`` (the package calls fluxc's ops).
+    `inductor_configs` go to ``aoti_compile_and_package`` as given."""
     if not isinstance(program, torch.export.ExportedProgram):
         raise ExportError(f"program must be a torch.export.ExportedProgram (from fluxc.export), got "
                           f"{type(program).__name__}")
     path = os.fspath(path)
     if not path.endswith(".pt2"):
         raise ExportError(f"path={path!r}: AOTInductor packages end in '.pt2'")
+    if inductor_configs is not None and not isinstance(inductor_configs, Mapping):
+        raise ExportError(f"inductor_configs must be a mapping of Inductor config names to values, got "
+                          f"{type(inductor_configs).__name__}")
     from torch._inductor import aoti_compile_and_package
 
-    return aoti_compile_and_package(program, package_path=path)
+    return aoti_compile_and_package(program, package_path=path,
+                                    inductor_configs=dict(inductor_configs) if inductor_configs else None)
 
 
 # ------------------------------------------------------------------------------------------------- ONNX

@@ -4,6 +4,7 @@ the exporter converts the model to the requested opset afterwards).
 - `fluxc::positions` -> query positions, real-token flags, sequence starts read off the mask;
 - `fluxc::router_logits` -> masked first/last pooling and the router MLP;
 - `fluxc::routed_attention` -> masked attention: the model's mask AND (route OR the sparse pattern);
+- `fluxc::full_attention` (the FA branch of a choice) -> masked attention under the model's mask;
   or, with ``fused=True``, one ``fluxc.RoutedAttention`` node (custom domain) for runtimes with a kernel.
 The per-layer choice itself is a ``torch.cond`` in the program, which the exporter writes as ``If``.
 
@@ -182,6 +183,15 @@ def fluxc_routed_attention(q: TFloat, k: TFloat, v: TFloat, attn_mask: TMask | N
                              native_window)
 
 
+def fluxc_full_attention(q: TFloat, k: TFloat, v: TFloat, attn_mask: TMask | None, is_causal: bool, scale: float,
+                         softcap: float, math: str, softmax_fp32: bool, bottom_right: bool,
+                         native_window: int) -> TFloat:
+    """`fluxc::full_attention` (the FA branch of a per-layer choice): masked attention under the model's mask."""
+    bool_mask = attn_mask is not None and _is_bool(attn_mask)
+    return _routed_attention(q, k, v, attn_mask, bool_mask, None, None, None, is_causal, scale, softcap, math,
+                             softmax_fp32, "streaming", 0, 0, 1, False, 0, bottom_right, native_window)
+
+
 def _is_bool(x) -> bool:
     if x.dtype is None:
         raise ExportError("internal: an attention mask's ONNX type is unknown while translating (please report)")
@@ -191,9 +201,10 @@ def _is_bool(x) -> bool:
 def _routed_attention(q, k, v, attn_mask, bool_mask: bool, route, qpos, key_start, is_causal: bool, scale: float,
                       softcap: float, math: str, softmax_fp32: bool, pattern: str, sink: int, window: int, block: int,
                       block_exact: bool, n_last: int, bottom_right: bool, native_window: int):
-    kv_len = _dim(k, 2)
-    sa = _sparse_allowed(q, qpos, key_start, kv_len, pattern, sink, window, block, block_exact, n_last)
-    keep = op.Unsqueeze(op.Or(op.Unsqueeze(route, _ints(1, 2)), sa), _ints(1))  # (B, 1, Tq, Tk)
+    keep = None  # route None: the FA branch, the model's mask alone
+    if route is not None:
+        sa = _sparse_allowed(q, qpos, key_start, _dim(k, 2), pattern, sink, window, block, block_exact, n_last)
+        keep = op.Unsqueeze(op.Or(op.Unsqueeze(route, _ints(1, 2)), sa), _ints(1))  # (B, 1, Tq, Tk)
     n_rep = _heads(q) // _heads(k)
     k, v = _expand_heads(k, n_rep), _expand_heads(v, n_rep)  # (B, Hq, Tk, D)
     scores = op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2]))  # (B, Hq, Tq, Tk)
@@ -206,8 +217,10 @@ def _routed_attention(q, k, v, attn_mask, bool_mask: bool, route, qpos, key_star
         scores = op.Add(scores, op.CastLike(attn_mask, scores))  # additive mask, then the pattern
         allowed = keep
     else:
-        allowed = op.And(_allowed(q, k, attn_mask, is_causal, bottom_right, native_window, bool_mask), keep)
-    scores = op.Where(allowed, scores, neg_inf)
+        allowed = _allowed(q, k, attn_mask, is_causal, bottom_right, native_window, bool_mask)
+        allowed = allowed if keep is None else op.And(allowed, keep)
+    if allowed is not None:
+        scores = op.Where(allowed, scores, neg_inf)
     if softmax_fp32 and q.dtype != ir.DataType.FLOAT:
         probs = op.CastLike(op.Softmax(op.Cast(scores, to=ir.DataType.FLOAT), axis=-1), q)
     else:
@@ -331,6 +344,7 @@ def translation_table(fused: bool = False) -> dict:
         torch.ops.fluxc.positions.default: fluxc_positions,
         torch.ops.fluxc.dense_copy.default: fluxc_dense_copy,
         torch.ops.fluxc.router_logits.default: fluxc_router_logits,
+        torch.ops.fluxc.full_attention.default: fluxc_full_attention,
         torch.ops.fluxc.routed_attention.default: fluxc_routed_attention_fused if fused else fluxc_routed_attention,
         torch.ops.fluxc.cache_attention.default: fluxc_cache_attention_fused if fused else fluxc_cache_attention,
     }

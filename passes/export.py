@@ -20,51 +20,17 @@ from typing import Any, Literal
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import Tensor
 
 from fluxc.errors import ExportError
+from fluxc.ops.attention import full_attention_reference
 from fluxc.ops.cache import RING, ring_slot
-from fluxc.ops.masks import allowed_mask
 
 STATE_ATTR = "flux_state.route"
 
 #: `fluxc::routed_attention`'s arguments after (q, k, v, attn_mask, route, qpos, key_start).
 STATIC_NAMES = ("is_causal", "scale", "softcap", "math", "softmax_fp32", "pattern", "sink", "window", "block",
                 "block_exact", "n_last", "bottom_right", "native_window", "impl")
-
-
-def full_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float,
-                   softcap: float, math: str, softmax_fp32: bool, bottom_right: bool, native_window: int) -> Tensor:
-    """Exactly the site's own attention (the FA branch): `routed_attention` with every route True.
-
-    q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Hq, Tq, Dv) contiguous (both `cond` branches must agree).
-    """
-    batch, q_heads, q_len, _ = q.shape
-    kv_len = k.shape[2]
-    if attn_mask is None:
-        allowed = allowed_mask(None, is_causal, batch, q_len, kv_len, q.device, bottom_right=bottom_right,
-                               native_window=native_window)  # (B, 1, Tq, Tk)
-    else:
-        allowed = attn_mask
-    if math == "sdpa" and softcap == 0.0:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
-                                              enable_gqa=q_heads != k.shape[1]).contiguous()
-    n_rep = q_heads // k.shape[1]
-    if n_rep > 1:
-        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (B, Hq, Tk, D)
-    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, Hq, Tq, Tk)
-    if softcap > 0.0:
-        scores = torch.tanh(scores / softcap) * softcap
-    if allowed.dtype == torch.bool:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    else:
-        scores = scores + allowed
-    if softmax_fp32:
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    else:
-        probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, v).contiguous()
 
 
 def _full_args(static: tuple) -> tuple:
@@ -74,8 +40,9 @@ def _full_args(static: tuple) -> tuple:
 
 
 def full_site(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, *static: Any) -> Tensor:
-    """FA branch of a site whose route is fixed to full (takes `routed_attention`'s static arguments)."""
-    return full_attention(q, k, v, attn_mask, *_full_args(static))
+    """FA branch of a site whose route is fixed to full (takes `routed_attention`'s static arguments); left
+    visible to the compiler, which lowers it like the model's own attention."""
+    return full_attention_reference(q, k, v, attn_mask, *_full_args(static))
 
 
 def choose_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, route: Tensor, qpos: Tensor,
@@ -83,16 +50,20 @@ def choose_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, 
     """The per-layer choice: FA when every sequence of the batch is routed full, else the routed op."""
     full_args = _full_args(static)
 
+    # Opaque contiguous copies, in and out: Inductor compiles each branch for contiguous operands and reads its
+    # output as contiguous, but lays out a plain `.contiguous()` clone (of a transposed projection, of SDPA's
+    # (B, T, H, D)-ordered output) in whichever order it likes
+    dense = torch.ops.fluxc.dense_copy.default
+
     def fa(q, k, v, route, qpos, key_start, *mask):
-        return full_attention(q, k, v, mask[0] if mask else None, *full_args)
+        # an opaque op: AOTInductor's C++ wrapper inlines branches, and its size names (ps0, ...) of Triton
+        # kernels inside a branch collide with the enclosing graph's (wrong sizes on CUDA, torch 2.11)
+        return dense(torch.ops.fluxc.full_attention.default(q, k, v, mask[0] if mask else None, *full_args))
 
     def routed(q, k, v, route, qpos, key_start, *mask):
-        return torch.ops.fluxc.routed_attention.default(q, k, v, mask[0] if mask else None, route, qpos,
-                                                        key_start, *static)
+        return dense(torch.ops.fluxc.routed_attention.default(q, k, v, mask[0] if mask else None, route, qpos,
+                                                              key_start, *static))
 
-    # Opaque contiguous copies: Inductor compiles each branch for contiguous operands, but lays out a plain
-    # `.contiguous()` clone of a view (q/k/v are transposed projections) in whichever order it likes
-    dense = torch.ops.fluxc.dense_copy.default
     q, k, v = dense(q), dense(k), dense(v)
     operands = (q, k, v, route, qpos, key_start) + (() if attn_mask is None else (dense(attn_mask),))
     return torch.cond(route.all(), fa, routed, operands)

@@ -31,9 +31,9 @@ ARCHS = {
 CASES = [(a, i) for a in ARCHS for i in ("sdpa", "eager") if not (a == "gemma2" and i == "sdpa")]
 
 
-def tiny_model(arch: str, impl: str, layers: int = 3, seed: int = 0) -> torch.nn.Module:
+def tiny_model(arch: str, impl: str, layers: int = 3, seed: int = 0, **overrides) -> torch.nn.Module:
     config_cls, extra = ARCHS[arch]
-    kwargs = {**COMMON, **extra, "num_hidden_layers": layers}
+    kwargs = {**COMMON, **extra, "num_hidden_layers": layers, **overrides}
     if kwargs.get("layer_types", 0) is None:
         kwargs.pop("layer_types")
     config = config_cls(**kwargs)

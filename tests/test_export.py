@@ -10,6 +10,7 @@ routes the two sequences differently and layer 1 routes both to full attention: 
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -42,15 +43,18 @@ def _prompts() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     return out
 
 
-def _routed_module(arch: str, tmp_path, device: str = "cpu") -> fluxc.FluxModule:
-    model = tiny_model(arch, "sdpa", layers=2)
+def _routed_module(arch: str, tmp_path, device: str = "cpu", head_dim: int = 16,
+                   dtype: torch.dtype = torch.float32, sparse_layer0: bool = False) -> fluxc.FluxModule:
+    model = tiny_model(arch, "sdpa", layers=2, head_dim=head_dim)
     ids, mask, _ = _prompts()[0]
-    routers = _routers_with_mixed_decisions(model, ids, mask, CFG, 16)
+    routers = _routers_with_mixed_decisions(model, ids, mask, CFG, head_dim)
     with torch.no_grad():
         routers[1].head[4].bias[1] += 100.0  # layer 1: full attention for every sequence
+        if sparse_layer0:
+            routers[0].head[4].bias[1] -= 100.0  # layer 0: sparse for every sequence (no decision near the edge)
     path = tmp_path / f"{arch}.safetensors"
-    fluxc.save_routers(path, routers, CFG, fluxc.Fingerprint(type(model).__name__, 2, 4, 2, 16))
-    return fluxc.compile(model.to(device), str(path), config=CFG)
+    fluxc.save_routers(path, routers, CFG, fluxc.Fingerprint(type(model).__name__, 2, 4, 2, head_dim))
+    return fluxc.compile(model.to(device, dtype), str(path), config=CFG)
 
 
 @pytest.fixture(scope="module")
@@ -156,12 +160,22 @@ def test_aoti_package_runs_and_matches(arch, exported, tmp_path):
         assert torch.equal(out[-1], routes)
 
 
+def _gpu_prompts() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The two CPU prompts and two more at 16 and 32 tokens, on the GPU."""
+    out = list(_prompts())
+    for seq, pad, seed in ((16, 3, 1), (32, 2, 5)):
+        ids, mask = batch(seq=seq, left_pad=pad, seed=seed)
+        out.append((ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)))
+    return [tuple(t.cuda() for t in p) for p in out]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_aoti_package_on_gpu(tmp_path):
-    """The same router program exported from a CUDA model and compiled by AOTInductor for the GPU."""
+    """The same router program exported from a CUDA model and compiled by AOTInductor for the GPU (fp32,
+    head_dim 16: the routed branch runs the reference on the GPU)."""
     fm = _routed_module("llama", tmp_path, "cuda")
-    prompts = [tuple(t.cuda() for t in p) for p in _prompts()]
+    prompts = _gpu_prompts()
     ids, mask, pos = prompts[0]
     program = fluxc.export(fm, dict(input_ids=ids, attention_mask=mask, position_ids=pos))
     runner = torch._inductor.aoti_load_package(fluxc.export_aoti(program, tmp_path / "gpu.pt2"))
@@ -170,6 +184,34 @@ def test_aoti_package_on_gpu(tmp_path):
         out = runner(ids, mask, pos)
         torch.testing.assert_close(out[0], logits, atol=1e-4, rtol=1e-4)  # GPU kernels: another summation order
         assert torch.equal(out[-1], routes)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_aoti_package_bf16_on_gpu(tmp_path, caplog):
+    """bf16, head_dim 64, unpadded prompts: layer 0's choice takes the routed branch (all sequences sparse, clear
+    of the decision edge so that bf16 and fp32 agree), layer 1 the FA branch. Logits against the fp32 module
+    within 2x the bf16 module's own error, at three lengths. The program keeps the model's materialised mask,
+    which the Triton kernels do not take: the routed branch runs the reference, and says so."""
+    for sub in ("bf16", "fp32"):
+        (tmp_path / sub).mkdir()
+    fm = _routed_module("llama", tmp_path / "bf16", "cuda", head_dim=64, dtype=torch.bfloat16, sparse_layer0=True)
+    exact = _routed_module("llama", tmp_path / "fp32", "cuda", head_dim=64, sparse_layer0=True)  # same seeds, fp32
+    prompts = [batch(seq=seq, left_pad=0, seed=seq)[0].cuda() for seq in (12, 16, 33)]
+    program = fluxc.export(fm, dict(input_ids=prompts[0]))
+    runner = torch._inductor.aoti_load_package(fluxc.export_aoti(program, tmp_path / "gpu_bf16.pt2"))
+    for ids in prompts:
+        with torch.no_grad():
+            logits, truth = fm(input_ids=ids).logits, exact(input_ids=ids).logits
+        routes = fluxc.last_route(exact).clone()
+        with caplog.at_level(logging.INFO, logger="fluxc"):
+            caplog.clear()
+            out = runner(ids)
+        assert "materialised mask" in caplog.text  # the logged fallback (export keeps the mask; see DESIGN.md)
+        assert torch.equal(out[-1], routes) and routes[:, 0].logical_not().all() and routes[:, 1].all()
+        own_error = (logits.float() - truth).abs().max().item()
+        aoti_error = (out[0].float() - truth).abs().max().item()
+        assert aoti_error <= 2 * own_error, (aoti_error, own_error)
 
 
 def test_router_decode_step_matches_module(exported, tmp_path):

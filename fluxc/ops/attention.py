@@ -75,6 +75,65 @@ def routed_attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tenso
     return torch.matmul(probs, _expand_kv(v, n_rep))
 
 
+def full_attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                             scale: float, softcap: float, math: str, softmax_fp32: bool, bottom_right: bool,
+                             native_window: int) -> Tensor:
+    """Exactly the site's own attention (the FA branch): `routed_attention` with every route True.
+
+    q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Hq, Tq, Dv) contiguous."""
+    batch, q_heads, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    if attn_mask is None:
+        allowed = allowed_mask(None, is_causal, batch, q_len, kv_len, q.device, bottom_right=bottom_right,
+                               native_window=native_window)  # (B, 1, Tq, Tk)
+    else:
+        allowed = attn_mask
+    if math == "sdpa" and softcap == 0.0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
+                                              enable_gqa=q_heads != k.shape[1]).contiguous()
+    n_rep = q_heads // k.shape[1]
+    scores = torch.matmul(q, _expand_kv(k, n_rep).transpose(2, 3)) * scale  # (B, Hq, Tq, Tk)
+    if softcap > 0.0:
+        scores = torch.tanh(scores / softcap) * softcap
+    if allowed.dtype == torch.bool:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    else:
+        scores = scores + allowed
+    if softmax_fp32:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, _expand_kv(v, n_rep)).contiguous()
+
+
+@torch.library.custom_op("fluxc::full_attention", mutates_args=())
+def full_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float,
+                   softcap: float, math: str, softmax_fp32: bool, bottom_right: bool, native_window: int) -> Tensor:
+    """`full_attention_reference` as one opaque op: the FA branch of an exported program's per-layer choice."""
+    return full_attention_reference(q, k, v, attn_mask, is_causal, scale, softcap, math, softmax_fp32,
+                                    bottom_right, native_window)
+
+
+@full_attention.register_fake
+def _(q, k, v, attn_mask, is_causal, scale, softcap, math, softmax_fp32, bottom_right, native_window):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _full_setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, *static = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.attn_mask, ctx.static = attn_mask, static
+
+
+def _full_backward(ctx, grad):
+    q, k, v = ctx.saved_tensors
+    _, pullback = torch.func.vjp(lambda *qkv: full_attention_reference(*qkv, ctx.attn_mask, *ctx.static), q, k, v)
+    return (*pullback(grad), None) + (None,) * len(ctx.static)
+
+
+full_attention.register_autograd(_full_backward, setup_context=_full_setup_context)
+
+
 def _check_args(math: str, pattern: str, impl: str) -> None:
     if math not in _MATHS:
         raise ImplementationError(f"routed_attention: math={math!r} is unknown; use one of {_MATHS}")
