@@ -602,7 +602,8 @@ def export_aoti(program: torch.export.ExportedProgram, path: str | os.PathLike, 
         raise ExportError(f"path={path!r}: AOTInductor packages end in '.pt2'")
     if inductor_configs is not None and not isinstance(inductor_configs, Mapping):
         raise ExportError(f"inductor_configs must be a mapping of Inductor config names to values, got "
-                          f"{type(inductor_configs).__name__}")
+                          f"{type(inductor_configs).__name__} {inductor_configs!r}: pass a dict such as "
+                          f"{{'max_autotune': True}}")
     from torch._inductor import aoti_compile_and_package
 
     return aoti_compile_and_package(program, package_path=path,

@@ -361,6 +361,8 @@ def test_export_errors_are_clear(tmp_path, exported, capsys):
         fluxc.export(fm, (ids, mask), step="decode", kv_layout="engine")
     with pytest.raises(fluxc.ExportError, match="export_onnx got a program and \\['example_inputs'\\]"):
         fluxc.export_onnx(program, (ids, mask), tmp_path / "x.onnx")
+    with pytest.raises(fluxc.ExportError, match=r"inductor_configs must be a mapping .* got list \['max_autotune'\]"):
+        fluxc.export_aoti(program, tmp_path / "x.pt2", inductor_configs=["max_autotune"])
     with pytest.raises(fluxc.ExportError, match="example_inputs\\['use_cache'\\] is a bool; only tensors"):
         fluxc.export(model, dict(input_ids=ids, use_cache=True), route="full")
     assert cli_main(["export", "--model", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "o")]) == 2
