@@ -4,8 +4,8 @@ the exporter converts the model to the requested opset afterwards).
 - `fluxc::positions` -> query positions, real-token flags, sequence starts read off the mask;
 - `fluxc::router_logits` -> masked first/last pooling and the router MLP;
 - `fluxc::routed_attention` -> masked attention: the model's mask AND (route OR the sparse pattern);
-- `fluxc::full_attention` (the FA branch of a choice) -> masked attention under the model's mask;
-  or, with ``fused=True``, one ``fluxc.RoutedAttention`` node (custom domain) for runtimes with a kernel.
+  or, with ``fused=True``, one ``fluxc.RoutedAttention`` node (custom domain) for runtimes with a kernel;
+- `fluxc::full_attention` (the FA branch of a choice) -> masked attention under the model's mask.
 The per-layer choice itself is a ``torch.cond`` in the program, which the exporter writes as ``If``.
 
 Imported only by `fluxc.export_onnx` (needs onnxscript).

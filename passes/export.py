@@ -50,9 +50,9 @@ def choose_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, 
     """The per-layer choice: FA when every sequence of the batch is routed full, else the routed op."""
     full_args = _full_args(static)
 
-    # Opaque contiguous copies, in and out: Inductor compiles each branch for contiguous operands and reads its
-    # output as contiguous, but lays out a plain `.contiguous()` clone (of a transposed projection, of SDPA's
-    # (B, T, H, D)-ordered output) in whichever order it likes
+    # Opaque contiguous copies: Inductor compiles each branch for contiguous operands, but lays out a plain
+    # `.contiguous()` clone of a view (q/k/v are transposed projections) in whichever order it likes; the results
+    # go through the same copy so that both branches hand back one fresh contiguous buffer (the layout tested)
     dense = torch.ops.fluxc.dense_copy.default
 
     def fa(q, k, v, route, qpos, key_start, *mask):
