@@ -34,10 +34,11 @@ EXPORT_ARCHS = ("llama", "qwen3", "mistral", "gemma3")
 OPSET = {"llama": 18, "qwen3": 21, "mistral": 23, "gemma3": 25}  # the supported range, one opset per model
 
 
-def _prompts() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Two left-padded batches of different lengths: (input_ids, attention_mask, position_ids)."""
+def _prompts(shapes=((12, 3, 1), (7, 2, 5))) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Left-padded batches (default: two of different lengths), (seq, pad, seed) each:
+    (input_ids, attention_mask, position_ids)."""
     out = []
-    for seq, pad, seed in ((12, 3, 1), (7, 2, 5)):
+    for seq, pad, seed in shapes:
         ids, mask = batch(seq=seq, left_pad=pad, seed=seed)
         out.append((ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)))
     return out
@@ -162,11 +163,8 @@ def test_aoti_package_runs_and_matches(arch, exported, tmp_path):
 
 def _gpu_prompts() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The two CPU prompts and two more at 16 and 32 tokens, on the GPU."""
-    out = list(_prompts())
-    for seq, pad, seed in ((16, 3, 1), (32, 2, 5)):
-        ids, mask = batch(seq=seq, left_pad=pad, seed=seed)
-        out.append((ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)))
-    return [tuple(t.cuda() for t in p) for p in out]
+    shapes = ((12, 3, 1), (7, 2, 5), (16, 3, 1), (32, 2, 5))
+    return [tuple(t.cuda() for t in p) for p in _prompts(shapes)]
 
 
 @pytest.mark.gpu

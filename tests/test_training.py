@@ -242,7 +242,7 @@ def test_pool_queries_equals_dense_weighting_any_padding():
         rank = torch.cumsum(valid.long(), dim=1) - 1
         n_real = valid.sum(dim=1, keepdim=True)
         weight = ((rank < pool).double() + (rank >= n_real - pool).double()) * valid
-        return torch.einsum("bt,bt d->bd".replace(" ", ""), weight, query.double().mean(dim=2)) / weight.sum(1, keepdim=True).clamp_min(1.0)
+        return torch.einsum("bt,btd->bd", weight, query.double().mean(dim=2)) / weight.sum(1, keepdim=True).clamp_min(1.0)
 
     g = torch.Generator().manual_seed(0)
     for seq in (1, 3, 7, 20, 64):

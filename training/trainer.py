@@ -108,7 +108,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, average: str = "token") 
     target = labels[:, 1:]  # (B, T-1)
     per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target, ignore_index=IGNORE,
                                 reduction="none")  # (B, T-1)
-    counts = (target != -100).sum(dim=1)  # (B,)
+    counts = (target != IGNORE).sum(dim=1)  # (B,)
     per_example = per_token.sum(dim=1) / counts.clamp_min(1)  # (B,)
     return per_example[counts > 0].mean()
 

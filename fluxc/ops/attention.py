@@ -55,19 +55,23 @@ def routed_attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tenso
             mask = torch.where(keep, attn_mask, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               enable_gqa=q_heads != k.shape[1])
-    n_rep = q_heads // k.shape[1]
+    if attn_mask is None and is_causal:
+        attn_mask = allowed_mask(None, True, batch, q_len, kv_len, q.device, bottom_right=bottom_right,
+                                 native_window=native_window)
+    return _eager_attention(q, k, v, attn_mask, keep, scale=scale, softcap=softcap, softmax_fp32=softmax_fp32)
+
+
+def _eager_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, keep: Tensor | None, *,
+                     scale: float, softcap: float, softmax_fp32: bool) -> Tensor:
+    """matmul-softmax-matmul under the model's mask (bool "may attend" or additive) and a bool `keep`; GQA."""
+    n_rep = q.shape[1] // k.shape[1]
     scores = torch.matmul(q, _expand_kv(k, n_rep).transpose(2, 3)) * scale  # (B, Hq, Tq, Tk)
     if softcap > 0.0:
         scores = torch.tanh(scores / softcap) * softcap
-    if attn_mask is None:
-        if is_causal:
-            scores = scores.masked_fill(~allowed_mask(None, True, batch, q_len, kv_len, q.device, bottom_right=bottom_right,
-                                                      native_window=native_window), float("-inf"))
-    elif attn_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    else:
-        scores = scores + attn_mask
-    scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
     if softmax_fp32:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     else:
@@ -91,19 +95,8 @@ def full_attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor 
     if math == "sdpa" and softcap == 0.0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
                                               enable_gqa=q_heads != k.shape[1]).contiguous()
-    n_rep = q_heads // k.shape[1]
-    scores = torch.matmul(q, _expand_kv(k, n_rep).transpose(2, 3)) * scale  # (B, Hq, Tq, Tk)
-    if softcap > 0.0:
-        scores = torch.tanh(scores / softcap) * softcap
-    if allowed.dtype == torch.bool:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    else:
-        scores = scores + allowed
-    if softmax_fp32:
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    else:
-        probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, _expand_kv(v, n_rep)).contiguous()
+    return _eager_attention(q, k, v, allowed, None, scale=scale, softcap=softcap,
+                            softmax_fp32=softmax_fp32).contiguous()
 
 
 @torch.library.custom_op("fluxc::full_attention", mutates_args=())
