@@ -72,6 +72,7 @@ class ProgramSignature:
     route: tuple[bool, ...] | None  # the fixed route baked in (True = full), None: routers
     kv_layout: str = "dense"  # "dense" or "engine"
     layouts: tuple[str, ...] = ()  # engine layout of each layer ("full", "sparse-ring", "mixed")
+    structural_masks: bool = False  # causal + padding masks read as structure (no (Tq, Tk) mask; kernels run)
 
 
 # --------------------------------------------------------------------------------------------------- inputs
@@ -262,14 +263,14 @@ def _clone_inputs(inputs: Sequence[Tensor]) -> list[Tensor]:
     return [x.detach().clone() for x in inputs]
 
 
-def _trace(setup: _Setup, step: Any, args: list[Tensor], dynamic_dims: dict[int, tuple[int, ...]]
-           ) -> tuple[torch.fx.GraphModule, tuple[Any, ...], FluxBackend]:
+def _trace(setup: _Setup, step: Any, args: list[Tensor], dynamic_dims: dict[int, tuple[int, ...]],
+           structural_masks: bool) -> tuple[torch.fx.GraphModule, tuple[Any, ...], FluxBackend]:
     """One Dynamo trace of `step(*args)` through the Flux pass; returns the rewritten graph and its inputs."""
     backend = FluxBackend(setup.config.replace(compiler="eager"), checkpoint=setup.checkpoint,
                           route=setup.route, routers=setup.routers, architecture=type(setup.model).__name__,
                           require_sites=True)
     backend.keep_inputs = True  # the program module binds the traced graph's placeholders to these
-    backend.structural_masks = False  # the program keeps the model's mask (standard ONNX ops translate it)
+    backend.structural_masks = structural_masks  # False: the program keeps the model's (Tq, Tk) mask
     for index, dims in dynamic_dims.items():
         for dim in dims:
             torch._dynamo.maybe_mark_dynamic(args[index], dim)
@@ -374,8 +375,8 @@ def cache_tensor_names(prefix: str, num_layers: int) -> list[str]:
 
 
 def export(model: nn.Module, example_inputs: Any, *, dynamic: bool = True, route: RouteSpec = None,
-           step: Step = "prefill", kv_layout: KVLayout = "auto", config: FluxConfig | None = None
-           ) -> torch.export.ExportedProgram:
+           step: Step = "prefill", kv_layout: KVLayout = "auto", config: FluxConfig | None = None,
+           structural_masks: bool | None = None) -> torch.export.ExportedProgram:
     """`torch.export` program of `model`'s Flux-rewritten prefill or decode step.
 
     `model` is a `fluxc.compile(...)` module (its routers, or its forced route) or a plain model with `route`.
@@ -384,11 +385,14 @@ def export(model: nn.Module, example_inputs: Any, *, dynamic: bool = True, route
     `step="decode"` exports one decode step; its example cache comes from running `example_inputs` as the
     prompt. `kv_layout`: "dense" (every layer keeps every key), "engine" (the decode engine's layout: sparse
     layers keep sink + window; fixed routes only) or "auto" (engine when the route is fixed and the model
-    fits it). Reload with ``torch.export.load`` after ``import fluxc``; the module docstring lists the
-    program's inputs and outputs.
+    fits it). `structural_masks`: read the model's causal + padding masks as structure, so the program never
+    builds a (Tq, Tk) mask and runs the Triton kernels on a GPU (each such site is one routed op that chooses
+    per sequence, no ``torch.cond``); None (default) does so where the kernels can run (a CUDA model, impl not
+    'reference'); other masks (sliding windows) keep the model's mask either way. Reload with
+    ``torch.export.load`` after ``import fluxc``; the module docstring lists the program's inputs and outputs.
     """
     program, _ = export_with_signature(model, example_inputs, dynamic=dynamic, route=route, step=step,
-                                       kv_layout=kv_layout, config=config)
+                                       kv_layout=kv_layout, config=config, structural_masks=structural_masks)
     return program
 
 
@@ -428,7 +432,8 @@ def _choose_layout(kv_layout: str, setup: _Setup, hf: bool) -> str:
 
 
 def export_with_signature(model: nn.Module, example_inputs: Any, *, dynamic: bool = True, route: RouteSpec = None,
-                          step: Step = "prefill", kv_layout: KVLayout = "auto", config: FluxConfig | None = None
+                          step: Step = "prefill", kv_layout: KVLayout = "auto", config: FluxConfig | None = None,
+                          structural_masks: bool | None = None
                           ) -> tuple[torch.export.ExportedProgram, ProgramSignature]:
     """`export`, plus the names of the program's inputs and outputs."""
     from fluxc.passes.export import export_pass
@@ -437,6 +442,9 @@ def export_with_signature(model: nn.Module, example_inputs: Any, *, dynamic: boo
         raise ExportError(f"step={step!r} is not a step; use 'prefill' or 'decode'")
     if not isinstance(dynamic, bool):
         raise ExportError(f"dynamic={dynamic!r} must be True or False")
+    if structural_masks is not None and not isinstance(structural_masks, bool):
+        raise ExportError(f"structural_masks={structural_masks!r} must be True, False or None (read masks as "
+                          f"structure where the kernels can run)")
     setup = _setup(model, route, config)
     named = _as_named(example_inputs, setup.model)
     hf = _is_hf_causal_lm(setup.model)
@@ -473,7 +481,9 @@ def export_with_signature(model: nn.Module, example_inputs: Any, *, dynamic: boo
         names, args = _decode_example(setup.model, named)
         dyn = {0: (0,), 1: (0,), 2: (0, 1), **{i: (0, 2) for i in range(3, len(args))}} if dynamic else {}
         fn = _private(_decode_step, _fluxc_model=setup.model, _fluxc_cache_class=_dynamic_cache_class())
-    gm, inputs, backend = _trace(setup, fn, args, dyn)
+    if structural_masks is None:  # where the kernels can run, as `fluxc.compile` does
+        structural_masks = args[0].device.type == "cuda" and setup.config.impl != "reference"
+    gm, inputs, backend = _trace(setup, fn, args, dyn, structural_masks)
     bindings = _bindings(gm, inputs, args, setup.model)
     num_layers = len(backend.sites or [])
     fixed = None if setup.route is None else _per_layer(setup.route, num_layers)
@@ -512,10 +522,11 @@ def export_with_signature(model: nn.Module, example_inputs: Any, *, dynamic: boo
 
     layouts = tuple(LAYOUT_NAMES[x] for x in engine_layouts(fixed, setup.config)) if layout == "engine" else ()
     sig = ProgramSignature(step, tuple(input_names), tuple(outputs), num_layers, result.routes_input, dynamic, fixed,
-                           layout, layouts)
+                           layout, layouts, result.structural_sites > 0)
     _SIGNATURES[program] = sig
-    log.info("fluxc: exported %s program: %d layers, %d torch.cond choices, route %s, %s KV layout", step,
-             num_layers, result.conds, "routers" if fixed is None else "fixed", layout)
+    log.info("fluxc: exported %s program: %d layers, %d torch.cond choices, %d sites on structural masks, route %s, "
+             "%s KV layout", step, num_layers, result.conds, result.structural_sites,
+             "routers" if fixed is None else "fixed", layout)
     return program, sig
 
 
@@ -641,8 +652,9 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram, example_inputs:
                               f"drop {extra}, or pass the model instead of the program")
         program, sig = model, signature(model)
     else:
+        # the model's own mask: ONNX attention is masked attention whatever the mask's form
         program, sig = export_with_signature(model, example_inputs, dynamic=dynamic, route=route, step=step,
-                                             kv_layout=kv_layout, config=config)
+                                             kv_layout=kv_layout, config=config, structural_masks=False)
     from fluxc.onnx_ops import onnx_export
 
     onnx_export(program, sig, os.fspath(path), opset=opset, fused=fused, optimize=optimize)

@@ -2,6 +2,7 @@
 the exporter converts the model to the requested opset afterwards).
 
 - `fluxc::positions` -> query positions, real-token flags, sequence starts read off the mask;
+- `fluxc::causal_positions` (a mask read as structure) -> the same from its index vectors and key factors;
 - `fluxc::router_logits` -> masked first/last pooling and the router MLP;
 - `fluxc::routed_attention` -> masked attention: the model's mask AND (route OR the sparse pattern);
   or, with ``fused=True``, one ``fluxc.RoutedAttention`` node (custom domain) for runtimes with a kernel;
@@ -104,6 +105,32 @@ def fluxc_positions(q: TFloat, k: TFloat, attn_mask: TMask | None, is_causal: bo
     key_start = op.ReduceMin(op.Where(key_seen, key_idx, kv_len), _ints(-1), keepdims=0)  # (B,)
     key_start = op.Min(key_start, op.Sub(kv_len, 1))
     return qpos, valid, key_start
+
+
+def fluxc_causal_positions(q: TFloat, k: TFloat, q_index: INT64, k_index: INT64, keys_allowed: BOOL | None,
+                           check_contiguous: bool) -> tuple[INT64, BOOL, INT64, BOOL]:
+    """`fluxc::causal_positions`: (qpos (B, Tq), valid (B, Tq), key_start (B,), key_mask (B, 1, 1, Tk)). The
+    contiguity check is the kernels' (one run of real keys); masked attention takes any key mask."""
+    q_len, kv_len = _dim(q, 2), _dim(k, 2)
+    key_mask = op.Expand(op.Constant(value=ir.tensor(True)),
+                         op.Concat(op.Shape(q, start=0, end=1), _ints(1, 1), op.Shape(k, start=2, end=3), axis=0))
+    if keys_allowed is not None:
+        key_mask = op.And(key_mask, op.Cast(keys_allowed, to=ir.DataType.BOOL))  # (B, 1, 1, Tk)
+    batch_keys = op.Concat(op.Shape(q, start=0, end=1), op.Shape(k, start=2, end=3), axis=0)
+    keys = op.Reshape(key_mask, batch_keys)  # (B, Tk)
+    q_at = op.Unsqueeze(op.Cast(q_index, to=ir.DataType.INT64), _ints(1))  # (Tq, 1)
+    k_at = op.Unsqueeze(op.Cast(k_index, to=ir.DataType.INT64), _ints(0))  # (1, Tk)
+    # index vectors are increasing aranges: the last key at or before a query = (keys at or before it) - 1
+    raw = op.Sub(op.ReduceSum(op.Cast(op.LessOrEqual(k_at, q_at), to=ir.DataType.INT64), _ints(1), keepdims=0), 1)
+    raw = op.Min(raw, op.Sub(kv_len, 1))  # (Tq,)
+    batch_queries = op.Concat(op.Shape(q, start=0, end=1), op.Reshape(q_len, _ints(1)), axis=0)
+    qpos = op.Expand(op.Unsqueeze(raw, _ints(0)), batch_queries)  # (B, Tq)
+    own = op.GatherElements(op.Cast(keys, to=ir.DataType.INT64), op.Max(qpos, op.CastLike(0, qpos)), axis=1)
+    valid = op.And(op.GreaterOrEqual(qpos, 0), op.Greater(own, 0))  # (B, Tq)
+    key_idx = op.Range(0, kv_len, 1)  # (Tk,)
+    seen = op.And(keys, op.LessOrEqual(key_idx, op.ReduceMax(raw, keepdims=0)))  # (B, Tk)
+    key_start = op.Min(op.ReduceMin(op.Where(seen, key_idx, kv_len), _ints(1), keepdims=0), op.Sub(kv_len, 1))
+    return qpos, valid, key_start, key_mask
 
 
 def fluxc_router_logits(query: TFloat, valid: BOOL, weights: Sequence[TFloat], pool_size: int) -> FLOAT:
@@ -218,6 +245,11 @@ def _routed_attention(q, k, v, attn_mask, bool_mask: bool, route, qpos, key_star
         allowed = keep
     else:
         allowed = _allowed(q, k, attn_mask, is_causal, bottom_right, native_window, bool_mask)
+        if attn_mask is not None and is_causal:  # a structural mask: causal by query position AND the key mask
+            if qpos is None:
+                raise ExportError("internal: a structural mask reached the FA branch's translation (please report)")
+            keys = op.Unsqueeze(op.Range(0, _dim(k, 2), 1), _ints(0, 1))  # (1, 1, Tk)
+            allowed = op.And(allowed, op.Unsqueeze(op.LessOrEqual(keys, op.Unsqueeze(qpos, _ints(2))), _ints(1)))
         allowed = allowed if keep is None else op.And(allowed, keep)
     if allowed is not None:
         scores = op.Where(allowed, scores, neg_inf)
@@ -342,6 +374,7 @@ def translation_table(fused: bool = False) -> dict:
     return {
         torch.ops.aten.where.self: aten_where,
         torch.ops.fluxc.positions.default: fluxc_positions,
+        torch.ops.fluxc.causal_positions.default: fluxc_causal_positions,
         torch.ops.fluxc.dense_copy.default: fluxc_dense_copy,
         torch.ops.fluxc.router_logits.default: fluxc_router_logits,
         torch.ops.fluxc.full_attention.default: fluxc_full_attention,

@@ -8,6 +8,9 @@ A deployed program has no `RouteState` to mutate and needs its decisions as data
   which keeps per-sequence routes exact when a batch mixes both;
 - with a fixed route, full layers become plain attention and sparse layers keep the routed op with its
   constant route: no choice is left in the program;
+- a site whose mask the rewrite read as structure (`fluxc::causal_positions`: causal + a key mask, the
+  kernels' input) stays one `fluxc::routed_attention`, with the router's or the fixed route: the op makes the
+  per-sequence FA/SA choice itself (the Triton kernels on a GPU), so a `torch.cond` would only duplicate it;
 - a decode step over the decode engine's cache writes the token functionally (`cache_write_functional`):
   the program returns the updated buffers instead of mutating its inputs.
 """
@@ -91,10 +94,18 @@ class ExportGraph:
     routed_layers: list[int]
     conds: int
     routes_input: bool
+    structural_sites: int = 0  # routed sites left as one op on a structural mask (no choice in the program)
 
 
 def _is_op(node: fx.Node, op: Any) -> bool:
     return node.op == "call_function" and node.target is op
+
+
+def is_structural_site(site: fx.Node) -> bool:
+    """True when the routed site's mask is the key mask of `fluxc::causal_positions` (a structural mask)."""
+    mask = site.args[3]
+    return (isinstance(mask, fx.Node) and _is_op(mask, operator.getitem)
+            and isinstance(mask.args[0], fx.Node) and _is_op(mask.args[0], torch.ops.fluxc.causal_positions.default))
 
 
 def export_pass(gm: fx.GraphModule, *, step: Literal["prefill", "decode"], fixed: tuple[bool, ...] | None,
@@ -145,10 +156,13 @@ def export_pass(gm: fx.GraphModule, *, step: Literal["prefill", "decode"], fixed
     else:
         _drop_state_reads(gm, num_layers)
 
-    conds = 0
+    conds = structural = 0
     for site in sites:
         layer = site_layer[site]
         q, k, v, mask, route, qpos, key_start, *static = site.args
+        if is_structural_site(site):
+            structural += 1
+            continue  # the op chooses per sequence; a fixed route is already its constant route input
         with graph.inserting_before(site):
             if fixed is not None and fixed[layer]:
                 new = graph.call_function(full_site, (q, k, v, mask, *static))
@@ -167,7 +181,7 @@ def export_pass(gm: fx.GraphModule, *, step: Literal["prefill", "decode"], fixed
         raise ExportError("internal: the route state is still read after the export pass (please report)")
     graph.lint()
     gm.recompile()
-    return ExportGraph(num_layers, sorted(route_of), conds, routes_input)
+    return ExportGraph(num_layers, sorted(route_of), conds, routes_input, structural)
 
 
 def _erase_dead(graph: fx.Graph, roots: list[fx.Node]) -> None:

@@ -86,6 +86,11 @@ def _is_true_constant(node: object) -> bool:
     return (is_target(node, "new_ones", "ones", "ones_like") and value is not None and value.dtype == torch.bool)
 
 
+def _is_symbolic_size(node: Node) -> bool:
+    """A graph input holding a size (a SymInt under dynamic shapes: the past length of a decode step)."""
+    return isinstance(node.meta.get("example_value"), (int, torch.SymInt))
+
+
 def _affine_arange(node: object) -> bool:
     """`arange(...)`, optionally plus or minus a number / 0-d tensor, possibly moved with `.to(device)`."""
     for _ in range(6):
@@ -101,7 +106,7 @@ def _affine_arange(node: object) -> bool:
             vector, other = (a, b) if isinstance(a, Node) and len(shape_of(a) or ()) == 1 else (b, a)
             if is_target(node, "sub", "__sub__") and vector is not a:
                 return False  # c - arange counts down
-            other_shape = shape_of(other) if isinstance(other, Node) else ()
+            other_shape = () if not isinstance(other, Node) or _is_symbolic_size(other) else shape_of(other)
             if other_shape is None or len(other_shape) > 1 or (len(other_shape) == 1 and not _same(other_shape[0], 1)):
                 return False
             node = vector

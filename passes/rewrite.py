@@ -242,9 +242,15 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
                 # the (Tq, Tk) mask is never built: positions from its index vectors, a (B, 1, 1, Tk) key mask
                 key = ("structure", match.mask)
                 if key not in positions_memo:
+                    # one tensor, not a list of factors: AOTInductor's proxy executor mishandles an empty
+                    # Tensor[] argument (a segfault on CUDA, torch 2.11)
+                    keys_allowed = None
+                    for factor in structure.key_factors:
+                        keys_allowed = factor if keys_allowed is None else graph.call_function(
+                            operator.and_, (keys_allowed, factor))
                     pos = graph.call_function(torch.ops.fluxc.causal_positions.default,
-                                              (q, k, structure.q_index, structure.k_index,
-                                               list(structure.key_factors), kernels_possible))
+                                              (q, k, structure.q_index, structure.k_index, keys_allowed,
+                                               kernels_possible))
                     positions_memo[key] = tuple(graph.call_function(operator.getitem, (pos, i)) for i in range(4))
                     counters["structural_masks"] += 1
                 qpos, valid, key_start, mask = positions_memo[key]

@@ -161,6 +161,69 @@ def test_aoti_package_runs_and_matches(arch, exported, tmp_path):
         assert torch.equal(out[-1], routes)
 
 
+def test_structural_mask_programs_match_module(exported, tmp_path):
+    """structural_masks=True (a CUDA export's default): HF's causal + padding mask is read as index vectors and a
+    key mask, so each routed site stays one op that chooses per sequence (no torch.cond, no (Tq, Tk) mask; the
+    Triton kernels' input on a GPU). Prefill at both lengths: the program within 1e-5 of the module, onnxruntime
+    within 1e-4, the AOTInductor package within 1e-5; three chained decode steps within 1e-5, one in onnxruntime.
+    A sliding-window model's masks are not causal + per-key: it keeps its choices."""
+    fm, _, _ = exported("llama")
+    ids, mask, pos = _prompts()[0]
+    example = dict(input_ids=ids, attention_mask=mask, position_ids=pos)
+    program, sig = export_with_signature(fm, example, structural_masks=True)
+    assert sig.structural_masks and _targets(program, "cond") == 0 and _targets(program, "fluxc.positions") == 0
+    assert _targets(program, "causal_positions") == 1 and _targets(program, "routed_attention") == 2
+    fluxc.export_onnx(program, None, tmp_path / "prefill.onnx", optimize=False)
+    session = ort.InferenceSession(str(tmp_path / "prefill.onnx"))
+    runner = torch._inductor.aoti_load_package(fluxc.export_aoti(program, tmp_path / "prefill.pt2"))
+    for ids, mask, pos in _prompts():
+        logits, routes, cache = _module_prefill(fm, ids, mask, pos)
+        with torch.no_grad():
+            out = program.module()(ids, mask, pos)
+        torch.testing.assert_close(out[0], logits, atol=1e-5, rtol=0)
+        assert torch.equal(out[-1], routes)
+        for got, want in zip(out[1:-1], cache):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()})
+        real = mask.bool()
+        torch.testing.assert_close(torch.from_numpy(got[0])[real], logits[real], atol=1e-4, rtol=0)
+        assert np.array_equal(got[-1], routes.numpy())
+        aoti = runner(ids, mask, pos)
+        torch.testing.assert_close(aoti[0], logits, atol=1e-5, rtol=0)
+        assert torch.equal(aoti[-1], routes)
+    assert (_module_prefill(fm, *_prompts()[0])[1][:, 0]).unique().numel() == 2  # layer 0 mixes both routes
+
+    decode, dsig = export_with_signature(fm, example, step="decode", structural_masks=True)
+    assert dsig.structural_masks and _targets(decode, "cond") == 0 and _targets(decode, "causal_positions") == 1
+    ids, mask, pos = _prompts()[1]
+    with torch.no_grad():
+        out = program.module()(ids, mask, pos)
+        ref = fm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(), use_cache=True)
+    routes, cache, module_cache = out[-1], list(out[1:-1]), ref.past_key_values
+    token, step_pos = ref.logits[:, -1:].argmax(-1), pos[:, -1:] + 1
+    for _ in range(3):
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        feed = [token, step_pos, mask, routes, *cache]
+        with torch.no_grad():
+            want = fm(input_ids=token, attention_mask=mask, position_ids=step_pos, past_key_values=module_cache,
+                      use_cache=True)
+            got = decode.module()(*feed)
+        torch.testing.assert_close(got[0], want.logits, atol=1e-5, rtol=0)
+        cache, module_cache = list(got[1:]), want.past_key_values
+        token, step_pos = want.logits[:, -1:].argmax(-1), step_pos + 1
+    fluxc.export_onnx(decode, None, tmp_path / "decode.onnx", optimize=False)
+    onnx_out = ort.InferenceSession(str(tmp_path / "decode.onnx")).run(None, dict(zip(dsig.inputs,
+                                                                                      (t.numpy() for t in feed))))
+    with torch.no_grad():
+        want = decode.module()(*feed)
+    for a, b in zip(onnx_out, want):
+        torch.testing.assert_close(torch.from_numpy(a), b, atol=1e-4, rtol=0)
+
+    sliding, _, _ = exported("mistral")
+    program, sig = export_with_signature(sliding, _prompts()[0][0], structural_masks=True)
+    assert not sig.structural_masks and _targets(program, "cond") == 2 and _targets(program, "causal_positions") == 0
+
+
 def _gpu_prompts() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The two CPU prompts and two more at 16 and 32 tokens, on the GPU."""
     shapes = ((12, 3, 1), (7, 2, 5), (16, 3, 1), (32, 2, 5))
@@ -170,12 +233,13 @@ def _gpu_prompts() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_aoti_package_on_gpu(tmp_path):
-    """The same router program exported from a CUDA model and compiled by AOTInductor for the GPU (fp32,
-    head_dim 16: the routed branch runs the reference on the GPU)."""
+    """The same router program exported from a CUDA model with the model's mask kept (per-layer torch.cond) and
+    compiled by AOTInductor for the GPU (fp32, head_dim 16: the routed branch runs the reference on the GPU)."""
     fm = _routed_module("llama", tmp_path, "cuda")
     prompts = _gpu_prompts()
     ids, mask, pos = prompts[0]
-    program = fluxc.export(fm, dict(input_ids=ids, attention_mask=mask, position_ids=pos))
+    program = fluxc.export(fm, dict(input_ids=ids, attention_mask=mask, position_ids=pos), structural_masks=False)
+    assert _targets(program, "cond") == 2
     runner = torch._inductor.aoti_load_package(fluxc.export_aoti(program, tmp_path / "gpu.pt2"))
     for ids, mask, pos in prompts:
         logits, routes, _ = _module_prefill(fm, ids, mask, pos)
@@ -187,28 +251,31 @@ def test_aoti_package_on_gpu(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_aoti_package_bf16_on_gpu(tmp_path, caplog):
-    """bf16, head_dim 64, unpadded prompts: layer 0's choice takes the routed branch (all sequences sparse, clear
-    of the decision edge so that bf16 and fp32 agree), layer 1 the FA branch. Logits against the fp32 module
-    within 2x the bf16 module's own error, at three lengths. The program keeps the model's materialised mask,
-    which the Triton kernels do not take: the routed branch runs the reference, and says so."""
+    """bf16, head_dim 64, a CUDA export's default: the causal + padding mask is read as structure, so both layers'
+    routed ops run the Triton kernels (no reference fallback is logged). Layer 0 routes every sequence sparse
+    (clear of the decision edge so that bf16 and fp32 agree), layer 1 full. Logits of real tokens against the
+    fp32 module within 2x the bf16 module's own error, at three lengths, left padding included."""
     for sub in ("bf16", "fp32"):
         (tmp_path / sub).mkdir()
     fm = _routed_module("llama", tmp_path / "bf16", "cuda", head_dim=64, dtype=torch.bfloat16, sparse_layer0=True)
     exact = _routed_module("llama", tmp_path / "fp32", "cuda", head_dim=64, sparse_layer0=True)  # same seeds, fp32
-    prompts = [batch(seq=seq, left_pad=0, seed=seq)[0].cuda() for seq in (12, 16, 33)]
-    program = fluxc.export(fm, dict(input_ids=prompts[0]))
+    prompts = [tuple(t.cuda() for t in batch(seq=seq, left_pad=pad, seed=seq)) for seq, pad in ((12, 0), (16, 3), (33, 5))]
+    program, sig = export_with_signature(fm, dict(input_ids=prompts[0][0], attention_mask=prompts[0][1]))
+    assert sig.structural_masks and _targets(program, "cond") == 0 and _targets(program, "routed_attention") == 2
     runner = torch._inductor.aoti_load_package(fluxc.export_aoti(program, tmp_path / "gpu_bf16.pt2"))
-    for ids in prompts:
+    for ids, mask in prompts:
         with torch.no_grad():
-            logits, truth = fm(input_ids=ids).logits, exact(input_ids=ids).logits
+            logits = fm(input_ids=ids, attention_mask=mask).logits
+            truth = exact(input_ids=ids, attention_mask=mask).logits
         routes = fluxc.last_route(exact).clone()
         with caplog.at_level(logging.INFO, logger="fluxc"):
             caplog.clear()
-            out = runner(ids)
-        assert "materialised mask" in caplog.text  # the logged fallback (export keeps the mask; see DESIGN.md)
+            out = runner(ids, mask)
+        assert "runs the reference" not in caplog.text, caplog.text  # the Triton kernels ran
         assert torch.equal(out[-1], routes) and routes[:, 0].logical_not().all() and routes[:, 1].all()
-        own_error = (logits.float() - truth).abs().max().item()
-        aoti_error = (out[0].float() - truth).abs().max().item()
+        real = mask.bool()
+        own_error = (logits.float() - truth)[real].abs().max().item()
+        aoti_error = (out[0].float() - truth)[real].abs().max().item()
         assert aoti_error <= 2 * own_error, (aoti_error, own_error)
 
 
@@ -361,6 +428,8 @@ def test_export_errors_are_clear(tmp_path, exported, capsys):
         fluxc.export_onnx(program, (ids, mask), tmp_path / "x.onnx")
     with pytest.raises(fluxc.ExportError, match=r"inductor_configs must be a mapping .* got list \['max_autotune'\]"):
         fluxc.export_aoti(program, tmp_path / "x.pt2", inductor_configs=["max_autotune"])
+    with pytest.raises(fluxc.ExportError, match="structural_masks='yes' must be True, False or None"):
+        fluxc.export(model, (ids, mask), route="full", structural_masks="yes")
     with pytest.raises(fluxc.ExportError, match="example_inputs\\['use_cache'\\] is a bool; only tensors"):
         fluxc.export(model, dict(input_ids=ids, use_cache=True), route="full")
     assert cli_main(["export", "--model", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "o")]) == 2

@@ -98,21 +98,23 @@ def test_causal_positions_match_mask_positions_and_refuse_holes():
     keys[2, -3:] = False  # right padding
     index = torch.arange(t)
     factor = keys[:, None, None, :]
-    qpos, valid, key_start, key_mask = torch.ops.fluxc.causal_positions(q, q, index, index, [factor], True)
+    qpos, valid, key_start, key_mask = torch.ops.fluxc.causal_positions(q, q, index, index, factor, True)
     allowed = allowed_mask(None, True, batch_size, t, t, q.device) & factor
     ref_qpos, ref_valid, ref_start = mask_positions(allowed)
     assert torch.equal(valid, ref_valid) and torch.equal(key_start, ref_start)
     assert torch.equal(qpos[valid], ref_qpos[ref_valid])  # real rows: the query's own key
     assert torch.equal(key_mask[:, 0, 0], keys)
+    _, valid_all, start_all, mask_all = torch.ops.fluxc.causal_positions(q, q, index, index, None, True)  # no factor
+    assert valid_all.all() and not start_all.any() and mask_all.all() and mask_all.shape == (batch_size, 1, 1, t)
     # a decode step: one query at position t - 1 over t keys
-    qpos1, valid1, start1, _ = torch.ops.fluxc.causal_positions(q[:, :, :1], q, index[-1:], index, [factor], True)
+    qpos1, valid1, start1, _ = torch.ops.fluxc.causal_positions(q[:, :, :1], q, index[-1:], index, factor, True)
     assert qpos1.flatten().tolist() == [t - 1] * batch_size and valid1.flatten().tolist() == [True, True, False]
     assert start1.tolist() == [0, 4, 0]
     holes = keys.clone()
     holes[0, 5] = False
     with pytest.raises(fluxc.MaskError, match=r"zeros between real tokens of sequence\(s\) \[0\].*impl='reference'"):
-        torch.ops.fluxc.causal_positions(q, q, index, index, [holes[:, None, None, :]], True)
-    torch.ops.fluxc.causal_positions(q, q, index, index, [holes[:, None, None, :]], False)  # reference: exact
+        torch.ops.fluxc.causal_positions(q, q, index, index, holes[:, None, None, :], True)
+    torch.ops.fluxc.causal_positions(q, q, index, index, holes[:, None, None, :], False)  # reference: exact
 
 
 def test_materialised_sliding_window_mask_is_not_read():

@@ -27,10 +27,11 @@ def _(q, k, attn_mask, is_causal, bottom_right, native_window):
 
 
 @torch.library.custom_op("fluxc::causal_positions", mutates_args=())
-def causal_positions(q: Tensor, k: Tensor, q_index: Tensor, k_index: Tensor, key_factors: list[Tensor],
+def causal_positions(q: Tensor, k: Tensor, q_index: Tensor, k_index: Tensor, keys_allowed: Tensor | None,
                      check_contiguous: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Positions of a mask read as structure (`fluxc.passes.masks`): key j visible to query i iff
-    k_index[j] <= q_index[i] and every per-key factor holds. O(B * (Tq + Tk)); the (Tq, Tk) mask is never built.
+    k_index[j] <= q_index[i] and `keys_allowed` (the AND of the mask's per-key factors, broadcastable to
+    (B, 1, 1, Tk); None: every key) holds. O(B * (Tq + Tk)); the (Tq, Tk) mask is never built.
 
     Returns qpos (B, Tq) int64 (the key index at the query's own position, which every sequence shares),
     valid (B, Tq) bool (the query's own key is real), key_start (B,) int64 (first real key a query sees) and
@@ -38,8 +39,8 @@ def causal_positions(q: Tensor, k: Tensor, q_index: Tensor, k_index: Tensor, key
     real keys must be contiguous up to the last one a query sees: one host check, raising `MaskError`."""
     batch, kv_len = q.shape[0], k.shape[2]
     key_mask = torch.ones((batch, 1, 1, kv_len), dtype=torch.bool, device=q.device)
-    for factor in key_factors:
-        key_mask = key_mask & factor.to(device=q.device, dtype=torch.bool)
+    if keys_allowed is not None:
+        key_mask = key_mask & keys_allowed.to(device=q.device, dtype=torch.bool)
     keys = key_mask.view(batch, kv_len)  # (B, Tk)
     raw = torch.searchsorted(k_index.to(torch.int64).contiguous(), q_index.to(torch.int64).contiguous(), right=True) - 1
     raw = raw.clamp(-1, kv_len - 1)  # (Tq,) the last key at or before each query's position
@@ -61,7 +62,7 @@ def causal_positions(q: Tensor, k: Tensor, q_index: Tensor, k_index: Tensor, key
 
 
 @causal_positions.register_fake
-def _(q, k, q_index, k_index, key_factors, check_contiguous):
+def _(q, k, q_index, k_index, keys_allowed, check_contiguous):
     batch, q_len, kv_len = q.shape[0], q.shape[2], k.shape[2]
     return (q.new_empty((batch, q_len), dtype=torch.int64), q.new_empty((batch, q_len), dtype=torch.bool),
             q.new_empty((batch,), dtype=torch.int64), q.new_empty((batch, 1, 1, kv_len), dtype=torch.bool))
