@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One command on a GPU machine: every GPU test (kernels, decode engine, AOTInductor on CUDA), then the kernel
-# benchmark (JSON + PNG), then (GPU_E2E=1) the end-to-end benchmark, scripts/gpu_e2e.sh.
+# benchmark (JSON + PNG), then (GPU_EXPORT=1) the exported-program benchmark, benchmarks/export_gpu.py, then
+# (GPU_E2E=1) the end-to-end benchmark, scripts/gpu_e2e.sh.
 # Results go to $OUT when set (the device tool's output folder), else benchmarks/results/.
 #   bash scripts/gpu.sh                 # tests + full kernel benchmark
 #   GPU_E2E=1 bash scripts/gpu.sh       # ... + the end-to-end benchmark (about 9 minutes more on an H100)
+#   GPU_SKIP_TESTS=1 GPU_SKIP_BENCH=1 GPU_EXPORT=1 bash scripts/gpu.sh   # the export benchmark alone (~6 min)
 #   bash scripts/gpu.sh --decode-only   # tests + the decode benchmark only (~2-3 min on an H100)
 #   GPU_SKIP_TESTS=1 bash scripts/gpu.sh --sweep-only
 # Extra arguments are passed to benchmarks/kernels.py.  Works without installing fluxc: the kernels
@@ -26,21 +28,22 @@ for a in "$@"; do
 done
 
 rc=0
+# The fluxc-level GPU tests and the export benchmark need `import fluxc` with fluxc.passes/kernels/training: an
+# installed fluxc, or (a bare GPU image) a package view of symlinks, run from outside the repo so that its
+# fluxc/ does not shadow it.
+ROOT="$PWD"
+PKG="$(mktemp -d /tmp/fluxc-pkg.XXXXXX)"
+mkdir "$PKG/fluxc"
+for f in "$ROOT"/fluxc/*; do ln -s "$f" "$PKG/fluxc/$(basename "$f")"; done
+for sub in passes kernels training; do ln -s "$ROOT/$sub" "$PKG/fluxc/$sub"; done
+trap 'rm -rf "$PKG"' EXIT
 if [ "${GPU_SKIP_TESTS:-0}" != "1" ]; then
   start=$(date +%s)
   "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_gpu.py 2>&1 | tee "$OUT_DIR/kernels_gpu_tests.log"
   rc=${PIPESTATUS[0]}
-  # The fluxc-level GPU tests need `import fluxc` with fluxc.passes/kernels/training: an installed fluxc, or
-  # (a bare GPU image) a package view of symlinks, run from outside the repo so its fluxc/ does not shadow it.
-  ROOT="$PWD"
-  PKG="$(mktemp -d /tmp/fluxc-pkg.XXXXXX)"
-  mkdir "$PKG/fluxc"
-  for f in "$ROOT"/fluxc/*; do ln -s "$f" "$PKG/fluxc/$(basename "$f")"; done
-  for sub in passes kernels training; do ln -s "$ROOT/$sub" "$PKG/fluxc/$sub"; done
   (cd "$PKG" && PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pytest -q -p no:cacheprovider -m gpu \
       --tb=short --rootdir="$ROOT" "$ROOT/tests" --ignore="$ROOT/tests/kernels") 2>&1 | tee "$OUT_DIR/fluxc_gpu_tests.log"
   rc2=${PIPESTATUS[0]}
-  rm -rf "$PKG"
   [ "$rc" -eq 0 ] && rc=$rc2
   echo "gpu tests: rc=$rc in $(( $(date +%s) - start )) s"
 fi
@@ -48,6 +51,11 @@ if [ "${GPU_SKIP_BENCH:-0}" != "1" ]; then
   "$PY" benchmarks/kernels.py --out "$OUT_DIR/$BENCH_NAME.json" "$@" 2>&1 | tee "$OUT_DIR/$BENCH_NAME.log"
   "$PY" benchmarks/plot_kernels.py "$OUT_DIR/$BENCH_NAME.json" \
       "$OUT_DIR/$BENCH_NAME.png" || echo "plot skipped (run benchmarks/plot_kernels.py elsewhere)"
+fi
+if [ "${GPU_EXPORT:-0}" = "1" ]; then
+  (cd "$PKG" && PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}" "$PY" -X faulthandler \
+      "$ROOT/benchmarks/export_gpu.py" --out "$OUT_DIR/export_gpu.json") 2>&1 | tee "$OUT_DIR/export_gpu.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 fi
 if [ "${GPU_E2E:-0}" = "1" ]; then
   bash scripts/gpu_e2e.sh || rc=$?
