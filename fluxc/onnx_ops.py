@@ -2,7 +2,7 @@
 the exporter converts the model to the requested opset afterwards).
 
 - `fluxc::positions` -> query positions, real-token flags, sequence starts read off the mask;
-- `fluxc::causal_positions` (a mask read as structure) -> the same from its index vectors and key factors;
+- `fluxc::causal_positions` (a mask read as structure) -> the same from its index vectors and key mask;
 - `fluxc::router_logits` -> masked first/last pooling and the router MLP;
 - `fluxc::routed_attention` -> masked attention: the model's mask AND (route OR the sparse pattern);
   or, with ``fused=True``, one ``fluxc.RoutedAttention`` node (custom domain) for runtimes with a kernel;

@@ -101,7 +101,7 @@ def _is_op(node: fx.Node, op: Any) -> bool:
     return node.op == "call_function" and node.target is op
 
 
-def is_structural_site(site: fx.Node) -> bool:
+def _is_structural_site(site: fx.Node) -> bool:
     """True when the routed site's mask is the key mask of `fluxc::causal_positions` (a structural mask)."""
     mask = site.args[3]
     return (isinstance(mask, fx.Node) and _is_op(mask, operator.getitem)
@@ -160,7 +160,7 @@ def export_pass(gm: fx.GraphModule, *, step: Literal["prefill", "decode"], fixed
     for site in sites:
         layer = site_layer[site]
         q, k, v, mask, route, qpos, key_start, *static = site.args
-        if is_structural_site(site):
+        if _is_structural_site(site):
             structural += 1
             continue  # the op chooses per sequence; a fixed route is already its constant route input
         with graph.inserting_before(site):

@@ -242,8 +242,8 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
                 # the (Tq, Tk) mask is never built: positions from its index vectors, a (B, 1, 1, Tk) key mask
                 key = ("structure", match.mask)
                 if key not in positions_memo:
-                    # one tensor, not a list of factors: AOTInductor's proxy executor mishandles an empty
-                    # Tensor[] argument (a segfault on CUDA, torch 2.11)
+                    # the AND of the per-key factors as one optional tensor (None: no factor), not a Tensor[]
+                    # that may be empty: the op's inputs stay plain tensors for AOTInductor's proxy executor
                     keys_allowed = None
                     for factor in structure.key_factors:
                         keys_allowed = factor if keys_allowed is None else graph.call_function(

@@ -161,6 +161,34 @@ def test_aoti_package_runs_and_matches(arch, exported, tmp_path):
         assert torch.equal(out[-1], routes)
 
 
+def _check_chained_decode(fm, prefill, decode, sig, tmp_path) -> None:
+    """The second prompt through the exported `prefill`, then three chained exported dense decode steps (routes
+    from that prefill) against the module's own steps within 1e-5; the last step in onnxruntime within 1e-4."""
+    ids, mask, pos = _prompts()[1]
+    with torch.no_grad():
+        out = prefill.module()(ids, mask, pos)
+        ref = fm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(), use_cache=True)
+    routes, cache, module_cache = out[-1], list(out[1:-1]), ref.past_key_values
+    token, step_pos = ref.logits[:, -1:].argmax(-1), pos[:, -1:] + 1
+    for _ in range(3):
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        feed = [token, step_pos, mask, routes, *cache]
+        with torch.no_grad():
+            want = fm(input_ids=token, attention_mask=mask, position_ids=step_pos, past_key_values=module_cache,
+                      use_cache=True)
+            got = decode.module()(*feed)
+        torch.testing.assert_close(got[0], want.logits, atol=1e-5, rtol=0)
+        cache, module_cache = list(got[1:]), want.past_key_values
+        token, step_pos = want.logits[:, -1:].argmax(-1), step_pos + 1
+    path = tmp_path / "decode.onnx"
+    fluxc.export_onnx(decode, None, path, optimize=False)
+    onnx_out = ort.InferenceSession(str(path)).run(None, {k: v.numpy() for k, v in zip(sig.inputs, feed)})
+    with torch.no_grad():
+        want = decode.module()(*feed)
+    for a, b in zip(onnx_out, want):
+        torch.testing.assert_close(torch.from_numpy(a), b, atol=1e-4, rtol=0)
+
+
 def test_structural_mask_programs_match_module(exported, tmp_path):
     """structural_masks=True (a CUDA export's default): HF's causal + padding mask is read as index vectors and a
     key mask, so each routed site stays one op that chooses per sequence (no torch.cond, no (Tq, Tk) mask; the
@@ -195,29 +223,7 @@ def test_structural_mask_programs_match_module(exported, tmp_path):
 
     decode, dsig = export_with_signature(fm, example, step="decode", structural_masks=True)
     assert dsig.structural_masks and _targets(decode, "cond") == 0 and _targets(decode, "causal_positions") == 1
-    ids, mask, pos = _prompts()[1]
-    with torch.no_grad():
-        out = program.module()(ids, mask, pos)
-        ref = fm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(), use_cache=True)
-    routes, cache, module_cache = out[-1], list(out[1:-1]), ref.past_key_values
-    token, step_pos = ref.logits[:, -1:].argmax(-1), pos[:, -1:] + 1
-    for _ in range(3):
-        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-        feed = [token, step_pos, mask, routes, *cache]
-        with torch.no_grad():
-            want = fm(input_ids=token, attention_mask=mask, position_ids=step_pos, past_key_values=module_cache,
-                      use_cache=True)
-            got = decode.module()(*feed)
-        torch.testing.assert_close(got[0], want.logits, atol=1e-5, rtol=0)
-        cache, module_cache = list(got[1:]), want.past_key_values
-        token, step_pos = want.logits[:, -1:].argmax(-1), step_pos + 1
-    fluxc.export_onnx(decode, None, tmp_path / "decode.onnx", optimize=False)
-    onnx_out = ort.InferenceSession(str(tmp_path / "decode.onnx")).run(None, dict(zip(dsig.inputs,
-                                                                                      (t.numpy() for t in feed))))
-    with torch.no_grad():
-        want = decode.module()(*feed)
-    for a, b in zip(onnx_out, want):
-        torch.testing.assert_close(torch.from_numpy(a), b, atol=1e-4, rtol=0)
+    _check_chained_decode(fm, program, decode, dsig, tmp_path)
 
     sliding, _, _ = exported("mistral")
     program, sig = export_with_signature(sliding, _prompts()[0][0], structural_masks=True)
@@ -287,29 +293,7 @@ def test_router_decode_step_matches_module(exported, tmp_path):
     decode, sig = export_with_signature(fm, dict(input_ids=ids, attention_mask=mask, position_ids=pos), step="decode")
     assert sig.inputs[:4] == ("input_ids", "position_ids", "attention_mask", "routes") and sig.kv_layout == "dense"
     assert _targets(decode, "router_logits") == 0  # a decode step reuses the prefill's routes
-    ids, mask, pos = _prompts()[1]  # left padding 2, 7 tokens: past the sliding window (5)
-    with torch.no_grad():
-        out = prefill.module()(ids, mask, pos)
-        ref = fm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(), use_cache=True)
-    routes, cache, module_cache = out[-1], list(out[1:-1]), ref.past_key_values
-    token, step_pos = ref.logits[:, -1:].argmax(-1), pos[:, -1:] + 1
-    for _ in range(3):
-        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-        feed = [token, step_pos, mask, routes, *cache]
-        with torch.no_grad():
-            want = fm(input_ids=token, attention_mask=mask, position_ids=step_pos, past_key_values=module_cache,
-                      use_cache=True)
-            got = decode.module()(*feed)
-        torch.testing.assert_close(got[0], want.logits, atol=1e-5, rtol=0)
-        cache, module_cache = list(got[1:]), want.past_key_values
-        token, step_pos = want.logits[:, -1:].argmax(-1), step_pos + 1
-    path = tmp_path / "decode.onnx"
-    fluxc.export_onnx(decode, None, path, optimize=False)
-    onnx_out = ort.InferenceSession(str(path)).run(None, {k: v.numpy() for k, v in zip(sig.inputs, feed)})
-    with torch.no_grad():
-        want = decode.module()(*feed)
-    for a, b in zip(onnx_out, want):
-        torch.testing.assert_close(torch.from_numpy(a), b, atol=1e-4, rtol=0)
+    _check_chained_decode(fm, prefill, decode, sig, tmp_path)  # 7 tokens, pad 2: past the sliding window (5)
 
 
 def _all_nodes(proto) -> list:
