@@ -56,6 +56,8 @@ if [ "${GPU_EXPORT:-0}" = "1" ]; then
   (cd "$PKG" && PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}" "$PY" -X faulthandler \
       "$ROOT/benchmarks/export_gpu.py" --out "$OUT_DIR/export_gpu.json") 2>&1 | tee "$OUT_DIR/export_gpu.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+  "$PY" benchmarks/plot_export.py "$OUT_DIR/export_gpu.json" "$OUT_DIR/export_gpu.png" \
+      || echo "plot skipped (run benchmarks/plot_export.py elsewhere)"
 fi
 if [ "${GPU_E2E:-0}" = "1" ]; then
   bash scripts/gpu_e2e.sh || rc=$?
