@@ -3,8 +3,7 @@
 Model: a Llama-shaped `LlamaForCausalLM` from a config (hidden 2048, 16 query / 8 KV heads, head dim 128, MLP
 5632, vocabulary 32000, 4 layers), bf16, random N(0, 0.02) weights, built on the GPU. One dynamic program per
 variant (exported at 256 tokens, routers in the program), run at each length (B=1) as `program.module()` (the
-program's ATen graph, op by op; AOTInductor packages of these programs do not load on CUDA with torch 2.11, see
-README). Routers come from a checkpoint whose last layer is zero with a bias that picks every layer's route, so
+program's ATen graph, op by op) and, with `--aoti`, as AOTInductor packages of the full and sparse programs. Routers come from a checkpoint whose last layer is zero with a bias that picks every layer's route, so
 the router MLP runs in full and the decisions are known (checked on the programs' routes output):
   program-full           routers choosing full,   structural masks (the Triton kernels, every sequence full)
   program-sparse         routers choosing sparse, structural masks (the Triton kernels, sink + window)
@@ -12,6 +11,8 @@ the router MLP runs in full and the decisions are known (checked on the programs
                          per-layer torch.cond whose routed branch runs the reference (masked SDPA): what every
                          exported program did before
   fluxc-eager-sparse     the sparse-routed `fluxc.compile(..., compiler="eager")` module: the same graph in Python
+  aoti-full / aoti-sparse  program-full / program-sparse compiled by `fluxc.export_aoti` and loaded with
+                         `torch._inductor.aoti_load_package` (Inductor's kernels around fluxc's ops)
   hf-sdpa                the untouched model, transformers' SDPA (FlashAttention, is_causal), eager
 Median of `--reps` timed calls after two warm-ups (synchronised wall time). Each variant's last-token logits
 are compared with program-full's, and the two sparse programs with each other.
@@ -95,6 +96,8 @@ def main() -> int:
     parser.add_argument("--lengths", default=None, help="comma-separated prompt lengths (default 8192,32768)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--aoti", action="store_true", help="also time AOTInductor packages of the full and "
+                        "sparse programs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = "cpu" if args.smoke else "cuda"
@@ -116,6 +119,8 @@ def main() -> int:
         "export_s": {}, "prefill_ms": {}, "max_abs_logit_diff_vs_program_full": {},
     }
     results["transformers"] = transformers.__version__
+    if args.aoti:
+        results["aoti_preload"] = os.environ.get("FLUXC_PRELOADED")  # scripts/run_with_preload.py (README, Export)
     try:
         import triton
 
@@ -128,12 +133,20 @@ def main() -> int:
     runners = {}
     # an attention_mask input: HF builds its causal + padding mask (read as structure), as a deployment feeds it
     example_inputs = dict(input_ids=example, attention_mask=torch.ones_like(example))
+    programs = {}
     for name, want, structural in (("program-full", "full", True), ("program-sparse", "sparse", True),
                                    ("program-sparse-masked", "sparse", False)):
         start = time.perf_counter()
-        runners[name] = fluxc.export(modules[want], example_inputs, structural_masks=structural).module()
+        programs[name] = fluxc.export(modules[want], example_inputs, structural_masks=structural)
+        runners[name] = programs[name].module()
         results["export_s"][name] = round(time.perf_counter() - start, 1)
         log.info("%s: exported in %.0f s", name, results["export_s"][name])
+    for want in ("full", "sparse") if args.aoti else ():
+        start = time.perf_counter()
+        path = fluxc.export_aoti(programs[f"program-{want}"], os.path.join(tmp, f"{want}.pt2"))
+        runners[f"aoti-{want}"] = torch._inductor.aoti_load_package(path)
+        results["export_s"][f"aoti-{want}"] = round(time.perf_counter() - start, 1)  # AOTInductor compile + load
+        log.info("aoti-%s: compiled and loaded in %.0f s", want, results["export_s"][f"aoti-{want}"])
     def logits_of(name: str, ids: torch.Tensor):
         mask = torch.ones_like(ids)
         if name in runners:
@@ -153,11 +166,14 @@ def main() -> int:
                     torch.cuda.empty_cache()
             for name, runner in runners.items():  # the routers decided what they were built to
                 routes = runner(ids, torch.ones_like(ids))[-1]
-                if not bool((routes == (name == "program-full")).all()):
+                if not bool((routes == name.endswith("-full")).all()):
                     raise RuntimeError(f"{name}: routes {routes.tolist()} are not the forced ones")
         results["prefill_ms"][str(length)] = {k: round(v, 3) for k, v in row.items()}
         results["max_abs_logit_diff_vs_program_full"][str(length)] = {
             k: round((v - last["program-full"]).abs().max().item(), 4) for k, v in last.items()}
+        for want in ("full", "sparse") if args.aoti else ():  # each package against the program it was compiled from
+            gap = (last[f"aoti-{want}"] - last[f"program-{want}"]).abs().max().item()
+            results.setdefault("aoti_vs_program_max_abs", {}).setdefault(str(length), {})[want] = round(gap, 4)
         sparse_gap = (last["program-sparse"] - last["program-sparse-masked"]).abs().max().item()
         results.setdefault("sparse_kernels_vs_masked_reference_max_abs", {})[str(length)] = round(sparse_gap, 4)
         log.info("T=%d: %s | sparse/full %.2f, masked/sparse %.2f, sparse kernels vs masked reference %.3g",

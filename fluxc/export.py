@@ -604,7 +604,8 @@ def export_aoti(program: torch.export.ExportedProgram, path: str | os.PathLike, 
                 inductor_configs: Mapping[str, Any] | None = None) -> str:
     """Compile `program` with AOTInductor into the package `path` (``.pt2``); load it with
     ``torch._inductor.aoti_load_package`` after ``import fluxc`` (the package calls fluxc's ops).
-    `inductor_configs` go to ``aoti_compile_and_package`` as given."""
+    `inductor_configs` go to ``aoti_compile_and_package`` as given. With torch 2.11 on CUDA, loading a package
+    in a fresh process can segfault in AOTInductor's runtime for any program; README (Export) has the work-around."""
     if not isinstance(program, torch.export.ExportedProgram):
         raise ExportError(f"program must be a torch.export.ExportedProgram (from fluxc.export), got "
                           f"{type(program).__name__}")

@@ -53,8 +53,16 @@ if [ "${GPU_SKIP_BENCH:-0}" != "1" ]; then
       "$OUT_DIR/$BENCH_NAME.png" || echo "plot skipped (run benchmarks/plot_kernels.py elsewhere)"
 fi
 if [ "${GPU_EXPORT:-0}" = "1" ]; then
-  (cd "$PKG" && PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}" "$PY" -X faulthandler \
-      "$ROOT/benchmarks/export_gpu.py" --out "$OUT_DIR/export_gpu.json") 2>&1 | tee "$OUT_DIR/export_gpu.log"
+  # AOTInductor CUDA packages crash while loading on torch 2.11 + g++ 13 (their static libstdc++; any program):
+  # the packages are timed with scripts/aoti_locale_preload.cpp's library loaded first (README, Export)
+  PRELOAD="$PKG/aoti_locale_preload.so"
+  if g++ -shared -fPIC -O1 -static-libstdc++ -o "$PRELOAD" scripts/aoti_locale_preload.cpp; then
+    RUN=("$PY" "$ROOT/scripts/run_with_preload.py" "$PRELOAD"); AOTI=(--aoti)
+  else
+    echo "g++ could not build the preload library: AOTInductor packages not timed"; RUN=("$PY"); AOTI=()
+  fi
+  (cd "$PKG" && PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}" "${RUN[@]}" \
+      "$ROOT/benchmarks/export_gpu.py" "${AOTI[@]}" --out "$OUT_DIR/export_gpu.json") 2>&1 | tee "$OUT_DIR/export_gpu.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
   "$PY" benchmarks/plot_export.py "$OUT_DIR/export_gpu.json" "$OUT_DIR/export_gpu.png" \
       || echo "plot skipped (run benchmarks/plot_export.py elsewhere)"
