@@ -3,8 +3,9 @@
 // symbols; AOTI's runtime builds a std::regex in parse_device_str() while the model is constructed, and the
 // copy's facet lookup lands on the wrong facet (a codecvt member runs for collate<char>::transform): SIGSEGV,
 // for any program, `x.sin() + 1` included. Loading this library first (RTLD_GLOBAL), itself linked with
-// -static-libstdc++ and running that regex once, gives the process initialised definitions of those shared
-// (STB_GNU_UNIQUE) locale symbols, which later wrappers bind to; the packages then load and run.
+// -static-libstdc++ and running that regex once, makes the packages load and run (measured on the H100). Our
+// reading, not proven: the wrappers export their locale facet ids as STB_GNU_UNIQUE symbols, which then bind to
+// this library's initialised ones.
 //   g++ -shared -fPIC -O1 -static-libstdc++ -o aoti_locale_preload.so scripts/aoti_locale_preload.cpp
 //   python scripts/run_with_preload.py aoti_locale_preload.so your_script.py ...
 #include <regex>
