@@ -52,7 +52,9 @@ def test_smollm2_prefill_exports_to_torch_export_onnx_and_aoti(tmp_path):
     assert sig.num_layers == 30 and sig.route == tuple(r == "full" for r in ROUTE)
     path = tmp_path / "smollm2.onnx"
     fluxc.export_onnx(program, None, path, optimize=False)  # the ONNX optimizer takes about a minute here
-    session = ort.InferenceSession(str(path))
+    as_written = ort.SessionOptions()
+    as_written.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the exported graph as is
+    sessions = {"as-written": ort.InferenceSession(str(path), as_written), "optimized": ort.InferenceSession(str(path))}
     runner = torch._inductor.aoti_load_package(fluxc.export_aoti(program, tmp_path / "smollm2.pt2"))
     exact = fluxc.compile(copy.deepcopy(model).double(), config=CONFIG, route=ROUTE)  # fp64: the truth both approximate
     for ids, mask, pos in batches:
@@ -63,19 +65,19 @@ def test_smollm2_prefill_exports_to_torch_export_onnx_and_aoti(tmp_path):
             got = program.module()(ids, mask, pos)
         torch.testing.assert_close(got[0], want, atol=1e-5, rtol=0)
         assert got[-1].tolist() == [[r == "full" for r in ROUTE]] * ids.shape[0]
-        onnx_logits = torch.from_numpy(session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
-                                                          "position_ids": pos.numpy()})[0])
+        feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
+        onnx_logits = {name: torch.from_numpy(session.run(None, feed)[0]) for name, session in sessions.items()}
         real = mask.bool()  # padding rows: torch's SDPA gives 0 where ONNX's full branch averages; never read
-        # onnxruntime computes attention as matmul-softmax-matmul, the module with SDPA's fused CPU kernel: two fp32
-        # roundings of 30 layers, each 5e-5 to 9e-5 from the fp64 logits (up to ~25). Against that truth onnxruntime
-        # stays within 1e-4 and within torch fp32's own error; against the fp32 module they differ by up to 1.2e-4
-        # (measured on torch 2.13, onnxruntime 1.32, CPU: issue 6's 1e-4 to the module is missed by that much)
-        compiled = runner(ids, mask, pos)
+        # the graph as exported, run op by op by onnxruntime: within 1e-4 of the fp32 module (measured 6.8e-5, 7.0e-5)
+        torch.testing.assert_close(onnx_logits["as-written"][real], want[real], atol=1e-4, rtol=0)
+        # with onnxruntime's default session (graph optimizations on; no single optimizer we disabled explains it) the
+        # logits are 1.2e-4 from the fp32 module but 6.0e-5 and 5.0e-5 from the fp64 ones, closer than torch fp32
+        # itself (7.0e-5, 8.9e-5; torch 2.13, onnxruntime 1.32, CPU): held to the fp64 truth, within 1e-4 and 2x torch's
         torch_error = (want[real].double() - truth[real]).abs().max().item()
-        onnx_error = (onnx_logits[real].double() - truth[real]).abs().max().item()
-        aoti_error = (compiled[0][real].double() - truth[real]).abs().max().item()  # measured 1.1e-4 and 8.3e-5
+        onnx_error = (onnx_logits["optimized"][real].double() - truth[real]).abs().max().item()
         assert onnx_error <= min(1e-4, 2 * torch_error), (onnx_error, torch_error)
+        compiled = runner(ids, mask, pos)
+        aoti_error = (compiled[0][real].double() - truth[real]).abs().max().item()  # measured 1.1e-4 and 8.3e-5
         assert aoti_error <= 2 * torch_error, (aoti_error, torch_error)
-        torch.testing.assert_close(onnx_logits[real], want[real], atol=2e-4, rtol=0)
         torch.testing.assert_close(compiled[0][real], want[real], atol=2e-4, rtol=0)  # padding rows: never read
         assert compiled[-1].tolist() == got[-1].tolist()
