@@ -3,8 +3,9 @@
 Model: a Llama-shaped `LlamaForCausalLM` from a config (hidden 2048, 16 query / 8 KV heads, head dim 128, MLP
 5632, vocabulary 32000, 4 layers), bf16, random N(0, 0.02) weights, built on the GPU. One dynamic program per
 variant (exported at 256 tokens, routers in the program), run at each length (B=1) as `program.module()` (the
-program's ATen graph, op by op) and, with `--aoti`, as AOTInductor packages of the full and sparse programs. Routers come from a checkpoint whose last layer is zero with a bias that picks every layer's route, so
-the router MLP runs in full and the decisions are known (checked on the programs' routes output):
+program's ATen graph, op by op) and, with `--aoti`, as AOTInductor packages of the full and sparse programs.
+Routers come from a checkpoint whose last layer is zero with a bias that picks every layer's route, so the
+router MLP runs in full and the decisions are known (checked on the programs' routes output):
   program-full           routers choosing full,   structural masks (the Triton kernels, every sequence full)
   program-sparse         routers choosing sparse, structural masks (the Triton kernels, sink + window)
   program-sparse-masked  routers choosing sparse, structural_masks=False: the model's (T, T) mask kept and a
@@ -15,7 +16,7 @@ the router MLP runs in full and the decisions are known (checked on the programs
                          `torch._inductor.aoti_load_package` (Inductor's kernels around fluxc's ops)
   hf-sdpa                the untouched model, transformers' SDPA (FlashAttention, is_causal), eager
 Median of `--reps` timed calls after two warm-ups (synchronised wall time). Each variant's last-token logits
-are compared with program-full's, and the two sparse programs with each other.
+are compared with program-full's, the two sparse programs with each other, and each package with its program.
 
     python benchmarks/export_gpu.py --out results.json          # GPU
     python benchmarks/export_gpu.py --smoke                     # tiny fp32 model on CPU: the logic only
@@ -147,6 +148,7 @@ def main() -> int:
         runners[f"aoti-{want}"] = torch._inductor.aoti_load_package(path)
         results["export_s"][f"aoti-{want}"] = round(time.perf_counter() - start, 1)  # AOTInductor compile + load
         log.info("aoti-%s: compiled and loaded in %.0f s", want, results["export_s"][f"aoti-{want}"])
+
     def logits_of(name: str, ids: torch.Tensor):
         mask = torch.ones_like(ids)
         if name in runners:
