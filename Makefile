@@ -20,7 +20,8 @@ demo: .venv/.installed
 	$(PY) examples/demo.py
 
 test: .venv/.installed
-	$(PY) -m pytest -q -x tests
+	# one worker per CPU (at most 4); a file's tests stay in one worker, so module fixtures are built once
+	$(PY) -m pytest -q -x -n auto --maxprocesses 4 --dist loadfile tests
 
 lint: .venv/.installed
 	$(PY) -m ruff check fluxc passes kernels training tests examples benchmarks
