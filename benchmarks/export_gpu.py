@@ -76,8 +76,8 @@ def forced_routers(model: LlamaForCausalLM, config: fluxc.FluxConfig, want: str,
     return path
 
 
-def timed(fn, reps: int, device: str) -> tuple[float, torch.Tensor]:
-    """Median wall ms over `reps` calls after two warm-ups; the last output's last-token logits."""
+def timed(fn, reps: int, device: str):
+    """Median wall ms over `reps` calls after two warm-ups, and the last call's output."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(2):
         out = fn()
@@ -88,7 +88,7 @@ def timed(fn, reps: int, device: str) -> tuple[float, torch.Tensor]:
         out = fn()
         sync()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), out[:, -1].float()
+    return statistics.median(times), out
 
 
 def main() -> int:
@@ -118,8 +118,8 @@ def main() -> int:
         "dtype": str(dtype), "batch": 1, "reps": args.reps,
         "flux": {"sink": config.sink, "window": config.window, "block": config.block},
         "export_s": {}, "prefill_ms": {}, "max_abs_logit_diff_vs_program_full": {},
+        "transformers": transformers.__version__,
     }
-    results["transformers"] = transformers.__version__
     if args.aoti:
         results["aoti_preload"] = os.environ.get("FLUXC_PRELOADED")  # scripts/run_with_preload.py (README, Export)
     try:
@@ -149,13 +149,17 @@ def main() -> int:
         results["export_s"][f"aoti-{want}"] = round(time.perf_counter() - start, 1)  # AOTInductor compile + load
         log.info("aoti-%s: compiled and loaded in %.0f s", want, results["export_s"][f"aoti-{want}"])
 
-    def logits_of(name: str, ids: torch.Tensor):
+    def run_of(name: str, ids: torch.Tensor):
+        """A call of variant `name` on `ids` returning (logits, routes; None for the modules)."""
         mask = torch.ones_like(ids)
         if name in runners:
-            return lambda: runners[name](ids, mask)[0]
+            def run():
+                out = runners[name](ids, mask)
+                return out[0], out[-1]
+            return run
         if name == "fluxc-eager-sparse":
-            return lambda: modules["sparse"](input_ids=ids, attention_mask=mask).logits
-        return lambda: model(input_ids=ids).logits
+            return lambda: (modules["sparse"](input_ids=ids, attention_mask=mask).logits, None)
+        return lambda: (model(input_ids=ids).logits, None)
 
     names = [*runners, "fluxc-eager-sparse", "hf-sdpa"]
     for length in lengths:
@@ -163,13 +167,13 @@ def main() -> int:
         row, last = {}, {}
         with torch.no_grad():
             for name in names:
-                row[name], last[name] = timed(logits_of(name, ids), args.reps, device)
+                row[name], (logits, routes) = timed(run_of(name, ids), args.reps, device)
+                last[name] = logits[:, -1].float()
+                del logits
+                if routes is not None and not bool((routes == name.endswith("-full")).all()):
+                    raise RuntimeError(f"{name}: routes {routes.tolist()} are not the forced ones")  # as built
                 if device == "cuda":
                     torch.cuda.empty_cache()
-            for name, runner in runners.items():  # the routers decided what they were built to
-                routes = runner(ids, torch.ones_like(ids))[-1]
-                if not bool((routes == name.endswith("-full")).all()):
-                    raise RuntimeError(f"{name}: routes {routes.tolist()} are not the forced ones")
         results["prefill_ms"][str(length)] = {k: round(v, 3) for k, v in row.items()}
         results["max_abs_logit_diff_vs_program_full"][str(length)] = {
             k: round((v - last["program-full"]).abs().max().item(), 4) for k, v in last.items()}

@@ -101,9 +101,8 @@ def _is_op(node: fx.Node, op: Any) -> bool:
     return node.op == "call_function" and node.target is op
 
 
-def _is_structural_site(site: fx.Node) -> bool:
-    """True when the routed site's mask is the key mask of `fluxc::causal_positions` (a structural mask)."""
-    mask = site.args[3]
+def _is_structural_mask(mask: object) -> bool:
+    """True when a routed site's mask is the key mask of `fluxc::causal_positions` (a structural mask)."""
     return (isinstance(mask, fx.Node) and _is_op(mask, operator.getitem)
             and isinstance(mask.args[0], fx.Node) and _is_op(mask.args[0], torch.ops.fluxc.causal_positions.default))
 
@@ -160,7 +159,7 @@ def export_pass(gm: fx.GraphModule, *, step: Literal["prefill", "decode"], fixed
     for site in sites:
         layer = site_layer[site]
         q, k, v, mask, route, qpos, key_start, *static = site.args
-        if _is_structural_site(site):
+        if _is_structural_mask(mask):
             structural += 1
             continue  # the op chooses per sequence; a fixed route is already its constant route input
         with graph.inserting_before(site):

@@ -242,8 +242,7 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
                 # the (Tq, Tk) mask is never built: positions from its index vectors, a (B, 1, 1, Tk) key mask
                 key = ("structure", match.mask)
                 if key not in positions_memo:
-                    # the AND of the per-key factors as one optional tensor (None: no factor), not a Tensor[]
-                    # that may be empty: the op's inputs stay plain tensors for AOTInductor's proxy executor
+                    # the AND of the per-key factors as one optional tensor (None: no factor)
                     keys_allowed = None
                     for factor in structure.key_factors:
                         keys_allowed = factor if keys_allowed is None else graph.call_function(

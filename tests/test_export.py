@@ -85,6 +85,23 @@ def _targets(program, name: str) -> int:
     return sum(1 for n in program.graph.nodes if n.op == "call_function" and name in str(n.target))
 
 
+def _check_prefill(fm, program, session, ids, mask, pos) -> tuple[torch.Tensor, torch.Tensor]:
+    """`program` against the module within 1e-5 (logits, routes, cache) and onnxruntime's `session` within 1e-4
+    (logits of real tokens, routes); returns the module's logits and routes."""
+    logits, routes, cache = _module_prefill(fm, ids, mask, pos)
+    with torch.no_grad():
+        out = program.module()(ids, mask, pos)
+    torch.testing.assert_close(out[0], logits, atol=1e-5, rtol=0)
+    assert torch.equal(out[-1], routes)
+    for got, want in zip(out[1:-1], cache):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()})
+    real = mask.bool()  # padding rows: torch's SDPA gives 0 where ONNX's full branch averages; never read
+    torch.testing.assert_close(torch.from_numpy(got[0])[real], logits[real], atol=1e-4, rtol=0)
+    assert np.array_equal(got[-1], routes.numpy())
+    return logits, routes
+
+
 @pytest.mark.parametrize("arch", EXPORT_ARCHS)
 def test_prefill_program_and_onnx_match_module(arch, exported, tmp_path):
     """One dynamic program, two lengths: torch.export within 1e-5 of the module (logits, routes, caches), then
@@ -102,20 +119,7 @@ def test_prefill_program_and_onnx_match_module(arch, exported, tmp_path):
     assert [o.name for o in proto.graph.output] == list(sig.outputs)
     assert sum(n.op_type == "If" for n in proto.graph.node) == 2  # the per-layer choice
     session = ort.InferenceSession(str(path))
-    seen = []
-    for ids, mask, pos in _prompts():
-        logits, routes, cache = _module_prefill(fm, ids, mask, pos)
-        with torch.no_grad():
-            out = program.module()(ids, mask, pos)
-        torch.testing.assert_close(out[0], logits, atol=1e-5, rtol=0)
-        assert torch.equal(out[-1], routes)
-        for got, want in zip(out[1:-1], cache):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-        got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()})
-        real = mask.bool()  # padding rows: torch's SDPA gives 0 where ONNX's full branch averages; never read
-        torch.testing.assert_close(torch.from_numpy(got[0])[real], logits[real], atol=1e-4, rtol=0)
-        assert np.array_equal(got[-1], routes.numpy())
-        seen.append(routes)
+    seen = [_check_prefill(fm, program, session, *prompt)[1] for prompt in _prompts()]
     first = seen[0]
     assert (first[0] != first[1]).any() and first[:, 1].all()  # layer 0 differs per sequence, layer 1 is full
 
@@ -205,17 +209,7 @@ def test_structural_mask_programs_match_module(exported, tmp_path):
     session = ort.InferenceSession(str(tmp_path / "prefill.onnx"))
     runner = torch._inductor.aoti_load_package(fluxc.export_aoti(program, tmp_path / "prefill.pt2"))
     for ids, mask, pos in _prompts():
-        logits, routes, cache = _module_prefill(fm, ids, mask, pos)
-        with torch.no_grad():
-            out = program.module()(ids, mask, pos)
-        torch.testing.assert_close(out[0], logits, atol=1e-5, rtol=0)
-        assert torch.equal(out[-1], routes)
-        for got, want in zip(out[1:-1], cache):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-        got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()})
-        real = mask.bool()
-        torch.testing.assert_close(torch.from_numpy(got[0])[real], logits[real], atol=1e-4, rtol=0)
-        assert np.array_equal(got[-1], routes.numpy())
+        logits, routes = _check_prefill(fm, program, session, ids, mask, pos)
         aoti = runner(ids, mask, pos)
         torch.testing.assert_close(aoti[0], logits, atol=1e-5, rtol=0)
         assert torch.equal(aoti[-1], routes)
