@@ -24,7 +24,7 @@ test: .venv/.installed
 	$(PY) -m pytest -q -x -n auto --maxprocesses 4 --dist loadfile tests
 
 lint: .venv/.installed
-	$(PY) -m ruff check fluxc passes kernels training tests examples benchmarks
+	$(PY) -m ruff check fluxc tests examples benchmarks
 
 gpu:
 	bash scripts/gpu.sh

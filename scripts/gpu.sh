@@ -8,15 +8,14 @@
 #   GPU_SKIP_TESTS=1 GPU_SKIP_BENCH=1 GPU_EXPORT=1 bash scripts/gpu.sh   # the export benchmark alone (~6 min)
 #   bash scripts/gpu.sh --decode-only   # tests + the decode benchmark only (~2-3 min on an H100)
 #   GPU_SKIP_TESTS=1 bash scripts/gpu.sh --sweep-only
-# Extra arguments are passed to benchmarks/kernels.py.  Works without installing fluxc: the kernels
-# package is loaded from kernels/ by path (FLUXC_KERNELS_STANDALONE=1).
+# Extra arguments are passed to benchmarks/kernels.py.  Works without installing fluxc: the checkout's
+# fluxc/ is the package, put first on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-$PWD/benchmarks/results}"
 mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
-export FLUXC_KERNELS_STANDALONE="${FLUXC_KERNELS_STANDALONE:-1}"
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/fluxc-inductor-cache}"
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
 unset TRITON_INTERPRET
@@ -28,21 +27,16 @@ for a in "$@"; do
 done
 
 rc=0
-# The fluxc-level GPU tests and the export benchmark need `import fluxc` with fluxc.passes/kernels/training: an
-# installed fluxc, or (a bare GPU image) a package view of symlinks, run from outside the repo so that its
-# fluxc/ does not shadow it.
 ROOT="$PWD"
-PKG="$(mktemp -d /tmp/fluxc-pkg.XXXXXX)"
-mkdir "$PKG/fluxc"
-for f in "$ROOT"/fluxc/*; do ln -s "$f" "$PKG/fluxc/$(basename "$f")"; done
-for sub in passes kernels training; do ln -s "$ROOT/$sub" "$PKG/fluxc/$sub"; done
-trap 'rm -rf "$PKG"' EXIT
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+TMP="$(mktemp -d /tmp/fluxc-gpu.XXXXXX)"
+trap 'rm -rf "$TMP"' EXIT
 if [ "${GPU_SKIP_TESTS:-0}" != "1" ]; then
   start=$(date +%s)
   "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_gpu.py 2>&1 | tee "$OUT_DIR/kernels_gpu_tests.log"
   rc=${PIPESTATUS[0]}
-  (cd "$PKG" && PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pytest -q -p no:cacheprovider -m gpu \
-      --tb=short --rootdir="$ROOT" "$ROOT/tests" --ignore="$ROOT/tests/kernels") 2>&1 | tee "$OUT_DIR/fluxc_gpu_tests.log"
+  "$PY" -m pytest -q -p no:cacheprovider -m gpu --tb=short tests --ignore=tests/kernels 2>&1 \
+      | tee "$OUT_DIR/fluxc_gpu_tests.log"
   rc2=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] && rc=$rc2
   echo "gpu tests: rc=$rc in $(( $(date +%s) - start )) s"
@@ -55,14 +49,13 @@ fi
 if [ "${GPU_EXPORT:-0}" = "1" ]; then
   # AOTInductor CUDA packages crash while loading on torch 2.11 + g++ 13 (their static libstdc++; any program):
   # the packages are timed with scripts/aoti_locale_preload.cpp's library loaded first (README, Export)
-  PRELOAD="$PKG/aoti_locale_preload.so"
+  PRELOAD="$TMP/aoti_locale_preload.so"
   if g++ -shared -fPIC -O1 -static-libstdc++ -o "$PRELOAD" scripts/aoti_locale_preload.cpp; then
     RUN=("$PY" "$ROOT/scripts/run_with_preload.py" "$PRELOAD"); AOTI=(--aoti)
   else
     echo "g++ could not build the preload library: AOTInductor packages not timed"; RUN=("$PY"); AOTI=()
   fi
-  (cd "$PKG" && PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}" "${RUN[@]}" \
-      "$ROOT/benchmarks/export_gpu.py" "${AOTI[@]}" --out "$OUT_DIR/export_gpu.json") 2>&1 | tee "$OUT_DIR/export_gpu.log"
+  "${RUN[@]}" benchmarks/export_gpu.py "${AOTI[@]}" --out "$OUT_DIR/export_gpu.json" 2>&1 | tee "$OUT_DIR/export_gpu.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
   "$PY" benchmarks/plot_export.py "$OUT_DIR/export_gpu.json" "$OUT_DIR/export_gpu.png" \
       || echo "plot skipped (run benchmarks/plot_export.py elsewhere)"

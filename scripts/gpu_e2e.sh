@@ -19,13 +19,8 @@ export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/fluxc-inductor-c
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
 unset TRITON_INTERPRET
 
-# fluxc is not installed there and pip can reach no index: build the package layout of pyproject.toml
-# (fluxc.passes = passes/, fluxc.kernels = kernels/, fluxc.training = training/) as a tree of symlinks.
-PKG="$(mktemp -d /tmp/fluxc-pkg.XXXXXX)"
-mkdir "$PKG/fluxc"
-for f in "$ROOT"/fluxc/*; do ln -s "$f" "$PKG/fluxc/$(basename "$f")"; done
-for sub in passes kernels training; do ln -s "$ROOT/$sub" "$PKG/fluxc/$sub"; done
-export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}"
+# fluxc is not installed there and pip can reach no index: the checkout's fluxc/ is the package.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem --format=csv || true
 start=$(date +%s)
@@ -35,5 +30,4 @@ rc=${PIPESTATUS[0]}
 echo "e2e: rc=$rc in $(( $(date +%s) - start )) s"
 "$PY" benchmarks/plot_e2e.py "$OUT_DIR/$NAME.json" "$OUT_DIR/$NAME.png" \
   || echo "plot skipped (run: python benchmarks/plot_e2e.py $NAME.json $NAME.png elsewhere)"
-rm -rf "$PKG"
 exit "$rc"

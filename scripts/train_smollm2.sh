@@ -19,8 +19,7 @@
 # FLUXC_SMOKE=tiny    the same path with a tiny random model and a byte tokenizer (under a minute).
 # Extra arguments go to `fluxc train` (e.g. --set train.steps=200).
 #
-# fluxc is not installed there: it is imported from this checkout through a symlink view that maps
-# fluxc.passes / fluxc.kernels / fluxc.training to passes/ kernels/ training/ (pyproject's package-dir).
+# fluxc need not be installed there: the checkout's fluxc/ is the package, put first on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -35,14 +34,7 @@ START=$(date +%s)
 phase() { echo "== $1 (t=$(( $(date +%s) - START )) s)"; }
 
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-VIEW=$(mktemp -d "${TMPDIR:-/tmp}/fluxc-view.XXXXXX")
-mkdir -p "$VIEW/fluxc"
-for entry in "$REPO"/fluxc/*; do ln -s "$entry" "$VIEW/fluxc/$(basename "$entry")"; done
-ln -s "$REPO/passes" "$VIEW/fluxc/passes"
-ln -s "$REPO/kernels" "$VIEW/fluxc/kernels"
-ln -s "$REPO/training" "$VIEW/fluxc/training"
-export PYTHONPATH="$VIEW${GGUF_WHEEL:+:$GGUF_WHEEL}${PYTHONPATH:+:$PYTHONPATH}"
-cd "$VIEW"  # python puts its cwd first on sys.path: the checkout's own fluxc/ (no passes/ inside) must not win
+export PYTHONPATH="$REPO${GGUF_WHEEL:+:$GGUF_WHEEL}${PYTHONPATH:+:$PYTHONPATH}"
 
 # COMMON: flags both `fluxc train` and `fluxc eval` take; TRAIN_ONLY: the training run's own.
 CONFIG=smollm2
@@ -62,7 +54,7 @@ phase "environment"
 "$PY" - <<'PY' || { echo "environment check failed (see above)"; exit 3; }
 import importlib.util, platform, sys
 import torch, transformers
-import fluxc, fluxc.passes, fluxc.training, fluxc.kernels  # noqa: F401  (the view maps every subpackage)
+import fluxc, fluxc.passes, fluxc.training, fluxc.kernels  # noqa: F401
 print(f"python {platform.python_version()}  torch {torch.__version__}  transformers {transformers.__version__}  "
       f"fluxc {fluxc.__version__} from {fluxc.__file__}")
 print("cuda:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available")
@@ -112,6 +104,5 @@ else:
     print("criteria:", json.dumps(result["criteria"]))
 PY
 fi
-rm -rf "$VIEW"
 phase "done"
 exit $rc

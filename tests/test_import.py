@@ -74,3 +74,18 @@ print("clean")
 
 def test_flux_backend_is_found_without_importing_fluxc():
     _run(ENTRY_POINT)
+
+
+def test_no_checkout_folder_shadows_an_installed_package():
+    """Only `fluxc` is importable from the repository root: `passes`, `kernels`, `training` are its
+    subpackages, so a hub package such as `kernels` (which transformers imports) resolves to the real one."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    packages = sorted(p.name for p in root.iterdir() if (p / "__init__.py").is_file())
+    assert packages == ["fluxc"]
+    for name in ("passes", "kernels", "training"):
+        code = (f"import importlib.util, sys; sys.path.insert(0, {str(root)!r}); "
+                f"spec = importlib.util.find_spec({name!r}); "
+                f"print('clean' if spec is None or not spec.origin.startswith({str(root / name)!r}) else spec.origin)")
+        _run(code)

@@ -12,10 +12,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
-import os
 import pathlib
 import random
-import sys
 
 import torch
 
@@ -23,24 +21,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def load_kernels():
-    """``fluxc.kernels`` when installed; else the ``kernels/`` folder loaded by path (GPU machine
-    without an install, or FLUXC_KERNELS_STANDALONE=1)."""
-    if os.environ.get("FLUXC_KERNELS_STANDALONE", "0") in ("", "0"):
-        try:
-            pkg = importlib.import_module("fluxc.kernels")
-            importlib.import_module("fluxc.kernels.attention")
-            return pkg
-        except Exception:  # noqa: BLE001  (fall back to loading by path)
-            pass
-    name = "fluxc_kernels_standalone"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "kernels" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "kernels")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """The ``fluxc.kernels`` package (the checkout's ``fluxc/`` or an installed fluxc)."""
+    return importlib.import_module("fluxc.kernels")
 
 
 def submodule(pkg, name):
