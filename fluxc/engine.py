@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache
 from fluxc.api import FluxModule, _private_forward
 from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError, RouteError
+from fluxc.hf_compat import cache_keyword, pop_cache_argument
 from fluxc.ops.cache import DENSE, LAYOUT_NAMES, MIXED, RING, ring_capacity, ring_keys, ring_supported
 
 log = logging.getLogger("fluxc")
@@ -294,9 +295,13 @@ class DecodeEngine:
         self._generation = 0
         params = inspect.signature(model.model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
+        self._cache_kw = cache_keyword(model.model)
         self._check_model()
 
     def _check_model(self) -> None:
+        if self._cache_kw is None:
+            raise ConfigError(f"{type(self.model.model).__name__}.forward takes no KV cache (neither cache= nor "
+                              f"past_key_values=); the decode engine serves Hugging Face-style causal LMs")
         cfg = getattr(self.model.model, "config", None)
         text = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
         types = getattr(text, "layer_types", None) or []
@@ -339,8 +344,8 @@ class DecodeEngine:
         prefill_cache = FluxCache(self.model.flux_config)
         positions = (mask.cumsum(dim=1) - 1).clamp_min(0)  # (B, T) real index of each token
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=prefill_cache, use_cache=True, **extra)
+        extra[self._cache_kw] = prefill_cache
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
         first = select_tokens(out.logits[:, -1, :], sampling)  # (B, 1)
         routes = self.model.route_state.route[:batch].to(torch.bool)  # (B, L) on the device, decided above
         n_layers = len(prefill_cache.flux_layers)
@@ -396,9 +401,9 @@ class DecodeEngine:
         cache.lengths.add_(1)
         positions = (cache.lengths - 1).view(-1, 1)  # (B, 1)
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        extra[self._cache_kw] = cache
         try:
-            out = entry.step_fn(input_ids=entry.tokens, position_ids=positions, past_key_values=cache,
-                                use_cache=True, **extra)
+            out = entry.step_fn(input_ids=entry.tokens, position_ids=positions, use_cache=True, **extra)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             inner = getattr(exc, "inner_exception", None)
             if isinstance(inner, Exception) and type(inner).__module__.startswith("fluxc"):
@@ -484,20 +489,23 @@ class DecodeEngine:
         return torch.cat([input_ids, new], dim=1)
 
 
-def hf_generate(fm: FluxModule, *args: Any, past_key_values: FluxCache | None = None, **kwargs: Any) -> Any:
+def hf_generate(fm: FluxModule, *args: Any, **kwargs: Any) -> Any:
     """`transformers`' own `generate()` on a fluxc-compiled model, with a `FluxCache`.
 
+    The cache is given as `cache=` (or `past_key_values=`, transformers' name before 5.24), or made here.
     HF drives the loop (logits processors, stopping criteria, beam-free decoding strategies); each forward
     runs fluxc's rewritten graph. After prefill the cache is compacted to the routes (SA layers evicted);
     decode steps then run the decode graph of that routing mask. No CUDA graphs here (use `DecodeEngine`).
     """
-    cache = FluxCache(fm.flux_config) if past_key_values is None else past_key_values
+    given = pop_cache_argument(kwargs)
+    cache = FluxCache(fm.flux_config) if given is None else given
     if not isinstance(cache, FluxCache):
-        raise ConfigError(f"past_key_values must be a fluxc.FluxCache (or None), got {type(cache).__name__}")
+        raise ConfigError(f"cache must be a fluxc.FluxCache (or None), got {type(cache).__name__}")
     max_new = kwargs.get("max_new_tokens")
     if not isinstance(max_new, int) or max_new < 1:
         raise ConfigError(f"max_new_tokens={max_new!r}: give generate() a positive max_new_tokens (it sizes the cache)")
-    DecodeEngine(fm, cuda_graphs=False)  # the same model checks as the engine
+    engine = DecodeEngine(fm, cuda_graphs=False)  # the same model checks as the engine
+    keyword = engine._cache_kw
     model = fm.model
     had_own_forward = "forward" in vars(model)
     original = model.forward
@@ -506,7 +514,7 @@ def hf_generate(fm: FluxModule, *args: Any, past_key_values: FluxCache | None = 
     def routed(*a: Any, **k: Any) -> Any:
         if inside["now"]:  # Dynamo tracing fluxc's graph reaches the model's own forward here
             return original(*a, **k)
-        c = k.get("past_key_values")
+        c = k.get(keyword)
         if isinstance(c, FluxCache) and c.phase == "prefill" and c.flux_layers:
             mask = k.get("attention_mask")
             t = c.flux_layers[0].keys.shape[2]  # type: ignore[union-attr]
@@ -527,7 +535,7 @@ def hf_generate(fm: FluxModule, *args: Any, past_key_values: FluxCache | None = 
 
     model.forward = routed
     try:
-        return model.generate(*args, past_key_values=cache, **kwargs)
+        return model.generate(*args, **{keyword: cache}, **kwargs)
     finally:
         if had_own_forward:
             model.forward = original

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from fluxc.backend import FluxBackend, RouteSpec, parse_route
 from fluxc.config import FluxConfig
 from fluxc.errors import ExportError, FluxError
+from fluxc.hf_compat import cache_keyword
 
 log = logging.getLogger("fluxc")
 
@@ -107,8 +108,9 @@ def _as_named(example_inputs: Any, model: nn.Module) -> dict[str, Tensor]:
     return named
 
 
-def _is_hf_causal_lm(model: nn.Module) -> bool:
-    return hasattr(model, "config") and "past_key_values" in inspect.signature(model.forward).parameters
+def _hf_cache_keyword(model: nn.Module) -> str | None:
+    """The cache keyword of an HF-style causal LM ('cache' or 'past_key_values'); None for other models."""
+    return cache_keyword(model) if hasattr(model, "config") else None
 
 
 # ----------------------------------------------------------------------------------------- route and model
@@ -167,32 +169,32 @@ def _dynamic_cache_class() -> type:
     return DynamicCache
 
 
-def _prefill_step(*args: Tensor, _fluxc_model: nn.Module, _fluxc_names: tuple[str, ...], _fluxc_cache: bool,
+def _prefill_step(*args: Tensor, _fluxc_model: nn.Module, _fluxc_names: tuple[str, ...], _fluxc_cache_kw: str | None,
                   _fluxc_cache_class: type) -> Any:
     kwargs = dict(zip(_fluxc_names, args))
-    if not _fluxc_cache:
+    if _fluxc_cache_kw is None:
         return tuple(torch.utils._pytree.tree_leaves(_fluxc_model(**kwargs)))
     cache = _fluxc_cache_class()
-    out = _fluxc_model(**kwargs, past_key_values=cache, use_cache=True)
+    out = _fluxc_model(**kwargs, **{_fluxc_cache_kw: cache}, use_cache=True)
     return (out.logits, *_flat_cache(cache))
 
 
 def _decode_step(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor, *past: Tensor,
-                 _fluxc_model: nn.Module, _fluxc_cache_class: type) -> Any:
+                 _fluxc_model: nn.Module, _fluxc_cache_kw: str, _fluxc_cache_class: type) -> Any:
     cache = _fluxc_cache_class(ddp_cache_data=list(zip(past[0::2], past[1::2])))  # dense layers: no eviction
     out = _fluxc_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                       past_key_values=cache, use_cache=True)
+                       **{_fluxc_cache_kw: cache}, use_cache=True)
     return (out.logits, *_flat_cache(cache))
 
 
 def _engine_prefill_step(*args: Tensor, _fluxc_model: nn.Module, _fluxc_names: tuple[str, ...],
-                         _fluxc_config: FluxConfig, _fluxc_route: tuple[bool, ...] | str) -> Any:
+                         _fluxc_config: FluxConfig, _fluxc_route: tuple[bool, ...] | str, _fluxc_cache_kw: str) -> Any:
     from fluxc.engine import FluxCache
 
     kwargs = dict(zip(_fluxc_names, args))
     ids = kwargs["input_ids"]  # (B, T)
     prompt = FluxCache(_fluxc_config)
-    out = _fluxc_model(**kwargs, past_key_values=prompt, use_cache=True)
+    out = _fluxc_model(**kwargs, **{_fluxc_cache_kw: prompt}, use_cache=True)
     mask = kwargs.get("attention_mask")
     n_real = mask.sum(dim=1) if mask is not None else ids.new_full((ids.shape[0],), ids.shape[1])  # (B,)
     route = _per_layer(_fluxc_route, len(prompt.flux_layers))
@@ -205,7 +207,7 @@ def _engine_prefill_step(*args: Tensor, _fluxc_model: nn.Module, _fluxc_names: t
 
 
 def _engine_decode_step(input_ids: Tensor, position_ids: Tensor, *past: Tensor, _fluxc_model: nn.Module,
-                        _fluxc_config: FluxConfig, _fluxc_route: tuple[bool, ...]) -> Any:
+                        _fluxc_config: FluxConfig, _fluxc_route: tuple[bool, ...], _fluxc_cache_kw: str) -> Any:
     from fluxc.engine import FluxCache, _Layer
 
     cache = FluxCache(_fluxc_config)
@@ -216,7 +218,7 @@ def _engine_decode_step(input_ids: Tensor, position_ids: Tensor, *past: Tensor, 
         cache.flux_layers.append(layer)
     cache.lengths = position_ids[:, 0] + 1  # (B,) real keys, this token's included
     cache.phase = "decode"
-    out = _fluxc_model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
+    out = _fluxc_model(input_ids=input_ids, position_ids=position_ids, **{_fluxc_cache_kw: cache}, use_cache=True)
     # the buffers are this step's inputs, written in place: Dynamo returns inputs from outside its graph, so
     # return copies (the export pass makes the write functional and drops the copies)
     return (out.logits, *[t.clone() for t in _flat_cache(cache)])
@@ -447,10 +449,12 @@ def export_with_signature(model: nn.Module, example_inputs: Any, *, dynamic: boo
                           f"structure where the kernels can run)")
     setup = _setup(model, route, config)
     named = _as_named(example_inputs, setup.model)
-    hf = _is_hf_causal_lm(setup.model)
+    cache_kw = _hf_cache_keyword(setup.model)
+    hf = cache_kw is not None
     if step == "decode" and not hf:
         raise ExportError(f"step='decode' needs a model called like a Hugging Face causal LM (input_ids, "
-                          f"attention_mask, position_ids, past_key_values); {type(setup.model).__name__} is not")
+                          f"attention_mask, position_ids, cache or past_key_values); {type(setup.model).__name__} "
+                          f"is not")
     layout = _choose_layout(kv_layout, setup, hf)
     if layout == "engine" and "input_ids" not in named:
         raise ExportError(f"the engine KV layout takes input_ids; example_inputs has {sorted(named)}")
@@ -463,9 +467,9 @@ def export_with_signature(model: nn.Module, example_inputs: Any, *, dynamic: boo
         dyn = {i: tuple(range(min(x.dim(), 2))) for i, x in enumerate(args)} if dynamic else {}
         if layout == "engine":
             fn = _private(_engine_prefill_step, _fluxc_model=setup.model, _fluxc_names=names, _fluxc_config=config_,
-                          _fluxc_route=setup.route)
+                          _fluxc_route=setup.route, _fluxc_cache_kw=cache_kw)
         else:
-            fn = _private(_prefill_step, _fluxc_model=setup.model, _fluxc_names=names, _fluxc_cache=hf,
+            fn = _private(_prefill_step, _fluxc_model=setup.model, _fluxc_names=names, _fluxc_cache_kw=cache_kw,
                           _fluxc_cache_class=_dynamic_cache_class())
     elif layout == "engine":
         from fluxc.ops.cache import RING
@@ -476,11 +480,13 @@ def export_with_signature(model: nn.Module, example_inputs: Any, *, dynamic: boo
             for j in (2 + 2 * i, 3 + 2 * i):
                 dyn[j] = (0,) if layout_i == RING else (0, 2)  # ring slots are fixed: sink + window
         dyn = dyn if dynamic else {}
-        fn = _private(_engine_decode_step, _fluxc_model=setup.model, _fluxc_config=config_, _fluxc_route=fixed_route)
+        fn = _private(_engine_decode_step, _fluxc_model=setup.model, _fluxc_config=config_, _fluxc_route=fixed_route,
+                      _fluxc_cache_kw=cache_kw)
     else:
         names, args = _decode_example(setup.model, named)
         dyn = {0: (0,), 1: (0,), 2: (0, 1), **{i: (0, 2) for i in range(3, len(args))}} if dynamic else {}
-        fn = _private(_decode_step, _fluxc_model=setup.model, _fluxc_cache_class=_dynamic_cache_class())
+        fn = _private(_decode_step, _fluxc_model=setup.model, _fluxc_cache_kw=cache_kw,
+                      _fluxc_cache_class=_dynamic_cache_class())
     if structural_masks is None:  # where the kernels can run, as `fluxc.compile` does
         structural_masks = args[0].device.type == "cuda" and setup.config.impl != "reference"
     gm, inputs, backend = _trace(setup, fn, args, dyn, structural_masks)
@@ -564,7 +570,8 @@ def _prompt_cache(model: nn.Module, named: dict[str, Tensor]) -> tuple[Tensor, T
         raise ExportError(f"step='decode' needs an example prompt of at least 2 tokens; got {ids.shape[1]}")
     positions = named.get("position_ids", (mask.cumsum(-1) - 1).clamp_min(0))
     cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                **{cache_keyword(model): cache})
     next_ids = out.logits[:, -1:].argmax(-1)  # (B, 1)
     return ids, mask, positions, [t.detach().clone() for t in _flat_cache(cache)], next_ids
 

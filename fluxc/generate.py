@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from fluxc.errors import ConfigError
+from fluxc.hf_compat import cache_keyword, output_cache
 
 log = logging.getLogger("fluxc")
 
@@ -57,6 +58,10 @@ def _generate_dynamic(model: Any, input_ids: torch.Tensor, max_new_tokens: int, 
 
     from fluxc.engine import SamplingConfig, select_tokens
 
+    keyword = cache_keyword(model)
+    if keyword is None:
+        raise ConfigError(f"{type(model).__name__}.forward takes no KV cache (neither cache= nor past_key_values=); "
+                          f"fluxc.generate serves Hugging Face-style causal LMs")
     sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
     ids = input_ids
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask
@@ -65,9 +70,9 @@ def _generate_dynamic(model: Any, input_ids: torch.Tensor, max_new_tokens: int, 
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -step_ids.shape[1]:]  # left padding aware
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    **{keyword: cache})
+        cache = output_cache(out)
         next_ids = select_tokens(out.logits[:, -1], sampling)  # (B, 1)
         if eos_token_id is not None:
             next_ids = torch.where(done[:, None], torch.full_like(next_ids, eos_token_id), next_ids)

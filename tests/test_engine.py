@@ -230,8 +230,12 @@ def test_hf_generate_with_flux_cache():
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(full.generate(ids, attention_mask=mask, **kwargs), model.generate(ids, attention_mask=mask, **kwargs))
     mixed = fluxc.compile(model, config=SMALL, route=MIXED)
-    cache = FluxCache(SMALL)
-    assert torch.equal(mixed.generate(ids[:, 3:], past_key_values=cache, **kwargs), fluxc.generate(mixed, ids[:, 3:], 8))
-    assert cache.layouts() == ["sparse-ring", "full", "sparse-ring"]
+    want = fluxc.generate(mixed, ids[:, 3:], 8)
+    for keyword in ("cache", "past_key_values"):  # transformers' name from 5.24 on, and the older one
+        cache = FluxCache(SMALL)
+        assert torch.equal(mixed.generate(ids[:, 3:], **{keyword: cache}, **kwargs), want)
+        assert cache.layouts() == ["sparse-ring", "full", "sparse-ring"]
     with pytest.raises(fluxc.ConfigError, match="max_new_tokens"):
         mixed.generate(ids)
+    with pytest.raises(fluxc.ConfigError, match="both cache= and past_key_values="):
+        mixed.generate(ids, cache=FluxCache(SMALL), past_key_values=FluxCache(SMALL), **kwargs)

@@ -31,6 +31,7 @@ import fluxc
 from fluxc.checkpoint import read_checkpoint
 from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError
+from fluxc.hf_compat import cache_keyword, output_cache
 from fluxc.stats import attention_work
 
 from .config import RunConfig
@@ -72,16 +73,16 @@ def _answers(runner: Any, examples: list[Example], pad: int, eos: int | None, ma
 
     ids, mask = _left_pad([e.prompt_ids for e in examples], pad, device)
     mark_dynamic(ids, mask)
-    cache = DynamicCache()
+    cache, keyword = DynamicCache(), cache_keyword(runner)
     step_ids, new = ids, []
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     for _ in range(max_new):
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -step_ids.shape[1]:]
         if step_ids is ids:
             mark_dynamic(positions)  # the prefill: batch and length symbolic, like ids and mask
-        out = runner(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                     use_cache=True)
-        cache = out.past_key_values
+        out = runner(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                     **{keyword: cache})
+        cache = output_cache(out)
         step_ids = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
         if eos is not None:
             step_ids = torch.where(done[:, None], torch.full_like(step_ids, eos), step_ids)
@@ -112,12 +113,13 @@ def _continuation_nll(runner: Any, examples: list[Example], pad: int, device: to
     cache = DynamicCache()
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     mark_dynamic(ids, mask, positions)
-    first = runner(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    keyword = cache_keyword(runner)
+    first = runner(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{keyword: cache})
     full_mask = torch.cat([mask, tmask], dim=1)
     positions = (full_mask.cumsum(-1) - 1).clamp_min(0)[:, -width:]
     mark_dynamic(tgt, full_mask, positions, dims=(1,))
-    second = runner(input_ids=tgt, attention_mask=full_mask, position_ids=positions,
-                    past_key_values=first.past_key_values, use_cache=True)
+    second = runner(input_ids=tgt, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                    **{keyword: output_cache(first)})
     logits = torch.cat([first.logits[:, -1:], second.logits[:, :-1]], dim=1).float()  # (B, S, V) predicts tgt
     logp = torch.log_softmax(logits, dim=-1).gather(-1, tgt[..., None])[..., 0]  # (B, S)
     keep = tmask.bool()
