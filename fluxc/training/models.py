@@ -56,14 +56,41 @@ def load_smollm2(dtype: torch.dtype = torch.float32, gguf: str | os.PathLike | N
     if importlib.util.find_spec("gguf") is None:
         raise ConfigError(f"the gguf package is needed to read the model; run `{INSTALL_HINT}` or put its "
                           f"unpacked wheel on PYTHONPATH")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = smollm2_gguf(gguf)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    tokenizer = gguf_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
                                                  local_files_only=True)
     model.eval()
     return model, tokenizer
+
+
+_SPECIAL_TOKENS = ("bos", "eos", "pad")
+
+
+def gguf_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer of a GGUF file, its bos/eos/pad tokens as the file's metadata names them.
+
+    transformers 5.17 reads SmolLM2's eos as ``<|im_start|>`` (id 1) where the file says ``<|im_end|>`` (id 2);
+    the file is the authority, so a disagreeing special token is set from it (and logged)."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    fields = GGUFReader(path).fields
+    for name in _SPECIAL_TOKENS:
+        field = fields.get(f"tokenizer.ggml.{name if name != 'pad' else 'padding'}_token_id")
+        if field is None or not field.data:
+            continue
+        want = int(field.parts[field.data[0]][0])
+        if getattr(tokenizer, f"{name}_token_id") != want:
+            token = tokenizer.convert_ids_to_tokens(want)
+            log.info("fluxc: %s's %s token set to %r (id %d) from the GGUF metadata; the tokenizer had %r",
+                     path.name, name, token, want, getattr(tokenizer, f"{name}_token"))
+            setattr(tokenizer, f"{name}_token", token)
+    return tokenizer
 
 
 class ByteTokenizer:
