@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fluxc.errors import ConfigError
+from fluxc.patterns import pattern_problem
 
 CONFIG_VERSION = 1
 
@@ -15,7 +16,6 @@ Pattern = Literal["streaming", "triangle"]
 Implementation = Literal["auto", "reference", "triton", "flex"]
 Compiler = Literal["inductor", "eager"]
 
-_PATTERNS = ("streaming", "triangle")
 _IMPLS = ("auto", "reference", "triton", "flex")
 _COMPILERS = ("inductor", "eager")
 
@@ -51,25 +51,16 @@ class FluxConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        if self.pattern not in _PATTERNS:
-            raise ConfigError(f"FluxConfig.pattern={self.pattern!r} is not a pattern; use one of {_PATTERNS}")
+        problem = pattern_problem(pattern=self.pattern, sink=self.sink, window=self.window, block=self.block,
+                                  block_exact=self.block_exact, n_last=self.n_last)
+        if problem is not None:
+            raise ConfigError(f"FluxConfig.{problem}")
         if self.impl not in _IMPLS:
             raise ConfigError(f"FluxConfig.impl={self.impl!r} is unknown; use one of {_IMPLS}")
         if self.compiler not in _COMPILERS:
             raise ConfigError(f"FluxConfig.compiler={self.compiler!r} is unknown; use one of {_COMPILERS}")
-        for name in ("sink", "n_last"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"FluxConfig.{name}={value!r} must be an int >= 0")
-        for name in ("window", "block", "pool_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"FluxConfig.{name}={value!r} must be an int >= 1")
-        if self.block_exact and (self.sink % self.block or self.window % self.block):
-            raise ConfigError(
-                f"FluxConfig(block_exact=True) needs sink ({self.sink}) and window ({self.window}) to be "
-                f"multiples of block ({self.block}); change them or set block_exact=False"
-            )
+        if not isinstance(self.pool_size, int) or isinstance(self.pool_size, bool) or self.pool_size < 1:
+            raise ConfigError(f"FluxConfig.pool_size={self.pool_size!r} must be an int >= 1")
         hidden = tuple(self.router_hidden)
         if len(hidden) != 4 or any(not isinstance(h, int) or h < 1 for h in hidden):
             raise ConfigError(

@@ -28,6 +28,7 @@ from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
 from fluxc.errors import ExportError
+from fluxc.patterns import dense_from, ring_capacity, ring_valid, sa_allowed
 
 log = logging.getLogger("fluxc")
 
@@ -163,22 +164,68 @@ def _floor_div(a, b: int):
     return op.Div(op.Sub(a, op.Mod(a, op.CastLike(b, a))), op.CastLike(b, a))
 
 
+class _Value:
+    """An ONNX value with Python's integer operators, so that `fluxc.patterns`' rule evaluates on the graph
+    being built (floor `//` and a remainder `%` with the divisor's sign, as in Python)."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def _other(self, other):
+        return other.value if isinstance(other, _Value) else op.CastLike(other, self.value)
+
+    def __add__(self, other):
+        return _Value(op.Add(self.value, self._other(other)))
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return _Value(op.Sub(self.value, self._other(other)))
+
+    def __rsub__(self, other):
+        return _Value(op.Sub(self._other(other), self.value))
+
+    def __mul__(self, other):
+        return _Value(op.Mul(self.value, self._other(other)))
+
+    __rmul__ = __mul__
+
+    def __floordiv__(self, other: int):
+        return _Value(_floor_div(self.value, other))
+
+    def __mod__(self, other: int):
+        return _Value(op.Mod(self.value, self._other(other)))
+
+    def __lt__(self, other):
+        return _Value(op.Less(self.value, self._other(other)))
+
+    def __le__(self, other):
+        return _Value(op.LessOrEqual(self.value, self._other(other)))
+
+    def __gt__(self, other):
+        return _Value(op.Greater(self.value, self._other(other)))
+
+    def __ge__(self, other):
+        return _Value(op.GreaterOrEqual(self.value, self._other(other)))
+
+    def __or__(self, other):
+        return _Value(op.Or(self.value, other.value))
+
+    def __and__(self, other):
+        return _Value(op.And(self.value, other.value))
+
+
 def _sparse_allowed(q, qpos, key_start, kv_len, pattern: str, sink: int, window: int, block: int, block_exact: bool,
                     n_last: int):
-    """SA pattern (B, Tq, Tk) bool in positions counted from each sequence's start (fluxc.ops.masks)."""
-    keys = op.Unsqueeze(op.Range(0, kv_len, 1), _ints(0, 1))  # (1, 1, Tk)
-    p = op.Unsqueeze(qpos, _ints(2))  # (B, Tq, 1)
+    """SA pattern (B, Tq, Tk) bool in positions counted from each sequence's start (`fluxc.patterns`)."""
     start = op.Unsqueeze(key_start, _ints(1, 2))  # (B, 1, 1)
-    if block_exact:
-        key_block = _floor_div(op.Sub(keys, start), block)
-        query_block = _floor_div(op.Sub(p, start), block)
-        sa = op.Or(op.Less(key_block, sink // block), op.Greater(key_block, op.Sub(query_block, window // block)))
-    else:
-        sa = op.Or(op.Less(op.Sub(keys, start), sink), op.Less(op.Sub(p, keys), window))
+    keys = _Value(op.Sub(op.Unsqueeze(op.Range(0, kv_len, 1), _ints(0, 1)), start))  # (B, 1, Tk)
+    rows = _Value(op.Sub(op.Unsqueeze(qpos, _ints(2)), start))  # (B, Tq, 1)
+    sa = sa_allowed(rows, keys, sink=sink, window=window, block=block, block_exact=block_exact).value
     if pattern == "triangle":  # the last n_last prompt queries are dense at prefill (more than one query)
-        last = op.Unsqueeze(op.ReduceMax(qpos, _ints(1), keepdims=1), _ints(2))  # (B, 1, 1)
-        prefill = op.Greater(_dim(q, 2), 1)
-        sa = op.Or(sa, op.And(op.Greater(p, op.Sub(last, n_last)), prefill))
+        last = _Value(op.Sub(op.Unsqueeze(op.ReduceMax(qpos, _ints(1), keepdims=1), _ints(2)), start))  # (B, 1, 1)
+        dense = (rows >= dense_from(last, n_last)).value
+        sa = op.Or(sa, op.And(dense, op.Greater(_dim(q, 2), 1)))
     return sa
 
 
@@ -308,20 +355,10 @@ def fluxc_routed_attention_fused(q: TFloat, k: TFloat, v: TFloat, attn_mask: TMa
 
 
 def _ring_valid(n, sink: int, window: int, block: int, block_exact: bool):
-    """(B, C) bool: ring slot j holds a key the query at position n - 1 may attend (`fluxc.ops.cache.ring_keys`)."""
-    from fluxc.ops.cache import ring_blocks
-
-    b, sb, wb = ring_blocks(sink, window, block, block_exact)
-    j = op.Unsqueeze(op.Range(0, (sb + wb) * b, 1), _ints(0))  # (1, C)
-    p = op.Unsqueeze(op.Sub(n, 1), _ints(1))  # (B, 1) query position
-    qb = _floor_div(p, b)
-    s = _floor_div(op.Sub(j, sb * b), b)  # window block slot of j
-    cur = op.Mod(op.Sub(qb, sb), op.CastLike(wb, qb))  # integer Mod takes the divisor's sign: a remainder
-    kb = op.Sub(qb, op.Mod(op.Sub(cur, s), op.CastLike(wb, qb)))  # block held by slot s
-    r_win = op.Add(op.Mul(kb, b), op.Mod(op.Sub(j, sb * b), op.CastLike(b, j)))
-    valid_win = op.And(op.GreaterOrEqual(kb, sb), op.LessOrEqual(r_win, p))
-    in_sink = op.Less(j, sb * b)
-    return op.Or(op.And(in_sink, op.LessOrEqual(j, p)), op.And(op.Not(in_sink), valid_win))
+    """(B, C) bool: ring slot j holds a key the query at position n - 1 may attend (`fluxc.patterns.ring_valid`)."""
+    slots = _Value(op.Unsqueeze(op.Range(0, ring_capacity(sink, window), 1), _ints(0)))  # (1, C)
+    p = _Value(op.Unsqueeze(op.Sub(n, 1), _ints(1)))  # (B, 1) query position
+    return ring_valid(slots, p, sink=sink, window=window, block=block, block_exact=block_exact).value
 
 
 def fluxc_cache_attention(q: TFloat, k_store: TFloat, v_store: TFloat, lengths: INT64, route: BOOL, layout: int,

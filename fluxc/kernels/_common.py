@@ -7,11 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
+from fluxc import patterns
+from fluxc.patterns import pattern_problem
+
 from .errors import KernelError
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-PATTERNS = ("streaming", "triangle")
 LOG2E = 1.4426950408889634
 
 
@@ -20,8 +22,7 @@ class Pattern:
     """Resolved sparse-attention pattern (what the kernels need as integers)."""
 
     sink_end: int  # keys [0, sink_end) are sinks
-    window: int  # token-exact window (tokens), unused when block_exact
-    window_blocks: int  # block-exact window in blocks, unused when not block_exact
+    window: int  # the window in tokens (whole blocks when block_exact)
     block: int  # block size of the block-exact rule
     block_exact: bool
     triangle: bool
@@ -32,35 +33,16 @@ class Pattern:
 
 def resolve_pattern(*, sink: int, window: int, block: int, block_exact: bool, pattern: str = "streaming",
                     n_last: int = 0, softcap: float = 0.0, native_window: int = 0) -> Pattern:
-    for name, val in (("sink", sink), ("window", window), ("block", block), ("n_last", n_last),
-                      ("native_window", native_window)):
-        if isinstance(val, bool) or not isinstance(val, int):
-            raise KernelError(f"{name}={val!r}: expected a Python int")
-        if val < 0:
-            raise KernelError(f"{name}={val}: must be >= 0")
-    if pattern not in PATTERNS:
-        raise KernelError(f"pattern={pattern!r}: expected one of {PATTERNS}")
+    problem = pattern_problem(pattern=pattern, sink=sink, window=window, block=block if block_exact else max(block, 1),
+                              block_exact=block_exact, n_last=n_last)
+    if problem is not None:
+        raise KernelError(problem)
+    if isinstance(native_window, bool) or not isinstance(native_window, int) or native_window < 0:
+        raise KernelError(f"native_window={native_window!r}: expected a Python int >= 0")
     if not isinstance(softcap, (int, float)) or softcap < 0:
         raise KernelError(f"softcap={softcap!r}: expected a float >= 0 (0 disables soft-capping)")
-    if block_exact:
-        if block <= 0:
-            raise KernelError(f"block={block}: block-exact streaming needs a positive block size")
-        if sink % block or window % block:
-            raise KernelError(
-                f"sink={sink}, window={window}, block={block}: in block-exact mode sink and window must be "
-                f"multiples of block; round them to multiples of {block} or pass block_exact=False")
-        if window < block:
-            raise KernelError(
-                f"window={window}: block-exact streaming needs window >= block ({block}) so that every "
-                "query sees its own block; raise window")
-        return Pattern(sink_end=sink, window=window, window_blocks=window // block, block=block,
-                       block_exact=True, triangle=pattern == "triangle", n_last=n_last,
-                       native_window=native_window, softcap=float(softcap))
-    if window < 1:
-        raise KernelError(f"window={window}: token-exact streaming needs window >= 1 (the query itself)")
-    return Pattern(sink_end=sink, window=window, window_blocks=0, block=max(block, 1), block_exact=False,
-                   triangle=pattern == "triangle", n_last=n_last, native_window=native_window,
-                   softcap=float(softcap))
+    return Pattern(sink_end=sink, window=window, block=max(block, 1), block_exact=block_exact,
+                   triangle=pattern == "triangle", n_last=n_last, native_window=native_window, softcap=float(softcap))
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, names=("q", "k", "v"), kernel: bool = True,
@@ -129,27 +111,15 @@ def check_padded_prefill(q, k, v, route, kv_lens, q_lens, kv_start=None, **patte
 
 
 def ring_capacity(*, sink: int, window: int, block: int, block_exact: bool) -> int:
-    """Slots of an SA layer's ring-buffer cache: sink + window in both modes (block-exact requires
-    sink and window to be multiples of block, so the sink blocks and window blocks fill it)."""
+    """Slots of an SA layer's ring-buffer cache (``fluxc.patterns.ring_capacity``)."""
     pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact)
-    return pat.sink_end + pat.window
+    return patterns.ring_capacity(pat.sink_end, pat.window)
 
 
 def ring_slot(r: torch.Tensor, *, sink: int, window: int, block: int, block_exact: bool) -> torch.Tensor:
-    """Slot of real key index ``r`` (any int tensor, >= 0; elementwise, on r's device, no host sync).
-
-    token-exact: r < sink -> r; else sink + (r - sink) % window.
-    block-exact (b = block, sb = sink // b, wb = window // b): r < sb*b -> r; else, with kb = r // b,
-    sb*b + ((kb - sb) % wb) * b + r % b.
-    Writing key r of a sequence to slot ring_slot(r) (r = 0, 1, ...) keeps exactly the keys that an
-    SA decode query may still attend (see ``attention.routed_decode_ring``)."""
+    """Slot of real key index ``r`` (any int tensor, >= 0; elementwise, on r's device, no host sync), as
+    ``fluxc.patterns.ring_slot`` lays the ring out: writing key r of a sequence to slot ring_slot(r)
+    (r = 0, 1, ...) keeps exactly the keys that an SA decode query may still attend."""
     pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact)
     r = r.to(torch.int64)
-    s0 = pat.sink_end
-    rw = torch.clamp(r - s0, min=0)  # index past the sinks
-    if pat.block_exact:
-        b = pat.block
-        win = s0 + torch.remainder(torch.div(rw, b, rounding_mode="floor"), pat.window_blocks) * b + torch.remainder(rw, b)
-    else:
-        win = s0 + torch.remainder(rw, pat.window)
-    return torch.where(r < s0, r, win)
+    return torch.where(r < pat.sink_end, r, patterns.ring_slot(r, pat.sink_end, pat.window))

@@ -21,10 +21,27 @@ Scores are kept in the log2 domain (scale pre-multiplied by log2(e), exp2).
 
 from __future__ import annotations
 
+import types
+
 import triton
 import triton.language as tl
 
+from fluxc import patterns
+
 NEG_INF = tl.constexpr(float("-inf"))
+
+
+
+def _jit_rule(fn):
+    # the interpreter (TRITON_INTERPRET=1) patches triton.language through the function's globals
+    return triton.jit(types.FunctionType(fn.__code__, {**fn.__globals__, "tl": tl}, fn.__name__))
+
+
+# The SA rule, compiled from its one definition (fluxc.patterns): BLOCK_EXACT arrives as a constexpr.
+_window_start = _jit_rule(patterns.window_start)
+_keeps = _jit_rule(patterns.keeps)
+_dense_from = _jit_rule(patterns.dense_from)
+_ring_key = _jit_rule(patterns.ring_key)
 
 
 @triton.jit
@@ -35,7 +52,7 @@ def _tanh(x):
 
 
 @triton.jit
-def _allowed(pos, k_idx, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
+def _allowed(pos, k_idx, kv_len, sink_end, window, nw, is_fa, dense_row,
              BLOCK_EXACT: tl.constexpr, SA_BLOCK: tl.constexpr, HAS_NW: tl.constexpr,
              SA_POSSIBLE: tl.constexpr):
     """(rows, keys) bool: the full routed mask for query positions ``pos`` and keys ``k_idx``."""
@@ -43,11 +60,8 @@ def _allowed(pos, k_idx, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
     if HAS_NW:
         ok = ok & ((pos[:, None] - k_idx[None, :]) < nw)
     if SA_POSSIBLE:
-        if BLOCK_EXACT:
-            win = (k_idx // SA_BLOCK)[None, :] > (pos // SA_BLOCK - wblk)[:, None]
-        else:
-            win = (pos[:, None] - k_idx[None, :]) < window
-        sa = win | (k_idx < sink_end)[None, :] | dense_row[:, None]
+        start = _window_start(pos, window, SA_BLOCK, BLOCK_EXACT)
+        sa = _keeps(k_idx[None, :], sink_end, start[:, None]) | dense_row[:, None]
         ok = ok & (sa | is_fa)
     return ok
 
@@ -55,7 +69,7 @@ def _allowed(pos, k_idx, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
 @triton.jit
 def _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_n, offs_d,
                    r0_lo, r0_hi, r1_lo, r1_hi, r2_lo, r2_hi, r3_lo, r3_hi,
-                   pos, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
+                   pos, kv_len, sink_end, window, nw, is_fa, dense_row,
                    qk_scale, softcap_in, softcap_out,
                    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_EXACT: tl.constexpr,
                    SA_BLOCK: tl.constexpr, HAS_NW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -87,7 +101,7 @@ def _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_
         else:
             s = qk * qk_scale
         if MASKED:
-            ok = _allowed(pos, k_idx, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
+            ok = _allowed(pos, k_idx, kv_len, sink_end, window, nw, is_fa, dense_row,
                           BLOCK_EXACT, SA_BLOCK, HAS_NW, SA_POSSIBLE)
             s = tl.where(ok, s, NEG_INF)
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -139,7 +153,7 @@ def _prefill_kernel(Q, K, V, OUT, ROUTE, KV_LENS, Q_LENS, KV_START, CU_Q, CU_K,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                     H, GROUP, T_ROWS, num_m_blocks,
-                    qk_scale, softcap_in, softcap_out, sink_end, window, wblk, nw, n_last,
+                    qk_scale, softcap_in, softcap_out, sink_end, window, nw, n_last,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     ROUTE_MODE: tl.constexpr, BLOCK_EXACT: tl.constexpr, SA_BLOCK: tl.constexpr,
                     TRIANGLE: tl.constexpr, HAS_NW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -201,7 +215,7 @@ def _prefill_kernel(Q, K, V, OUT, ROUTE, KV_LENS, Q_LENS, KV_START, CU_Q, CU_K,
     is_fa = _route_flag(ROUTE, b, ROUTE_MODE)
     SA_POSSIBLE: tl.constexpr = ROUTE_MODE != 1
     if TRIANGLE:
-        dense_lo = kv_len - n_last
+        dense_lo = _dense_from(kv_len - 1, n_last)
         dense_any = p_max >= dense_lo
         dense_all = p_min >= dense_lo
         dense_row = pos >= dense_lo
@@ -218,12 +232,8 @@ def _prefill_kernel(Q, K, V, OUT, ROUTE, KV_LENS, Q_LENS, KV_START, CU_Q, CU_K,
     else:
         lo_any = tl.full((), 0, tl.int32)
         lo_all = tl.full((), 0, tl.int32)
-    if BLOCK_EXACT:
-        w_any = (p_min // SA_BLOCK - wblk + 1) * SA_BLOCK
-        w_all = (p_max // SA_BLOCK - wblk + 1) * SA_BLOCK
-    else:
-        w_any = p_min - window + 1
-        w_all = p_max - window + 1
+    w_any = _window_start(p_min, window, SA_BLOCK, BLOCK_EXACT)
+    w_all = _window_start(p_max, window, SA_BLOCK, BLOCK_EXACT)
 
     # Segment 1: FA -> the whole causal range; SA -> the sinks.
     hi1 = tl.where(use_full, a_hi, tl.minimum(sink_end, a_hi))
@@ -247,13 +257,13 @@ def _prefill_kernel(Q, K, V, OUT, ROUTE, KV_LENS, Q_LENS, KV_START, CU_Q, CU_K,
     # interior blocks (sink interior, then window interior) without masks ...
     acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_n, offs_d,
                                    u0, u1, v0, v1, b1, b1, b1, b1,
-                                   pos, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
+                                   pos, kv_len, sink_end, window, nw, is_fa, dense_row,
                                    qk_scale, softcap_in, softcap_out, False, BLOCK_N, BLOCK_EXACT, SA_BLOCK,
                                    HAS_NW, HAS_SOFTCAP, SA_POSSIBLE, DOT_PREC, USE_TMA)
     # ... then the edge blocks (window start, diagonal, sequence end) with the full mask
     acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_n, offs_d,
                                    b0, u0, u1, b1, c0, v0, v1, c1,
-                                   pos, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
+                                   pos, kv_len, sink_end, window, nw, is_fa, dense_row,
                                    qk_scale, softcap_in, softcap_out, True, BLOCK_N, BLOCK_EXACT, SA_BLOCK,
                                    HAS_NW, HAS_SOFTCAP, SA_POSSIBLE, DOT_PREC, USE_TMA)
 
@@ -265,25 +275,18 @@ def _prefill_kernel(Q, K, V, OUT, ROUTE, KV_LENS, Q_LENS, KV_START, CU_Q, CU_K,
 
 
 @triton.jit
-def _ring_valid(j_idx, c_fill, sink_end, po, sc, BLOCK_EXACT: tl.constexpr, SA_BLOCK: tl.constexpr):
-    """(keys,) bool: ring slot j holds a key the query may attend (RING mode of the decode kernel).
-    Slots fill in order, so slots j < min(n, C) are exactly the written ones.  token-exact: all of
-    them.  block-exact: window slot s (offset o) holds block qb - ((sc - s) mod wb), sc the current
-    block's slot; every such block is allowed (it is one of the last wb blocks and, being written,
-    past the sinks), except in the current block's slot, whose offsets > p % b still hold block
-    qb - wb."""
-    ok = j_idx < c_fill
-    if BLOCK_EXACT:
-        jw = tl.maximum(j_idx - sink_end, 0)
-        ok = ok & ((j_idx < sink_end) | (jw // SA_BLOCK != sc) | (jw % SA_BLOCK <= po))
-    return ok
+def _ring_valid(j_idx, c_fill, p, sink_end, window, BLOCK_EXACT: tl.constexpr, SA_BLOCK: tl.constexpr):
+    """(keys,) bool: ring slot j holds a key query p keeps (RING mode of the decode kernel), as
+    fluxc.patterns.ring_valid composes it; slots fill in order, so the written ones are j < c_fill."""
+    start = _window_start(tl.maximum(p, 0), window, SA_BLOCK, BLOCK_EXACT)
+    return (j_idx < c_fill) & ((j_idx < sink_end) | (_ring_key(j_idx, p, window) >= start))
 
 
 @triton.jit
 def _decode_kernel(Q, K, V, OP, LSEP, OUT, ROUTE, KV_LENS, KV_START,
                    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                    stride_ob, stride_oh, HQ, HKV, GROUP, num_splits,
-                   qk_scale, softcap_in, softcap_out, sink_end, window, wblk, nw, ring_c,
+                   qk_scale, softcap_in, softcap_out, sink_end, window, nw, ring_c,
                    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    ROUTE_MODE: tl.constexpr, BLOCK_EXACT: tl.constexpr, SA_BLOCK: tl.constexpr,
                    HAS_NW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -322,26 +325,16 @@ def _decode_kernel(Q, K, V, OP, LSEP, OUT, ROUTE, KV_LENS, KV_START,
         # slots [0, min(n, C)) are the only ones ever written; the per-slot rule is _ring_valid
         c_fill = tl.minimum(tl.maximum(kv_len, 0), ring_c)
         n_blocks = tl.cdiv(c_fill, BLOCK_N)
-        pc = tl.maximum(p, 0)
-        po = pc % SA_BLOCK
-        # the current block's window slot (meaningful once p is past the sinks; before, no window
-        # slot is below c_fill)
-        sc = tl.maximum(pc // SA_BLOCK - sink_end // SA_BLOCK, 0) % tl.maximum(wblk, 1)
         n1 = n_blocks
         bl1 = tl.full((), 0, tl.int32)
         bl2 = bl1
     else:
         c_fill = kv_len
-        po = p
-        sc = p
         if HAS_NW:
             lo = tl.maximum(p - nw + 1, 0)
         else:
             lo = tl.full((), 0, tl.int32)
-        if BLOCK_EXACT:
-            wlo = (tl.maximum(p, 0) // SA_BLOCK - wblk + 1) * SA_BLOCK
-        else:
-            wlo = p - window + 1
+        wlo = _window_start(tl.maximum(p, 0), window, SA_BLOCK, BLOCK_EXACT)
         hi1 = tl.where(is_fa, kv_len, tl.minimum(sink_end, kv_len))
         lo2 = tl.where(is_fa, kv_len, tl.maximum(wlo, lo))
         bl1 = lo // BLOCK_N
@@ -361,7 +354,7 @@ def _decode_kernel(Q, K, V, OP, LSEP, OUT, ROUTE, KV_LENS, KV_START,
         blk = tl.where(j < n1, bl1 + j, bl2 + (j - n1))
         k_idx = blk * BLOCK_N + offs_n
         if RING:
-            kv_ok = _ring_valid(k_idx, c_fill, sink_end, po, sc, BLOCK_EXACT, SA_BLOCK)
+            kv_ok = _ring_valid(k_idx, c_fill, p, sink_end, window, BLOCK_EXACT, SA_BLOCK)
         else:
             kv_ok = k_idx < kv_len
         kt = tl.load(k_base + k_idx[None, :] * stride_kt + offs_d[:, None],
@@ -374,7 +367,7 @@ def _decode_kernel(Q, K, V, OP, LSEP, OUT, ROUTE, KV_LENS, KV_START,
         if RING:
             ok = (pos >= 0)[:, None] & kv_ok[None, :]
         else:
-            ok = _allowed(pos, k_idx, kv_len, sink_end, window, wblk, nw, is_fa, dense_row,
+            ok = _allowed(pos, k_idx, kv_len, sink_end, window, nw, is_fa, dense_row,
                           BLOCK_EXACT, SA_BLOCK, HAS_NW, SA_POSSIBLE)
         s = tl.where(ok, s, NEG_INF)
         m_new = tl.maximum(m_i, tl.max(s, 1))

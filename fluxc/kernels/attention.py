@@ -155,7 +155,6 @@ def _pattern_args(pat: Pattern, scale: float) -> dict:
         softcap_out=softcap * LOG2E if softcap > 0 else 1.0,
         sink_end=pat.sink_end,
         window=pat.window,
-        wblk=pat.window_blocks,
         nw=pat.native_window,
     )
 

@@ -17,6 +17,8 @@ import functools
 
 import torch
 
+from fluxc.patterns import sa_allowed
+
 from ._common import check_padded_prefill, resolve_pattern
 from .errors import KernelError
 
@@ -29,8 +31,6 @@ def make_mask_mod(route, kv_lens, q_lens, *, sink: int, window: int, block: int,
     (route ignored): the "FlexAttention with the same mask" baseline."""
     pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact, pattern=pattern,
                           n_last=n_last, native_window=native_window)
-    bs, wb = pat.block, pat.window_blocks
-    sink_blocks = -(-sink // bs) if pat.block_exact else 0
 
     def mask_mod(b, h, q_idx, kv_idx):
         kl = kv_lens[b]
@@ -39,12 +39,8 @@ def make_mask_mod(route, kv_lens, q_lens, *, sink: int, window: int, block: int,
         ok = (q_idx < ql) & (kv_idx <= p) & (kv_idx < kl)
         if pat.native_window:
             ok = ok & (p - kv_idx < pat.native_window)
-        if pat.block_exact:
-            sa = ((kv_idx // bs) < sink_blocks) | ((kv_idx // bs) > (p // bs - wb))
-        else:
-            sa = (kv_idx < pat.sink_end) | ((p - kv_idx) < pat.window)
-        if pat.triangle:
-            sa = sa | (p >= kl - n_last)
+        sa = sa_allowed(p, kv_idx, sink=pat.sink_end, window=pat.window, block=pat.block,
+                        block_exact=pat.block_exact, last=kl - 1 if pat.triangle else None, n_last=n_last)
         if routed:
             sa = sa | (route[b] != 0)
         return ok & sa

@@ -8,23 +8,20 @@ Allowed (query position p, key k) for sequence b, where query row i < q_lens[b] 
 p = kv_lens[b] - q_lens[b] + i, and s = kv_start[b] (0 without kv_start) is the first real key:
 
 * s <= k <= p, k < kv_lens[b], and (native_window == 0 or p - k < native_window);
-* if route[b] == 0 (sparse attention) also the streaming rule, in positions counted from s
-  (k' = k - s, p' = p - s)
-    - token-exact: k' < sink or p' - k' < window,
-    - block-exact: k' // block < ceil(sink / block) or k' // block > p' // block - window // block,
-  and with pattern="triangle" the rule is lifted (all k <= p) for queries p >= kv_lens[b] - n_last.
+* if route[b] == 0 (sparse attention) also the SA rule of ``fluxc.patterns`` in positions counted from s,
+  with the triangle's dense rows for queries p >= kv_lens[b] - n_last.
 
 Rows i >= q_lens[b] are padding and come out as zeros; so does any row with no allowed key.
 
 ``routed_decode_ring_reference``: SA decode over an evicted (ring-buffer) cache; for every slot it
-recovers the real key index the slot holds, then applies the same streaming rule.
+recovers the real key index the slot holds, then applies the same rule (``fluxc.patterns.ring_valid``).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from fluxc.patterns import ring_key, ring_valid, sa_allowed
 
 from ._common import LEN_DTYPES, ROUTE_DTYPES, check_qkv, check_vec, resolve_pattern
 from .errors import KernelError
@@ -45,19 +42,12 @@ def allowed_mask(route, kv_lens, q_lens, Tq: int, Tk: int, *, sink: int, window:
     ok = (i < ql) & (k <= p) & (k < kv)
     if pat.native_window:
         ok &= (p - k) < pat.native_window
-    if kv_start is not None:  # the streaming rule below sees positions relative to the first real key
+    if kv_start is not None:  # the SA rule sees positions relative to the first real key
         s0 = kv_start.to(device=dev, dtype=torch.int64)[:, None, None]
         ok &= k >= s0
         k, p, kv = k - s0, p - s0, kv - s0
-    if pat.block_exact:
-        bs = pat.block
-        sink_blocks = math.ceil(sink / bs)
-        sa = (torch.div(k, bs, rounding_mode="floor") < sink_blocks) | (
-            torch.div(k, bs, rounding_mode="floor") > torch.div(p, bs, rounding_mode="floor") - pat.window_blocks)
-    else:
-        sa = (k < pat.sink_end) | ((p - k) < pat.window)
-    if pat.triangle:
-        sa = sa | (p >= kv - n_last)
+    sa = sa_allowed(p, k, sink=pat.sink_end, window=pat.window, block=pat.block, block_exact=pat.block_exact,
+                    last=kv - 1 if pat.triangle else None, n_last=n_last)
     fa = (route.to(dev) != 0)[:, None, None]
     return ok & (fa | sa)
 
@@ -118,31 +108,14 @@ def routed_decode_reference(q, k_cache, v_cache, route, kv_lens, *, scale: float
 def ring_keys(n, C: int, *, sink: int, window: int, block: int, block_exact: bool):
     """For a ring-buffer cache of C slots holding real keys 0..n[b]-1 (see ``_common.ring_slot``):
     (r, valid), both (B, C).  r[b, j] is the real index of the key in slot j (the latest index <= p
-    written there, p = n[b] - 1); valid[b, j] says the slot was written and the streaming rule lets
-    query p attend key r."""
+    written there, p = n[b] - 1); valid[b, j] says the slot was written and the SA rule lets query p
+    attend key r."""
     pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact)
     p = n.to(torch.int64)[:, None] - 1  # (B, 1)
     j = torch.arange(C, device=n.device, dtype=torch.int64)[None, :]  # (1, C)
-    s0 = pat.sink_end
-    if pat.block_exact:
-        bs, wb = pat.block, pat.window_blocks
-        s = torch.div(torch.clamp(j - s0, min=0), bs, rounding_mode="floor")
-        first = s0 + s * bs + torch.remainder(torch.clamp(j - s0, min=0), bs)  # first key written to slot j
-        period = wb * bs
-    else:
-        first = j
-        period = pat.window
-    # the latest key first + m * period <= p (m >= 0) when p >= first
-    latest = first + period * torch.div(p - first, period, rounding_mode="floor")
-    in_sink = j < s0
-    r = torch.where(in_sink, j, latest)  # (B, C)
-    written = torch.where(in_sink, j <= p, p >= first)
-    if pat.block_exact:
-        rb = torch.div(r, pat.block, rounding_mode="floor")
-        rule = (rb < s0 // pat.block) | (rb > torch.div(p, pat.block, rounding_mode="floor") - pat.window_blocks)
-    else:
-        rule = (r < s0) | (p - r < pat.window)
-    return r, written & rule & (r <= p)
+    r = torch.where(j < pat.sink_end, j, ring_key(j, p, pat.window))  # (B, C)
+    valid = ring_valid(j, p, sink=pat.sink_end, window=pat.window, block=pat.block, block_exact=pat.block_exact)
+    return r, valid
 
 
 def routed_decode_ring_reference(q, k_ring, v_ring, n, *, scale: float, sink: int, window: int, block: int,

@@ -2,9 +2,8 @@
 
 After prefill the engine compacts each layer's cache (padding dropped, keys stored by *real* index r):
 - DENSE: slot r holds key r; the layer keeps every key (FA, or a batch mixing FA and SA sequences).
-- RING: only the sink and the window are kept (the layer is SA for every sequence). With b the block
-  size (1 when token-exact), sb = sink // b and wb = window // b blocks: r < sb*b -> slot r; else slot
-  sb*b + ((r // b - sb) % wb) * b + r % b. A new block overwrites the block that just left the window.
+- RING: only the sink and the window are kept (the layer is SA for every sequence), laid out as
+  `fluxc.patterns.ring_slot` says: sinks keep their index, later keys cycle through the window slots.
 
 `lengths` (B,) counts each sequence's real keys, the current query's own key included, so the query's
 real position is lengths - 1. The decode graph's attention reads only `lengths` and the layout: no mask,
@@ -16,57 +15,37 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fluxc import patterns
 from fluxc.ops.attention import routed_attention_reference
 
 DENSE, RING, MIXED = 0, 1, 2  # layouts: all sequences FA | all SA (evicted) | per-sequence route, dense
 LAYOUT_NAMES = {DENSE: "full", RING: "sparse-ring", MIXED: "mixed"}
 
 
-def ring_blocks(sink: int, window: int, block: int, block_exact: bool) -> tuple[int, int, int]:
-    """(b, sb, wb): block size and sink/window in blocks of the ring layout (b = 1 when token-exact)."""
-    b = block if block_exact else 1
-    return b, sink // b, window // b
-
-
 def ring_capacity(sink: int, window: int, block: int, block_exact: bool) -> int:
-    """Slots of a ring layer: the sink plus the window, in whole blocks when block-exact."""
-    b, sb, wb = ring_blocks(sink, window, block, block_exact)
-    return (sb + wb) * b
+    """Slots of a ring layer: the sink plus the window (whole blocks when block-exact)."""
+    return patterns.ring_capacity(sink, window)
 
 
 def ring_supported(sink: int, window: int, block: int, block_exact: bool) -> str | None:
     """Why a ring cannot hold exactly the SA keys, or None when it can."""
     if block_exact and (sink % block or window % block):
         return f"block-exact ring needs sink ({sink}) and window ({window}) to be multiples of block ({block})"
-    if window < (block if block_exact else 1):
-        return f"window={window} is shorter than one block"
     return None
 
 
 def ring_slot(r: Tensor, sink: int, window: int, block: int, block_exact: bool) -> Tensor:
-    """Slot of real key index r (any shape, int64) in a ring layer."""
-    b, sb, wb = ring_blocks(sink, window, block, block_exact)
-    win = sb * b + torch.remainder(torch.div(r, b, rounding_mode="floor") - sb, wb) * b + torch.remainder(r, b)
-    return torch.where(r < sb * b, r, win)
+    """Slot of real key index r (any shape, int64) in a ring layer (`fluxc.patterns.ring_slot`)."""
+    return torch.where(r < sink, r, patterns.ring_slot(r, sink, window))
 
 
 def ring_keys(n: Tensor, sink: int, window: int, block: int, block_exact: bool) -> tuple[Tensor, Tensor]:
     """(r (B, C) int64, valid (B, C) bool): the real key index each slot holds when n[b] keys were written,
-    and whether the query at position n - 1 may attend it (the SA rule of `sparse_allowed`)."""
-    b, sb, wb = ring_blocks(sink, window, block, block_exact)
-    cap = (sb + wb) * b
-    j = torch.arange(cap, device=n.device)[None, :]  # (1, C)
+    and whether the query at position n - 1 may attend it (`fluxc.patterns.ring_valid`)."""
+    j = torch.arange(ring_capacity(sink, window, block, block_exact), device=n.device)[None, :]  # (1, C)
     p = (n.to(torch.int64) - 1)[:, None]  # (B, 1) query position
-    qb = torch.div(p, b, rounding_mode="floor")  # (B, 1) query block
-    s = torch.div(j - sb * b, b, rounding_mode="floor")  # window block slot of j
-    cur = torch.remainder(qb - sb, wb)  # (B, 1) slot of the query's block
-    kb = qb - torch.remainder(cur - s, wb)  # block held by slot s (the latest one <= qb)
-    r_win = kb * b + torch.remainder(j - sb * b, b)
-    valid_win = (kb >= sb) & (r_win <= p)  # written, and in the window (kb > qb - wb holds by construction)
-    in_sink = j < sb * b
-    r = torch.where(in_sink, j, r_win)
-    valid = torch.where(in_sink, j <= p, valid_win)
-    return r, valid
+    r = torch.where(j < sink, j, patterns.ring_key(j, p, window))
+    return r, patterns.ring_valid(j, p, sink=sink, window=window, block=block, block_exact=block_exact)
 
 
 @torch.library.custom_op("fluxc::cache_write", mutates_args=("k_store", "v_store"))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fluxc.patterns import sa_allowed
+
 
 def allowed_mask(attn_mask: Tensor | None, is_causal: bool, batch: int, q_len: int, kv_len: int,
                  device: torch.device, *, bottom_right: bool = False, native_window: int = 0) -> Tensor:
@@ -56,17 +58,11 @@ def mask_positions(allowed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def sparse_allowed(qpos: Tensor, key_start: Tensor, kv_len: int, *, pattern: str, sink: int, window: int,
                    block: int, block_exact: bool, n_last: int, prefill: bool) -> Tensor:
-    """SA pattern (B, Tq, Tk) bool, in positions counted from each sequence's first key."""
-    keys = torch.arange(kv_len, device=qpos.device)[None, None, :]  # (1, 1, Tk)
-    p = qpos[:, :, None]  # (B, Tq, 1)
+    """SA pattern (B, Tq, Tk) bool (`fluxc.patterns`), in positions counted from each sequence's first key."""
     start = key_start[:, None, None]  # (B, 1, 1)
-    if block_exact:
-        key_block = torch.div(keys - start, block, rounding_mode="floor")
-        query_block = torch.div(p - start, block, rounding_mode="floor")
-        sa = (key_block < sink // block) | (key_block > query_block - window // block)
-    else:
-        sa = (keys - start < sink) | (p - keys < window)
-    if pattern == "triangle" and prefill:
-        last = qpos.amax(dim=1)[:, None, None]  # (B, 1, 1) last prompt position
-        sa = sa | (p > last - n_last)
-    return sa
+    keys = torch.arange(kv_len, device=qpos.device)[None, None, :] - start  # (B, 1, Tk)
+    q = qpos[:, :, None] - start  # (B, Tq, 1)
+    # the triangle's dense rows are the last prompt queries: prefill only
+    last = qpos.amax(dim=1)[:, None, None] - start if pattern == "triangle" and prefill else None  # (B, 1, 1)
+    return sa_allowed(q, keys, sink=sink, window=window, block=block, block_exact=block_exact, last=last,
+                      n_last=n_last)

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from fluxc.config import FluxConfig
+from fluxc.patterns import sa_allowed
 
 
 def flex_positions(mask_mod, q: torch.Tensor, k: torch.Tensor, *buffers: torch.Tensor):
@@ -42,23 +43,15 @@ def routed_score_mod(original: fx.GraphModule, n_buffers: int, config: FluxConfi
     # the model's score_mod, inlined (Inductor's CPU flex template lowers one flat graph)
     inputs = [n for n in original.graph.nodes if n.op == "placeholder"]
     modded = graph.graph_copy(original.graph, dict(zip(inputs, (score, b, h, qi, kv, *buffers))))
-    pos = graph.call_function(operator.getitem, (qpos, (b, qi)))
-    start = graph.call_function(operator.getitem, (key_start, b))
-    rel_k = graph.call_function(operator.sub, (kv, start))
-    if config.block_exact:
-        kb = graph.call_function(torch.div, (rel_k, config.block), {"rounding_mode": "floor"})
-        qb = graph.call_function(torch.div, (graph.call_function(operator.sub, (pos, start)), config.block),
-                                 {"rounding_mode": "floor"})
-        in_sink = graph.call_function(operator.lt, (kb, config.sink // config.block))
-        in_window = graph.call_function(operator.gt, (kb, graph.call_function(operator.sub, (qb, config.window // config.block))))
-    else:
-        in_sink = graph.call_function(operator.lt, (rel_k, config.sink))
-        in_window = graph.call_function(operator.lt, (graph.call_function(operator.sub, (pos, kv)), config.window))
-    keep = graph.call_function(operator.or_, (in_sink, in_window))
-    if config.pattern == "triangle" and prefill:
-        last_b = graph.call_function(operator.getitem, (last, b))
-        dense = graph.call_function(operator.gt, (pos, graph.call_function(operator.sub, (last_b, config.n_last))))
-        keep = graph.call_function(operator.or_, (keep, dense))
+    # the SA rule of fluxc.patterns, traced on proxies: positions count from the sequence's first key
+    proxy = fx.Proxy
+    start = proxy(graph.call_function(operator.getitem, (key_start, b)))
+    q = proxy(graph.call_function(operator.getitem, (qpos, (b, qi)))) - start
+    k = proxy(kv) - start
+    dense_rows = config.pattern == "triangle" and prefill
+    last_b = proxy(graph.call_function(operator.getitem, (last, b))) - start if dense_rows else None
+    keep = sa_allowed(q, k, sink=config.sink, window=config.window, block=config.block,
+                      block_exact=config.block_exact, n_last=config.n_last, last=last_b).node
     keep = graph.call_function(operator.or_, (graph.call_function(operator.getitem, (route, b)), keep))
     graph.output(graph.call_function(torch.where, (keep, modded, float("-inf"))))
     return fx.GraphModule(original, graph, class_name="RoutedScoreMod")
