@@ -31,6 +31,8 @@ import traceback
 
 import torch
 
+from fluxc.patterns import window_start
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HQ, HKV, D = 32, 8, 128
 SINK, WINDOW, BLOCK = 128, 2048, 128
@@ -45,14 +47,10 @@ from _kernel_harness import load_kernels  # noqa: E402
 
 
 def sa_keys_per_query(p: torch.Tensor, *, sink=SINK, window=WINDOW, block=BLOCK, block_exact=True) -> torch.Tensor:
-    """Allowed keys for query position p (all keys valid, p the last query at most)."""
-    if block_exact:
-        ws = torch.clamp((torch.div(p, block, rounding_mode="floor") - window // block + 1) * block, min=0)
-        sink_end = -(-sink // block) * block
-    else:
-        ws = torch.clamp(p - window + 1, min=0)
-        sink_end = sink
-    return (p - ws + 1) + torch.minimum(ws, torch.full_like(ws, sink_end))
+    """Allowed keys for query position p (all keys valid, p the last query at most): the window
+    [window_start(p), p] and the sinks before it (`fluxc.patterns`)."""
+    ws = torch.clamp(window_start(p, window, block, block_exact), min=0)
+    return (p - ws + 1) + torch.minimum(ws, torch.full_like(ws, sink))
 
 
 def pairs_causal(L: int) -> int:

@@ -1,8 +1,8 @@
 """How much attention work a routing decision saves at prefill, counted in causal query-key pairs.
 
 A full-attention layer executes every causal pair of a prompt of n tokens, n (n + 1) / 2. A sparse layer
-executes the pairs of the SA pattern (`fluxc.ops.masks.sparse_allowed`, the rule the reference
-implementation applies), counted here in closed form per query, so long prompts cost O(n) and no masks.
+executes the pairs of the SA pattern (`fluxc.patterns`): per query, the sinks and the window
+[window_start(i), i], counted in closed form, so long prompts cost O(n) and no masks.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch import Tensor
 
 from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError
+from fluxc.patterns import dense_from, window_start
 
 
 def sparse_pairs(n: int, config: FluxConfig) -> int:
@@ -23,16 +24,12 @@ def sparse_pairs(n: int, config: FluxConfig) -> int:
     i = torch.arange(n, dtype=torch.int64)  # query position, counted from the sequence's first key
     seen = i + 1  # causal keys 0..i
     sinks = seen.clamp_max(config.sink)  # keys 0 .. sink-1
-    if config.block_exact:  # key block > query block - window blocks
-        low = (torch.div(i, config.block, rounding_mode="floor") - config.window // config.block + 1) * config.block
-    else:  # i - k < window
-        low = i - config.window + 1
-    low = low.clamp_min(0)  # the local window is keys low..i
+    low = window_start(i, config.window, config.block, config.block_exact).clamp_min(0)  # the window: low..i
     local = seen - low
     both = (sinks - low).clamp_min(0)  # keys in the sinks and in the window
     per_query = sinks + local - both
     if config.pattern == "triangle":  # the last n_last prompt queries attend densely
-        per_query = torch.where(i > n - 1 - config.n_last, seen, per_query)
+        per_query = torch.where(i >= dense_from(n - 1, config.n_last), seen, per_query)
     return int(per_query.sum())
 
 

@@ -377,10 +377,8 @@ def routed_decode_ring(q, k_ring, v_ring, n, *, scale: float, sink: int, window:
 
     q (B, Hq, 1, D); k_ring/v_ring (B, Hkv, C, D), Hq % Hkv == 0, D in {64, 128}, fp16/bf16 (fp32 too).
     n (B,) int32/int64 on the device: real keys written so far, the query's own included (the query
-    sits at real position n[b] - 1; n[b] == 0 gives zeros).  The query attends the streaming rule's
-    keys counted from the sequence's first real key: token-exact r < sink or p - r < window;
-    block-exact r // block < sink // block or r // block > p // block - window // block.
-    Slots the rule excludes are never read (they may hold anything, NaN included).
+    sits at real position n[b] - 1; n[b] == 0 gives zeros).  The query attends the keys the SA rule
+    keeps (``fluxc.patterns.ring_valid``).  Slots the rule excludes are never read (they may hold anything, NaN included).
 
     Flash-decoding split over the C slots (split count from C and the batch, never from n): no host
     sync, no reads of n on the host, allocations depend on shapes only (CUDA-graph safe).
