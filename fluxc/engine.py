@@ -28,6 +28,7 @@ from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError, RouteError
 from fluxc.hf_compat import cache_keyword, pop_cache_argument
 from fluxc.ops.cache import DENSE, LAYOUT_NAMES, MIXED, RING, ring_capacity, ring_keys, ring_supported
+from fluxc.spec import SiteSpec
 
 log = logging.getLogger("fluxc")
 
@@ -108,6 +109,7 @@ class FluxCache(Cache):
     def __init__(self, config: FluxConfig) -> None:
         super().__init__(layers=[])
         self.flux_config = config
+        self.write_spec = SiteSpec.for_config(config).encode()  # the ring layout the cache writes follow
         self.flux_layers: list[_Layer] = []
         self.phase = "prefill"
         self.lengths: Tensor | None = None  # (B,) int64 real keys, the current token included
@@ -130,10 +132,9 @@ class FluxCache(Cache):
                 self.seen += key_states.shape[2]
             return key_states, value_states
         layer = self.flux_layers[layer_idx]
-        cfg = self.flux_config
         assert layer.keys is not None and layer.values is not None and self.lengths is not None and layer.route is not None
         torch.ops.fluxc.cache_write(layer.keys, layer.values, key_states, value_states, self.lengths, layer.layout,
-                                    cfg.sink, cfg.window, cfg.block, cfg.block_exact, layer.route)
+                                    self.write_spec, layer.route)
         return layer.keys, layer.values
 
     # --- what HF's model and mask code ask of a cache

@@ -14,6 +14,7 @@ Imported only by `fluxc.export_onnx` (needs onnxscript).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Sequence
@@ -28,7 +29,9 @@ from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
 from fluxc.errors import ExportError
+from fluxc.ops.cache import DENSE, RING
 from fluxc.patterns import dense_from, ring_capacity, ring_valid, sa_allowed
+from fluxc.spec import SiteSpec
 
 log = logging.getLogger("fluxc")
 
@@ -247,23 +250,16 @@ def _heads(x) -> int:
 
 
 def fluxc_routed_attention(q: TFloat, k: TFloat, v: TFloat, attn_mask: TMask | None, route: BOOL, qpos: INT64,
-                           key_start: INT64, is_causal: bool, scale: float, softcap: float, math: str,
-                           softmax_fp32: bool, pattern: str, sink: int, window: int, block: int, block_exact: bool,
-                           n_last: int, bottom_right: bool, native_window: int, impl: str) -> TFloat:
+                           key_start: INT64, spec: str) -> TFloat:
     """`fluxc::routed_attention` as masked attention: keep = route OR sparse pattern, on top of the model's mask."""
     bool_mask = attn_mask is not None and _is_bool(attn_mask)
-    return _routed_attention(q, k, v, attn_mask, bool_mask, route, qpos, key_start, is_causal, scale, softcap, math,
-                             softmax_fp32, pattern, sink, window, block, block_exact, n_last, bottom_right,
-                             native_window)
+    return _routed_attention(q, k, v, attn_mask, bool_mask, route, qpos, key_start, SiteSpec.decode(spec))
 
 
-def fluxc_full_attention(q: TFloat, k: TFloat, v: TFloat, attn_mask: TMask | None, is_causal: bool, scale: float,
-                         softcap: float, math: str, softmax_fp32: bool, bottom_right: bool,
-                         native_window: int) -> TFloat:
+def fluxc_full_attention(q: TFloat, k: TFloat, v: TFloat, attn_mask: TMask | None, spec: str) -> TFloat:
     """`fluxc::full_attention` (the FA branch of a per-layer choice): masked attention under the model's mask."""
     bool_mask = attn_mask is not None and _is_bool(attn_mask)
-    return _routed_attention(q, k, v, attn_mask, bool_mask, None, None, None, is_causal, scale, softcap, math,
-                             softmax_fp32, "streaming", 0, 0, 1, False, 0, bottom_right, native_window)
+    return _routed_attention(q, k, v, attn_mask, bool_mask, None, None, None, SiteSpec.decode(spec))
 
 
 def _is_bool(x) -> bool:
@@ -272,27 +268,26 @@ def _is_bool(x) -> bool:
     return x.dtype == ir.DataType.BOOL
 
 
-def _routed_attention(q, k, v, attn_mask, bool_mask: bool, route, qpos, key_start, is_causal: bool, scale: float,
-                      softcap: float, math: str, softmax_fp32: bool, pattern: str, sink: int, window: int, block: int,
-                      block_exact: bool, n_last: int, bottom_right: bool, native_window: int):
+def _routed_attention(q, k, v, attn_mask, bool_mask: bool, route, qpos, key_start, spec: SiteSpec):
     keep = None  # route None: the FA branch, the model's mask alone
     if route is not None:
-        sa = _sparse_allowed(q, qpos, key_start, _dim(k, 2), pattern, sink, window, block, block_exact, n_last)
+        sa = _sparse_allowed(q, qpos, key_start, _dim(k, 2), spec.pattern, spec.sink, spec.window, spec.block,
+                             spec.block_exact, spec.n_last)
         keep = op.Unsqueeze(op.Or(op.Unsqueeze(route, _ints(1, 2)), sa), _ints(1))  # (B, 1, Tq, Tk)
     n_rep = _heads(q) // _heads(k)
     k, v = _expand_heads(k, n_rep), _expand_heads(v, n_rep)  # (B, Hq, Tk, D)
     scores = op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2]))  # (B, Hq, Tq, Tk)
-    scores = op.Mul(scores, op.CastLike(scale, scores))
-    if softcap > 0.0:
-        cap = op.CastLike(softcap, scores)
+    scores = op.Mul(scores, op.CastLike(spec.scale, scores))
+    if spec.softcap > 0.0:
+        cap = op.CastLike(spec.softcap, scores)
         scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
     neg_inf = op.CastLike(float("-inf"), scores)
     if attn_mask is not None and not bool_mask:
         scores = op.Add(scores, op.CastLike(attn_mask, scores))  # additive mask, then the pattern
         allowed = keep
     else:
-        allowed = _allowed(q, k, attn_mask, is_causal, bottom_right, native_window, bool_mask)
-        if attn_mask is not None and is_causal:  # a structural mask: causal by query position AND the key mask
+        allowed = _allowed(q, k, attn_mask, spec.is_causal, spec.bottom_right, spec.native_window, bool_mask)
+        if attn_mask is not None and spec.is_causal:  # a structural mask: causal by query position AND the key mask
             if qpos is None:
                 raise ExportError("internal: a structural mask reached the FA branch's translation (please report)")
             keys = op.Unsqueeze(op.Range(0, _dim(k, 2), 1), _ints(0, 1))  # (1, 1, Tk)
@@ -300,11 +295,11 @@ def _routed_attention(q, k, v, attn_mask, bool_mask: bool, route, qpos, key_star
         allowed = allowed if keep is None else op.And(allowed, keep)
     if allowed is not None:
         scores = op.Where(allowed, scores, neg_inf)
-    if softmax_fp32 and q.dtype != ir.DataType.FLOAT:
+    if spec.softmax_fp32 and q.dtype != ir.DataType.FLOAT:
         probs = op.CastLike(op.Softmax(op.Cast(scores, to=ir.DataType.FLOAT), axis=-1), q)
     else:
         probs = op.Softmax(scores, axis=-1)
-    if math == "sdpa" and softcap == 0.0:  # SDPA gives 0 for a row that sees no key (e.g. left padding), not NaN
+    if spec.math == "sdpa" and spec.softcap == 0.0:  # SDPA gives 0 for a row that sees no key (e.g. left padding), not NaN
         seen = op.Greater(op.ReduceMax(scores, _ints(-1), keepdims=1), neg_inf)  # (B, Hq, Tq, 1)
         probs = op.Where(seen, probs, op.CastLike(0.0, probs))
     return op.MatMul(probs, v)
@@ -323,11 +318,16 @@ def _schema(name: str, inputs: list[tuple[str, str, bool]], attributes: dict[str
                     attributes=[OpSchema.Attribute(n, kinds[k], required=True) for n, k in attributes.items()])
 
 
-_ROUTED_ATTRS = {"is_causal": "int", "scale": "float", "softcap": "float", "pattern": "str", "sink": "int",
-                 "window": "int", "block": "int", "block_exact": "int", "n_last": "int", "bottom_right": "int",
-                 "native_window": "int"}
-_CACHE_ATTRS = {"layout": "int", "scale": "float", "softcap": "float", "sink": "int", "window": "int", "block": "int",
-                "block_exact": "int"}
+_KINDS = {bool: "int", int: "int", float: "float", str: "str"}
+# the fused nodes carry what the site computes; how fluxc computes it (math, softmax_fp32, impl) stays behind
+_ROUTED_ATTRS = {f.name: _KINDS[type(f.default)] for f in dataclasses.fields(SiteSpec)
+                 if f.name not in ("math", "softmax_fp32", "impl")}
+_CACHE_ATTRS = {"layout": "int", **{n: _ROUTED_ATTRS[n] for n in ("scale", "softcap", "sink", "window", "block",
+                                                                   "block_exact")}}
+
+
+def _attributes(spec: SiteSpec, names) -> dict:
+    return {n: int(v) if isinstance(v, bool) else v for n, v in dataclasses.asdict(spec).items() if n in names}
 
 
 @functools.cache
@@ -343,15 +343,10 @@ def _fused_op(name: str) -> Op:
 
 
 def fluxc_routed_attention_fused(q: TFloat, k: TFloat, v: TFloat, attn_mask: TMask | None, route: BOOL, qpos: INT64,
-                                 key_start: INT64, is_causal: bool, scale: float, softcap: float, math: str,
-                                 softmax_fp32: bool, pattern: str, sink: int, window: int, block: int,
-                                 block_exact: bool, n_last: int, bottom_right: bool, native_window: int,
-                                 impl: str) -> TFloat:
+                                 key_start: INT64, spec: str) -> TFloat:
     """One ``fluxc.RoutedAttention`` node with `routed_attention`'s semantics (for a runtime's fused kernel)."""
-    return _fused_op("RoutedAttention")(q, k, v, attn_mask, route, qpos, key_start, is_causal=int(is_causal),
-                                        scale=scale, softcap=softcap, pattern=pattern, sink=sink, window=window,
-                                        block=block, block_exact=int(block_exact), n_last=n_last,
-                                        bottom_right=int(bottom_right), native_window=native_window)
+    return _fused_op("RoutedAttention")(q, k, v, attn_mask, route, qpos, key_start,
+                                        **_attributes(SiteSpec.decode(spec), _ROUTED_ATTRS))
 
 
 def _ring_valid(n, sink: int, window: int, block: int, block_exact: bool):
@@ -362,32 +357,28 @@ def _ring_valid(n, sink: int, window: int, block: int, block_exact: bool):
 
 
 def fluxc_cache_attention(q: TFloat, k_store: TFloat, v_store: TFloat, lengths: INT64, route: BOOL, layout: int,
-                          scale: float, softcap: float, math: str, softmax_fp32: bool, sink: int, window: int,
-                          block: int, block_exact: bool, impl: str) -> TFloat:
+                          spec: str) -> TFloat:
     """`fluxc::cache_attention` (the decode engine's layout): the keys a slot holds, as a mask, then routed
     attention, as `fluxc.ops.cache.cache_attention_reference` computes it."""
-    from fluxc.ops.cache import DENSE, RING
-
+    site = SiteSpec.decode(spec)
     n = op.Cast(lengths, to=ir.DataType.INT64)  # (B,) keys, this token's included
     if layout == RING:
-        valid = _ring_valid(n, sink, window, block, block_exact)  # (B, C) exactly the SA keys
+        valid = _ring_valid(n, **site.rule)  # (B, C) exactly the SA keys
     else:
         valid = op.Less(op.Unsqueeze(op.Range(0, _dim(k_store, 2), 1), _ints(0)), op.Unsqueeze(n, _ints(1)))
     if layout in (RING, DENSE):
         route = op.Expand(op.Constant(value=ir.tensor(True)), op.Shape(n))
     mask = op.Unsqueeze(valid, _ints(1, 2))  # (B, 1, 1, C)
     qpos = op.Unsqueeze(op.Sub(n, 1), _ints(1))  # (B, 1)
-    return _routed_attention(q, k_store, v_store, mask, True, route, qpos, op.Sub(n, n), False, scale, softcap, math,
-                             softmax_fp32, "streaming", sink, window, block, block_exact, 0, False, 0)
+    return _routed_attention(q, k_store, v_store, mask, True, route, qpos, op.Sub(n, n),
+                             site.replace(is_causal=False, pattern="streaming", bottom_right=False, native_window=0))
 
 
 def fluxc_cache_attention_fused(q: TFloat, k_store: TFloat, v_store: TFloat, lengths: INT64, route: BOOL,
-                                layout: int, scale: float, softcap: float, math: str, softmax_fp32: bool, sink: int,
-                                window: int, block: int, block_exact: bool, impl: str) -> TFloat:
+                                layout: int, spec: str) -> TFloat:
     """One ``fluxc.CacheAttention`` node (custom domain) with `cache_attention`'s semantics."""
-    return _fused_op("CacheAttention")(q, k_store, v_store, lengths, route, layout=layout, scale=scale,
-                                       softcap=softcap, sink=sink, window=window, block=block,
-                                       block_exact=int(block_exact))
+    return _fused_op("CacheAttention")(q, k_store, v_store, lengths, route, layout=layout,
+                                       **_attributes(SiteSpec.decode(spec), _CACHE_ATTRS))
 
 
 TAny = TypeVar("TAny", bound=Union[BOOL, FLOAT16, FLOAT, DOUBLE, BFLOAT16, INT64, INT32, INT8, UINT8])  # noqa: UP007

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 import fluxc
 from fluxc.ops.attention import routed_attention
 from fluxc.ops.router import router_logits
+from fluxc.spec import SiteSpec
 
 from hf_models import batch, tiny_model
 
@@ -87,8 +88,9 @@ def test_custom_ops_pass_opcheck():
     mask = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6).clone()
     route = torch.tensor([True, False])
     qpos, valid, start = torch.ops.fluxc.positions(q, k, mask, False, False, 0)
-    args = (q, k, v, mask, route, qpos, start, False, 0.3, 0.0, "eager", True, "streaming", 1, 2, 1, False, 0, False, 0,
-            "reference")
+    spec = SiteSpec(is_causal=False, scale=0.3, softcap=0.0, math="eager", softmax_fp32=True, pattern="streaming",
+                    sink=1, window=2, block=1, block_exact=False, n_last=0, impl="reference")
+    args = (q, k, v, mask, route, qpos, start, spec.encode())
     torch.library.opcheck(routed_attention, args)
     q.requires_grad_(True)
     torch.library.opcheck(routed_attention, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
@@ -158,14 +160,12 @@ def test_custom_op_gradients_match_plain_autograd():
     mask[1, :, 2:, :2] = False  # left padding of sequence 1 (its padding rows still see themselves: no NaN)
     route = torch.tensor([True, False])
     qpos, _, start = torch.ops.fluxc.positions(q, k, mask, False, False, 0)
-    static = (False, 0.3, 5.0, "eager", True, "streaming", 1, 2, 1, False, 0, False, 0)
+    spec = SiteSpec(is_causal=False, scale=0.3, softcap=5.0, math="eager", softmax_fp32=True, pattern="streaming",
+                    sink=1, window=2, block=1, block_exact=False, n_last=0, impl="reference")
     grad = torch.randn(2, 4, 7, 8, dtype=torch.float64)
-    got = torch.autograd.grad(torch.ops.fluxc.routed_attention(q, k, v, mask, route, qpos, start, *static, "reference"),
+    got = torch.autograd.grad(torch.ops.fluxc.routed_attention(q, k, v, mask, route, qpos, start, spec.encode()),
                               (q, k, v), grad)
-    names = ("is_causal", "scale", "softcap", "math", "softmax_fp32", "pattern", "sink", "window", "block",
-             "block_exact", "n_last", "bottom_right", "native_window")
-    want = torch.autograd.grad(routed_attention_reference(q, k, v, mask, route, qpos, start, **dict(zip(names, static))),
-                               (q, k, v), grad)
+    want = torch.autograd.grad(routed_attention_reference(q, k, v, mask, route, qpos, start, spec), (q, k, v), grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
         assert a.abs().sum() > 0

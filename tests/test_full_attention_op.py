@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fluxc  # noqa: F401  (registers the ops)
+from fluxc.spec import SiteSpec
 
 
 def _loop_reference(q, k, v, allowed, scale, softcap):
@@ -37,7 +38,7 @@ def test_full_attention_matches_loop_reference_and_has_gradients(math_kind, soft
     allowed = (keys <= rows).expand(2, 1, 5, 7).clone()  # (B, 1, Tq, Tk) bottom-right causal
     allowed[1, :, :, 0] = False  # sequence 1: left padding of one key
     scale = 1 / math.sqrt(8)
-    args = (allowed, False, scale, softcap, math_kind, False, False, 0)
+    args = (allowed, SiteSpec(is_causal=False, scale=scale, softcap=softcap, math=math_kind, softmax_fp32=False).encode())
     out = torch.ops.fluxc.full_attention(q, k, v, *args)
     torch.testing.assert_close(out, _loop_reference(q, k, v, allowed, scale, softcap), atol=1e-12, rtol=0)
     inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))

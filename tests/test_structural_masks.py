@@ -12,6 +12,7 @@ import fluxc
 from fluxc.ops.dispatch import is_key_mask, run_kernel, unsupported_reason
 from fluxc.ops.masks import allowed_mask, mask_positions
 from fluxc.passes import counters
+from fluxc.spec import SiteSpec
 
 from hf_models import Reference, batch, run_reference, tiny_model
 
@@ -135,8 +136,8 @@ def test_key_mask_dispatch():
     assert "materialised mask" in unsupported_reason(q, q, torch.ones(2, 1, 5, 5, dtype=torch.bool), False)
     with pytest.raises(fluxc.ImplementationError, match="FlexAttention lowering takes no key ranges"):
         run_kernel("flex", q, q, q, key_mask, torch.ones(2, dtype=torch.bool), torch.arange(5).expand(2, 5),
-                   torch.zeros(2, dtype=torch.long), is_causal=True, scale=0.125, softcap=0.0, pattern="streaming",
-                   sink=1, window=2, block=1, block_exact=False, n_last=0, explicit=True)
+                   torch.zeros(2, dtype=torch.long), SiteSpec(is_causal=True, scale=0.125, softcap=0.0,
+                   pattern="streaming", sink=1, window=2, block=1, block_exact=False, n_last=0), explicit=True)
 
 
 @pytest.mark.gpu

@@ -12,13 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fluxc.errors import ImplementationError
+from fluxc.ops.dispatch import resolve_impl, run_kernel
 from fluxc.ops.masks import allowed_mask, sparse_allowed
+from fluxc.spec import SiteSpec
 
 log = logging.getLogger("fluxc")
-
-_PATTERNS = ("streaming", "triangle")
-_MATHS = ("sdpa", "eager")
 
 
 def _expand_kv(x: Tensor, n_rep: int) -> Tensor:
@@ -27,10 +25,7 @@ def _expand_kv(x: Tensor, n_rep: int) -> Tensor:
 
 
 def routed_attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, route: Tensor,
-                               qpos: Tensor, key_start: Tensor, *, is_causal: bool, scale: float,
-                               softcap: float, math: str, softmax_fp32: bool, pattern: str, sink: int,
-                               window: int, block: int, block_exact: bool, n_last: int, bottom_right: bool = False,
-                               native_window: int = 0) -> Tensor:
+                               qpos: Tensor, key_start: Tensor, spec: SiteSpec) -> Tensor:
     """Plain-PyTorch routed attention. q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), route (B,) bool.
 
     The model's mask is `attn_mask` (bool or additive, broadcast to (B, H', Tq, Tk)), or `is_causal` alone, or
@@ -38,27 +33,29 @@ def routed_attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tenso
     the key mask holds (a structural mask, `fluxc::causal_positions`)."""
     batch, q_heads, q_len, _ = q.shape
     kv_len = k.shape[2]
-    sa = sparse_allowed(qpos, key_start, kv_len, pattern=pattern, sink=sink, window=window, block=block,
-                        block_exact=block_exact, n_last=n_last, prefill=q_len > 1)  # (B, Tq, Tk)
+    is_causal = spec.is_causal
+    sa = sparse_allowed(qpos, key_start, kv_len, pattern=spec.pattern, n_last=spec.n_last, prefill=q_len > 1,
+                        **spec.rule)  # (B, Tq, Tk)
     keep = (route.view(batch, 1, 1) | sa).unsqueeze(1)  # (B, 1, Tq, Tk): full rows keep everything
     if attn_mask is not None and is_causal:  # a structural mask: causal by query position AND a key mask
         keys = torch.arange(kv_len, device=q.device)  # (Tk,)
         attn_mask = (keys <= qpos[:, :, None]).unsqueeze(1) & attn_mask  # (B, 1, Tq, Tk)
         is_causal = False
-    if math == "sdpa" and softcap == 0.0:  # SDPA has no softcap: softcapped sites compute eagerly
+    if spec.math == "sdpa" and spec.softcap == 0.0:  # SDPA has no softcap: softcapped sites compute eagerly
         if attn_mask is None:
-            mask = allowed_mask(None, is_causal, batch, q_len, kv_len, q.device, bottom_right=bottom_right,
-                                native_window=native_window) & keep
+            mask = allowed_mask(None, is_causal, batch, q_len, kv_len, q.device, bottom_right=spec.bottom_right,
+                                native_window=spec.native_window) & keep
         elif attn_mask.dtype == torch.bool:
             mask = attn_mask & keep
         else:
             mask = torch.where(keep, attn_mask, float("-inf"))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=spec.scale,
                                               enable_gqa=q_heads != k.shape[1])
     if attn_mask is None and is_causal:
-        attn_mask = allowed_mask(None, True, batch, q_len, kv_len, q.device, bottom_right=bottom_right,
-                                 native_window=native_window)
-    return _eager_attention(q, k, v, attn_mask, keep, scale=scale, softcap=softcap, softmax_fp32=softmax_fp32)
+        attn_mask = allowed_mask(None, True, batch, q_len, kv_len, q.device, bottom_right=spec.bottom_right,
+                                 native_window=spec.native_window)
+    return _eager_attention(q, k, v, attn_mask, keep, scale=spec.scale, softcap=spec.softcap,
+                            softmax_fp32=spec.softmax_fp32)
 
 
 def _eager_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, keep: Tensor | None, *,
@@ -79,126 +76,80 @@ def _eager_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, 
     return torch.matmul(probs, _expand_kv(v, n_rep))
 
 
-def full_attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
-                             scale: float, softcap: float, math: str, softmax_fp32: bool, bottom_right: bool,
-                             native_window: int) -> Tensor:
+def full_attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, spec: SiteSpec) -> Tensor:
     """Exactly the site's own attention (the FA branch): `routed_attention` with every route True.
 
     q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D) -> (B, Hq, Tq, Dv) contiguous."""
     batch, q_heads, q_len, _ = q.shape
     kv_len = k.shape[2]
     if attn_mask is None:
-        allowed = allowed_mask(None, is_causal, batch, q_len, kv_len, q.device, bottom_right=bottom_right,
-                               native_window=native_window)  # (B, 1, Tq, Tk)
+        allowed = allowed_mask(None, spec.is_causal, batch, q_len, kv_len, q.device, bottom_right=spec.bottom_right,
+                               native_window=spec.native_window)  # (B, 1, Tq, Tk)
     else:
         allowed = attn_mask
-    if math == "sdpa" and softcap == 0.0:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
+    if spec.math == "sdpa" and spec.softcap == 0.0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=spec.scale,
                                               enable_gqa=q_heads != k.shape[1]).contiguous()
-    return _eager_attention(q, k, v, allowed, None, scale=scale, softcap=softcap,
-                            softmax_fp32=softmax_fp32).contiguous()
+    return _eager_attention(q, k, v, allowed, None, scale=spec.scale, softcap=spec.softcap,
+                            softmax_fp32=spec.softmax_fp32).contiguous()
 
 
 @torch.library.custom_op("fluxc::full_attention", mutates_args=())
-def full_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float,
-                   softcap: float, math: str, softmax_fp32: bool, bottom_right: bool, native_window: int) -> Tensor:
-    """`full_attention_reference` as one opaque op: the FA branch of an exported program's per-layer choice."""
-    return full_attention_reference(q, k, v, attn_mask, is_causal, scale, softcap, math, softmax_fp32,
-                                    bottom_right, native_window)
+def full_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, spec: str) -> Tensor:
+    """`full_attention_reference` as one opaque op: the FA branch of an exported program's per-layer choice.
+    `spec`: a `SiteSpec`'s `encode()`."""
+    return full_attention_reference(q, k, v, attn_mask, SiteSpec.decode(spec))
 
 
 @full_attention.register_fake
-def _(q, k, v, attn_mask, is_causal, scale, softcap, math, softmax_fp32, bottom_right, native_window):
+def _(q, k, v, attn_mask, spec):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def _full_setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, *static = inputs
+    q, k, v, attn_mask, spec = inputs
     ctx.save_for_backward(q, k, v)
-    ctx.attn_mask, ctx.static = attn_mask, static
+    ctx.attn_mask, ctx.spec = attn_mask, SiteSpec.decode(spec)
 
 
 def _full_backward(ctx, grad):
     q, k, v = ctx.saved_tensors
-    _, pullback = torch.func.vjp(lambda *qkv: full_attention_reference(*qkv, ctx.attn_mask, *ctx.static), q, k, v)
-    return (*pullback(grad), None) + (None,) * len(ctx.static)
+    _, pullback = torch.func.vjp(lambda *qkv: full_attention_reference(*qkv, ctx.attn_mask, ctx.spec), q, k, v)
+    return (*pullback(grad), None, None)
 
 
 full_attention.register_autograd(_full_backward, setup_context=_full_setup_context)
 
 
-def _check_args(math: str, pattern: str, impl: str) -> None:
-    if math not in _MATHS:
-        raise ImplementationError(f"routed_attention: math={math!r} is unknown; use one of {_MATHS}")
-    if pattern not in _PATTERNS:
-        raise ImplementationError(f"routed_attention: pattern={pattern!r} is unknown; use one of {_PATTERNS}")
-
-
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """The implementation that will run for `impl` on `device`; explicit requests never fall back."""
-    if impl == "reference":
-        return "reference"
-    if impl in ("triton", "flex"):
-        if device.type != "cuda":
-            raise ImplementationError(
-                f"impl={impl!r} needs CUDA tensors but got device {device}; use impl='reference' or 'auto'"
-            )
-        return impl
-    if impl == "auto":
-        if device.type == "cuda":
-            return "triton"
-        return "reference"
-    raise ImplementationError(f"impl={impl!r} is unknown; use 'auto', 'reference', 'triton' or 'flex'")
-
-
 @torch.library.custom_op("fluxc::routed_attention", mutates_args=())
 def routed_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, route: Tensor, qpos: Tensor,
-                     key_start: Tensor, is_causal: bool, scale: float, softcap: float, math: str,
-                     softmax_fp32: bool, pattern: str, sink: int, window: int, block: int,
-                     block_exact: bool, n_last: int, bottom_right: bool, native_window: int, impl: str) -> Tensor:
+                     key_start: Tensor, spec: str) -> Tensor:
     """Attention of one site: full for sequences with route True, sparse (SA pattern on top of the
-    model's own mask) for the others. Returns (B, Hq, Tq, Dv), contiguous."""
-    _check_args(math, pattern, impl)
-    chosen = resolve_impl(impl, q.device)
+    model's own mask) for the others. `spec`: a `SiteSpec`'s `encode()`. Returns (B, Hq, Tq, Dv), contiguous."""
+    site = SiteSpec.decode(spec)
+    chosen = resolve_impl(site.impl, q.device)
     if chosen != "reference":
-        from fluxc.ops.dispatch import run_kernel  # GPU path: imported only when used
-
-        out = run_kernel(chosen, q, k, v, attn_mask, route, qpos, key_start, is_causal=is_causal,
-                         scale=scale, softcap=softcap, pattern=pattern, sink=sink, window=window,
-                         block=block, block_exact=block_exact, n_last=n_last, bottom_right=bottom_right,
-                         native_window=native_window, explicit=impl != "auto")
+        out = run_kernel(chosen, q, k, v, attn_mask, route, qpos, key_start, site, explicit=site.impl != "auto")
         if out is not None:
             return out
-    out = routed_attention_reference(q, k, v, attn_mask, route, qpos, key_start, is_causal=is_causal,
-                                     scale=scale, softcap=softcap, math=math, softmax_fp32=softmax_fp32,
-                                     pattern=pattern, sink=sink, window=window, block=block,
-                                     block_exact=block_exact, n_last=n_last, bottom_right=bottom_right,
-                                     native_window=native_window)
-    return out.contiguous()
+    return routed_attention_reference(q, k, v, attn_mask, route, qpos, key_start, site).contiguous()
 
 
 @routed_attention.register_fake
-def _(q, k, v, attn_mask, route, qpos, key_start, is_causal, scale, softcap, math, softmax_fp32, pattern,
-      sink, window, block, block_exact, n_last, bottom_right, native_window, impl):
+def _(q, k, v, attn_mask, route, qpos, key_start, spec):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 @torch.library.custom_op("fluxc::routed_attention_backward", mutates_args=())
 def routed_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
-                              route: Tensor, qpos: Tensor, key_start: Tensor, is_causal: bool, scale: float,
-                              softcap: float, math: str, softmax_fp32: bool, pattern: str, sink: int,
-                              window: int, block: int, block_exact: bool, n_last: int, bottom_right: bool,
-                              native_window: int) -> tuple[Tensor, Tensor, Tensor]:
+                              route: Tensor, qpos: Tensor, key_start: Tensor, spec: str) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of the reference w.r.t. (q, k, v), by recomputation (the op stays opaque to tracing).
 
     Custom-op bodies run below autograd, so the recomputation differentiates with `torch.func.vjp`."""
+    site = SiteSpec.decode(spec)
 
     def forward(q_, k_, v_):
-        return routed_attention_reference(q_, k_, v_, attn_mask, route, qpos, key_start, is_causal=is_causal,
-                                          scale=scale, softcap=softcap, math=math, softmax_fp32=softmax_fp32,
-                                          pattern=pattern, sink=sink, window=window, block=block,
-                                          block_exact=block_exact, n_last=n_last, bottom_right=bottom_right,
-                                          native_window=native_window)
+        return routed_attention_reference(q_, k_, v_, attn_mask, route, qpos, key_start, site)
 
     _, pullback = torch.func.vjp(forward, q, k, v)
     gq, gk, gv = pullback(grad)
@@ -206,27 +157,22 @@ def routed_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, att
 
 
 @routed_attention_backward.register_fake
-def _(grad, q, k, v, attn_mask, route, qpos, key_start, is_causal, scale, softcap, math, softmax_fp32,
-      pattern, sink, window, block, block_exact, n_last, bottom_right, native_window):
+def _(grad, q, k, v, attn_mask, route, qpos, key_start, spec):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_STATIC = ("is_causal", "scale", "softcap", "math", "softmax_fp32", "pattern", "sink", "window", "block",
-           "block_exact", "n_last", "bottom_right", "native_window")
-
-
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, route, qpos, key_start, *static, _impl = inputs
+    q, k, v, attn_mask, route, qpos, key_start, spec = inputs
     ctx.save_for_backward(q, k, v, route, qpos, key_start)
     ctx.attn_mask = attn_mask  # never differentiated: the model's mask is not a trained quantity
-    ctx.static = static
+    ctx.spec = spec
 
 
 def _backward(ctx, grad):
     q, k, v, route, qpos, key_start = ctx.saved_tensors
     gq, gk, gv = routed_attention_backward(grad.contiguous(), q, k, v, ctx.attn_mask, route, qpos, key_start,
-                                           *ctx.static)
-    return (gq, gk, gv) + (None,) * (4 + len(_STATIC) + 1)
+                                           ctx.spec)
+    return gq, gk, gv, None, None, None, None, None
 
 
 routed_attention.register_autograd(_backward, setup_context=_setup_context)

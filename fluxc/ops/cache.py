@@ -17,6 +17,8 @@ from torch import Tensor
 
 from fluxc import patterns
 from fluxc.ops.attention import routed_attention_reference
+from fluxc.ops.dispatch import resolve_impl, run_cache_kernel
+from fluxc.spec import SiteSpec
 
 DENSE, RING, MIXED = 0, 1, 2  # layouts: all sequences FA | all SA (evicted) | per-sequence route, dense
 LAYOUT_NAMES = {DENSE: "full", RING: "sparse-ring", MIXED: "mixed"}
@@ -48,34 +50,38 @@ def ring_keys(n: Tensor, sink: int, window: int, block: int, block_exact: bool) 
     return r, patterns.ring_valid(j, p, sink=sink, window=window, block=block, block_exact=block_exact)
 
 
+def write_slots(lengths: Tensor, layout: int, spec: SiteSpec) -> Tensor:
+    """(B,) int64 slot of each sequence's current token (real index lengths - 1; its ring slot in a ring layer)."""
+    r = lengths.to(torch.int64) - 1  # (B,)
+    return ring_slot(r, **spec.rule) if layout == RING else r
+
+
 @torch.library.custom_op("fluxc::cache_write", mutates_args=("k_store", "v_store"))
 def cache_write(k_store: Tensor, v_store: Tensor, k_new: Tensor, v_new: Tensor, lengths: Tensor, layout: int,
-                sink: int, window: int, block: int, block_exact: bool, route: Tensor) -> None:
+                spec: str, route: Tensor) -> None:
     """Write the current token's key/value (B, Hkv, 1, D) at real index lengths - 1 of each sequence.
 
-    `route` (B,) bool, the layer's stored route, is not used here: it travels with the write so that the
-    pass finds it next to the store when it rewrites the layer's attention site."""
-    r = lengths.to(torch.int64) - 1  # (B,)
-    slot = ring_slot(r, sink, window, block, block_exact) if layout == RING else r
+    `spec` (a `SiteSpec`'s `encode()`) gives the ring's sink and window. `route` (B,) bool, the layer's stored
+    route, is not used here: it travels with the write so that the pass finds it next to the store when it
+    rewrites the layer's attention site."""
     batch, heads, _, dim = k_new.shape
-    index = slot.view(batch, 1, 1, 1).expand(batch, heads, 1, dim)  # (B, Hkv, 1, D)
+    index = write_slots(lengths, layout, SiteSpec.decode(spec)).view(batch, 1, 1, 1).expand(batch, heads, 1, dim)
     k_store.scatter_(2, index, k_new.to(k_store.dtype))
     v_store.scatter_(2, index.expand(batch, heads, 1, v_new.shape[-1]), v_new.to(v_store.dtype))
 
 
 @cache_write.register_fake
-def _(k_store, v_store, k_new, v_new, lengths, layout, sink, window, block, block_exact, route):
+def _(k_store, v_store, k_new, v_new, lengths, layout, spec, route):
     return None
 
 
-def cache_attention_reference(q: Tensor, k_store: Tensor, v_store: Tensor, lengths: Tensor, route: Tensor, *,
-                              layout: int, scale: float, softcap: float, math: str, softmax_fp32: bool, sink: int,
-                              window: int, block: int, block_exact: bool) -> Tensor:
+def cache_attention_reference(q: Tensor, k_store: Tensor, v_store: Tensor, lengths: Tensor, route: Tensor,
+                              layout: int, spec: SiteSpec) -> Tensor:
     """Decode attention over a compacted cache, as `routed_attention_reference` computes it on the full cache."""
     batch, cap = q.shape[0], k_store.shape[2]
     n = lengths.to(torch.int64)  # (B,)
     if layout == RING:
-        _, valid = ring_keys(n, sink, window, block, block_exact)  # (B, C): the SA keys, already
+        _, valid = ring_keys(n, **spec.rule)  # (B, C): the SA keys, already
         route = torch.ones_like(route, dtype=torch.bool)
     else:
         valid = torch.arange(cap, device=q.device)[None, :] < n[:, None]  # (B, C)
@@ -85,34 +91,23 @@ def cache_attention_reference(q: Tensor, k_store: Tensor, v_store: Tensor, lengt
     qpos = (n - 1).view(batch, 1)  # (B, 1)
     key_start = torch.zeros_like(n)
     return routed_attention_reference(q, k_store, v_store, mask, route.to(torch.bool), qpos, key_start,
-                                      is_causal=False, scale=scale, softcap=softcap, math=math,
-                                      softmax_fp32=softmax_fp32, pattern="streaming", sink=sink, window=window,
-                                      block=block, block_exact=block_exact, n_last=0)
+                                      spec.replace(is_causal=False, pattern="streaming"))
 
 
 @torch.library.custom_op("fluxc::cache_attention", mutates_args=())
 def cache_attention(q: Tensor, k_store: Tensor, v_store: Tensor, lengths: Tensor, route: Tensor, layout: int,
-                    scale: float, softcap: float, math: str, softmax_fp32: bool, sink: int, window: int, block: int,
-                    block_exact: bool, impl: str) -> Tensor:
+                    spec: str) -> Tensor:
     """One decode token per sequence, q (B, Hq, 1, D), against a compacted cache (B, Hkv, C, D)."""
-    from fluxc.ops.attention import resolve_impl
-
-    chosen = resolve_impl(impl, q.device)
+    site = SiteSpec.decode(spec)
+    chosen = resolve_impl(site.impl, q.device)
     if chosen != "reference":
-        from fluxc.ops.dispatch import run_cache_kernel
-
-        out = run_cache_kernel(chosen, q, k_store, v_store, lengths, route, layout=layout, scale=scale,
-                               softcap=softcap, sink=sink, window=window, block=block, block_exact=block_exact,
-                               explicit=impl != "auto")
+        out = run_cache_kernel(chosen, q, k_store, v_store, lengths, route, ring=layout == RING, spec=site,
+                               explicit=site.impl != "auto")
         if out is not None:
             return out
-    out = cache_attention_reference(q, k_store, v_store, lengths, route, layout=layout, scale=scale, softcap=softcap,
-                                    math=math, softmax_fp32=softmax_fp32, sink=sink, window=window, block=block,
-                                    block_exact=block_exact)
-    return out.contiguous()
+    return cache_attention_reference(q, k_store, v_store, lengths, route, layout, site).contiguous()
 
 
 @cache_attention.register_fake
-def _(q, k_store, v_store, lengths, route, layout, scale, softcap, math, softmax_fp32, sink, window, block,
-      block_exact, impl):
+def _(q, k_store, v_store, lengths, route, layout, spec):
     return q.new_empty((*q.shape[:-1], v_store.shape[-1]))

@@ -9,13 +9,37 @@ runs the reference and logs why; an explicit `impl` raises.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import Tensor
 
 from fluxc.errors import ImplementationError
+from fluxc.kernels import attention as triton_kernels
+from fluxc.kernels import flex as flex_kernels
+from fluxc.spec import SiteSpec
 
 log = logging.getLogger("fluxc")
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1: the Triton kernels then run on CPU tensors (slowly; for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation that will run for `impl` on `device`; explicit requests never fall back."""
+    if impl == "reference":
+        return "reference"
+    if impl in ("triton", "flex"):
+        if device.type != "cuda" and not (impl == "triton" and interpreting()):
+            raise ImplementationError(
+                f"impl={impl!r} needs CUDA tensors but got device {device}; use impl='reference' or 'auto' "
+                f"(the Triton kernels run on CPU only under TRITON_INTERPRET=1)")
+        return impl
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    raise ImplementationError(f"impl={impl!r} is unknown; use 'auto', 'reference', 'triton' or 'flex'")
 
 
 def is_key_mask(attn_mask: Tensor | None, is_causal: bool) -> bool:
@@ -25,13 +49,15 @@ def is_key_mask(attn_mask: Tensor | None, is_causal: bool) -> bool:
 
 
 def unsupported_reason(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool,
-                       bottom_right: bool = False) -> str | None:
-    """Why the kernels cannot run this call, or None when they can."""
+                       bottom_right: bool = False, explicit: bool = False) -> str | None:
+    """Why the kernels cannot run this call, or None when they can. float32 runs only where asked for
+    (`explicit`): `auto` keeps float32 models on the reference, whose matmuls are full float32."""
     q_len, kv_len, head_dim = q.shape[2], k.shape[2], q.shape[3]
     if head_dim not in (64, 128):
         return f"head_dim={head_dim} (kernels take 64 or 128)"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {q.dtype} (kernels take float16 or bfloat16)"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if explicit else (torch.float16, torch.bfloat16)
+    if q.dtype not in dtypes:
+        return f"dtype {q.dtype} (kernels take {', '.join(str(d).split('.')[-1] for d in dtypes)})"
     if is_key_mask(attn_mask, is_causal):
         return None
     if attn_mask is not None:
@@ -53,18 +79,15 @@ def _decline(impl: str, why: str, explicit: bool, what: str, op: str) -> None:
 
 
 def run_kernel(impl: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, route: Tensor, qpos: Tensor,
-               key_start: Tensor, *, is_causal: bool, scale: float, softcap: float, pattern: str, sink: int,
-               window: int, block: int, block_exact: bool, n_last: int, bottom_right: bool = False,
-               native_window: int = 0, explicit: bool) -> Tensor | None:
+               key_start: Tensor, spec: SiteSpec, *, explicit: bool) -> Tensor | None:
     """Run `impl` ("triton" | "flex") or return None after logging why the reference must run instead."""
-    why = unsupported_reason(q, k, attn_mask, is_causal, bottom_right)
+    why = unsupported_reason(q, k, attn_mask, spec.is_causal, spec.bottom_right, explicit)
     if why is not None:
         return _decline(impl, why, explicit, "this attention site", "routed attention")
     batch, _, q_len, _ = q.shape
     kv_len = k.shape[2]
-    common = dict(scale=scale, sink=sink, window=window, block=block, block_exact=block_exact, softcap=softcap,
-                  native_window=native_window)
-    if is_key_mask(attn_mask, is_causal):
+    common = dict(scale=spec.scale, softcap=spec.softcap, native_window=spec.native_window, **spec.rule)
+    if is_key_mask(attn_mask, spec.is_causal):
         if impl == "flex":
             return _decline(impl, "the FlexAttention lowering takes no key ranges (left padding)", explicit,
                             "this attention site", "routed attention")
@@ -75,33 +98,26 @@ def run_kernel(impl: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | N
     else:
         kv_lens = torch.full((batch,), kv_len, dtype=torch.int32, device=q.device)
     if impl == "triton":
-        from fluxc.kernels.attention import routed_decode, routed_prefill
+        routed_prefill, routed_decode = triton_kernels.routed_prefill, triton_kernels.routed_decode
     else:
-        from fluxc.kernels.flex import routed_decode_flex as routed_decode
-        from fluxc.kernels.flex import routed_prefill_flex as routed_prefill
+        routed_prefill, routed_decode = flex_kernels.routed_prefill_flex, flex_kernels.routed_decode_flex
     if q_len == 1:
         return routed_decode(q, k, v, route, kv_lens, **common)
     q_lens = torch.full((batch,), q_len, dtype=torch.int32, device=q.device)
-    return routed_prefill(q, k, v, route, kv_lens, q_lens, pattern=pattern, n_last=n_last, **common)
+    return routed_prefill(q, k, v, route, kv_lens, q_lens, pattern=spec.pattern, n_last=spec.n_last, **common)
 
 
 def run_cache_kernel(impl: str, q: Tensor, k_store: Tensor, v_store: Tensor, lengths: Tensor, route: Tensor, *,
-                     layout: int, scale: float, softcap: float, sink: int, window: int, block: int,
-                     block_exact: bool, explicit: bool) -> Tensor | None:
-    """Decode over the engine's compacted cache with the Triton kernels, or None after logging why not."""
-    from fluxc.ops.cache import RING
-
-    why = unsupported_reason(q[:, :, :1], k_store, None, False)
+                     ring: bool, spec: SiteSpec, explicit: bool) -> Tensor | None:
+    """Decode over the engine's compacted cache (`ring`: an SA layer's ring) with the Triton kernels, or None
+    after logging why not."""
+    why = unsupported_reason(q[:, :, :1], k_store, None, False, explicit=explicit)
     if why is None and impl == "flex":
         why = "the FlexAttention lowering has no compacted-cache decode"
     if why is not None:
         return _decline(impl, why, explicit, "this decode step", "cache attention")
     kv_lens = lengths.to(torch.int32)
-    common = dict(scale=scale, sink=sink, window=window, block=block, block_exact=block_exact, softcap=softcap)
-    if layout == RING:
-        from fluxc.kernels.attention import routed_decode_ring
-
-        return routed_decode_ring(q, k_store, v_store, kv_lens, **common)
-    from fluxc.kernels.attention import routed_decode
-
-    return routed_decode(q, k_store, v_store, route, kv_lens, **common)
+    common = dict(scale=spec.scale, softcap=spec.softcap, **spec.rule)
+    if ring:
+        return triton_kernels.routed_decode_ring(q, k_store, v_store, kv_lens, **common)
+    return triton_kernels.routed_decode(q, k_store, v_store, route, kv_lens, **common)

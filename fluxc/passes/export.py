@@ -27,31 +27,20 @@ from torch import Tensor
 
 from fluxc.errors import ExportError
 from fluxc.ops.attention import full_attention_reference
-from fluxc.ops.cache import RING, ring_slot
+from fluxc.ops.cache import write_slots
+from fluxc.spec import SiteSpec
 
 STATE_ATTR = "flux_state.route"
 
-#: `fluxc::routed_attention`'s arguments after (q, k, v, attn_mask, route, qpos, key_start).
-STATIC_NAMES = ("is_causal", "scale", "softcap", "math", "softmax_fp32", "pattern", "sink", "window", "block",
-                "block_exact", "n_last", "bottom_right", "native_window", "impl")
-
-
-def _full_args(static: tuple) -> tuple:
-    s = dict(zip(STATIC_NAMES, static))
-    return (s["is_causal"], s["scale"], s["softcap"], s["math"], s["softmax_fp32"], s["bottom_right"],
-            s["native_window"])
-
-
-def full_site(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, *static: Any) -> Tensor:
-    """FA branch of a site whose route is fixed to full (takes `routed_attention`'s static arguments); left
-    visible to the compiler, which lowers it like the model's own attention."""
-    return full_attention_reference(q, k, v, attn_mask, *_full_args(static))
+def full_site(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, spec: str) -> Tensor:
+    """FA branch of a site whose route is fixed to full; left visible to the compiler, which lowers it like the
+    model's own attention."""
+    return full_attention_reference(q, k, v, attn_mask, SiteSpec.decode(spec))
 
 
 def choose_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, route: Tensor, qpos: Tensor,
-                     key_start: Tensor, *static: Any) -> Tensor:
+                     key_start: Tensor, spec: str) -> Tensor:
     """The per-layer choice: FA when every sequence of the batch is routed full, else the routed op."""
-    full_args = _full_args(static)
 
     # Opaque contiguous copies: Inductor compiles each branch for contiguous operands, but lays out a plain
     # `.contiguous()` clone of a view (q/k/v are transposed projections) in whichever order it likes; the results
@@ -61,11 +50,11 @@ def choose_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, 
     def fa(q, k, v, route, qpos, key_start, *mask):
         # an opaque op: AOTInductor's C++ wrapper inlines branches, and its size names (ps0, ...) of Triton
         # kernels inside a branch collide with the enclosing graph's (wrong sizes on CUDA, torch 2.11)
-        return dense(torch.ops.fluxc.full_attention.default(q, k, v, mask[0] if mask else None, *full_args))
+        return dense(torch.ops.fluxc.full_attention.default(q, k, v, mask[0] if mask else None, spec))
 
     def routed(q, k, v, route, qpos, key_start, *mask):
         return dense(torch.ops.fluxc.routed_attention.default(q, k, v, mask[0] if mask else None, route, qpos,
-                                                              key_start, *static))
+                                                              key_start, spec))
 
     q, k, v = dense(q), dense(k), dense(v)
     operands = (q, k, v, route, qpos, key_start) + (() if attn_mask is None else (dense(attn_mask),))
@@ -73,14 +62,11 @@ def choose_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, 
 
 
 def cache_write_functional(k_store: Tensor, v_store: Tensor, k_new: Tensor, v_new: Tensor, lengths: Tensor,
-                           layout: int, sink: int, window: int, block: int, block_exact: bool,
-                           route: Tensor) -> tuple[Tensor, Tensor]:
+                           layout: int, spec: str, route: Tensor) -> tuple[Tensor, Tensor]:
     """`fluxc::cache_write` without mutation: the buffers (B, Hkv, C, D) with this token (B, Hkv, 1, D) written at
     its slot (real index lengths - 1; its ring slot in a ring layer)."""
-    r = lengths.to(torch.int64) - 1  # (B,)
-    slot = ring_slot(r, sink, window, block, block_exact) if layout == RING else r
     batch, heads = k_new.shape[:2]
-    index = slot.view(batch, 1, 1, 1)
+    index = write_slots(lengths, layout, SiteSpec.decode(spec)).view(batch, 1, 1, 1)
     keys = k_store.scatter(2, index.expand(batch, heads, 1, k_new.shape[-1]), k_new.to(k_store.dtype))
     values = v_store.scatter(2, index.expand(batch, heads, 1, v_new.shape[-1]), v_new.to(v_store.dtype))
     return keys, values
@@ -158,13 +144,13 @@ def export_pass(gm: fx.GraphModule, *, step: Literal["prefill", "decode"], fixed
     conds = structural = 0
     for site in sites:
         layer = site_layer[site]
-        q, k, v, mask, route, qpos, key_start, *static = site.args
+        q, k, v, mask, route, qpos, key_start, spec = site.args
         if _is_structural_mask(mask):
             structural += 1
             continue  # the op chooses per sequence; a fixed route is already its constant route input
         with graph.inserting_before(site):
             if fixed is not None and fixed[layer]:
-                new = graph.call_function(full_site, (q, k, v, mask, *static))
+                new = graph.call_function(full_site, (q, k, v, mask, spec))
             elif fixed is not None:
                 continue  # fixed sparse: the routed op with its constant route (masked attention)
             else:

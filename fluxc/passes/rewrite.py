@@ -6,7 +6,7 @@ Per routable site, the rewrite inserts (before the site):
   route     = forced constant | argmax(fluxc::router_logits(q_pre_rope, valid, W_l)) == FULL for sequences
               whose step starts at their first token; later steps reuse the route stored at prefill
   fluxc::record_route(state, route, l)                           # keeps the decision with the model
-  out       = fluxc::routed_attention(q, k, v, mask, route, qpos, key_start, ...)
+  out       = fluxc::routed_attention(q, k, v, mask, route, qpos, key_start, spec)  (a SiteSpec's text)
 and replaces every use of the site's output with `out`.
 """
 
@@ -24,12 +24,14 @@ from torch import nn
 import fluxc.ops  # noqa: F401  (registers torch.ops.fluxc.*)
 from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError, RouteError
+from fluxc.ops.dispatch import interpreting
 from fluxc.ops.router import ROUTER_PARAM_NAMES, gumbel_route, record_sample, router_valid
 from fluxc.passes.flex import flex_positions, routed_score_mod
 from fluxc.passes.graph import layer_number, meta_value, module_path, shape_of
 from fluxc.passes.masks import read_causal_key_mask
 from fluxc.passes.query import ContentAnalysis, QueryInput, locate_query
 from fluxc.passes.sites import SiteMatch, find_sites
+from fluxc.spec import SiteSpec
 
 log = logging.getLogger("fluxc")
 
@@ -215,7 +217,8 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
     cfg = options.config
     prefill = True
     positions_memo: dict[tuple, tuple[fx.Node, ...]] = {}
-    kernels_possible = device.type == "cuda" and cfg.impl != "reference"
+    # the Triton interpreter runs the kernels on CPU tensors (tests of the production path)
+    kernels_possible = cfg.impl != "reference" and (device.type == "cuda" or (cfg.impl == "triton" and interpreting()))
     structural = kernels_possible if options.structural_masks is None else options.structural_masks
     for layer, (match, _info, query) in enumerate(zip(matches, infos, queries)):
         if not match.routable:
@@ -264,17 +267,17 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
                                               (q, k, mask, match.is_causal, match.bottom_right, match.native_window))
                     positions_memo[key] = tuple(graph.call_function(operator.getitem, (pos, i)) for i in range(3))
                 qpos, valid, key_start = positions_memo[key]
-            static = (is_causal, match.scale, match.softcap, match.math, match.softmax_fp32, cfg.pattern,
-                      cfg.sink, cfg.window, cfg.block, cfg.block_exact, cfg.n_last, match.bottom_right,
-                      match.native_window, cfg.impl)
+            spec = SiteSpec.for_config(cfg, is_causal=is_causal, scale=match.scale, softcap=match.softcap,
+                                       math=match.math, softmax_fp32=match.softmax_fp32,
+                                       bottom_right=match.bottom_right, native_window=match.native_window).encode()
             state = graph.get_attr("flux_state.route")
             if options.recorder is None:
                 route = _route_node(graph, options, layer, query, valid, qpos, key_start, q)
                 graph.call_function(torch.ops.fluxc.record_route.default, (state, route, layer))
                 out = graph.call_function(torch.ops.fluxc.routed_attention.default,
-                                          (q, k, v, mask, route, qpos, key_start, *static))
+                                          (q, k, v, mask, route, qpos, key_start, spec))
             else:
-                out = _mixed_branches(graph, options, layer, query, valid, q, k, v, mask, qpos, key_start, static, state)
+                out = _mixed_branches(graph, options, layer, query, valid, q, k, v, mask, qpos, key_start, spec, state)
             if match.layout == "bthd":
                 out = graph.call_method("transpose", (out, 1, 2))
         match.anchor.replace_all_uses_with(out)
@@ -302,14 +305,15 @@ def _cache_writes(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
 def _rewrite_cache_site(graph: fx.Graph, match: SiteMatch, write: fx.Node, cfg: FluxConfig) -> None:
     """A decode site over the engine's compacted cache: one `cache_attention` on the layout fixed at prefill
     (no positions, no router, no branch: the routes are baked into the layout and the stored route)."""
-    k_store, v_store, _k_new, _v_new, lengths, layout, sink, window, block, block_exact, route = write.args
+    k_store, v_store, _k_new, _v_new, lengths, layout, write_spec, route = write.args
     if match.v is not v_store or match.layout != "bhtd" or match.kind not in ("sdpa", "eager"):
         raise RouteError(f"attention site {match.anchor.name} ({match.kind}) reads the fluxc cache in a form the "
                          f"decode engine does not support; use fluxc.generate(..., engine=False)")
     with graph.inserting_before(match.anchor):
-        out = graph.call_function(torch.ops.fluxc.cache_attention.default, (
-            match.q, k_store, v_store, lengths, route, layout, match.scale, match.softcap, match.math,
-            match.softmax_fp32, sink, window, block, block_exact, cfg.impl))
+        spec = SiteSpec.decode(write_spec).replace(scale=match.scale, softcap=match.softcap, math=match.math,
+                                                   softmax_fp32=match.softmax_fp32, impl=cfg.impl)
+        out = graph.call_function(torch.ops.fluxc.cache_attention.default,
+                                  (match.q, k_store, v_store, lengths, route, layout, spec.encode()))
     match.anchor.replace_all_uses_with(out)
     _erase_dead_site(graph, match.anchor)
 
@@ -339,7 +343,7 @@ def _rewrite_flex(graph: fx.Graph, gm: fx.GraphModule, options: PassOptions, lay
 
 def _mixed_branches(graph: fx.Graph, options: PassOptions, layer: int, query: QueryInput | None, valid: fx.Node,
                     q: fx.Node, k: fx.Node, v: fx.Node, mask: fx.Node | None, qpos: fx.Node, key_start: fx.Node,
-                    static: tuple, state: fx.Node) -> fx.Node:
+                    spec: str, state: fx.Node) -> fx.Node:
     """Training mode: out = z * FA + (1 - z) * SA with z a straight-through Gumbel sample per sequence."""
     # the routers pool the prompt only, as they do at inference (the recorder holds the batch's prompt tokens)
     router_tokens = graph.call_function(router_valid, (graph.get_attr("flux_recorder"), valid))
@@ -350,8 +354,8 @@ def _mixed_branches(graph: fx.Graph, options: PassOptions, layer: int, query: Qu
     first_valid = graph.call_function(operator.getitem, (valid, (slice(None), 0)))
     full = graph.call_function(torch.full_like, (first_valid, True))
     sparse = graph.call_function(torch.full_like, (first_valid, False))
-    fa = graph.call_function(torch.ops.fluxc.routed_attention.default, (q, k, v, mask, full, qpos, key_start, *static))
-    sa = graph.call_function(torch.ops.fluxc.routed_attention.default, (q, k, v, mask, sparse, qpos, key_start, *static))
+    fa = graph.call_function(torch.ops.fluxc.routed_attention.default, (q, k, v, mask, full, qpos, key_start, spec))
+    sa = graph.call_function(torch.ops.fluxc.routed_attention.default, (q, k, v, mask, sparse, qpos, key_start, spec))
     weight = graph.call_method("view", (graph.call_method("type_as", (sample, fa)), -1, 1, 1, 1))  # (B, 1, 1, 1)
     return graph.call_function(operator.add, (sa, graph.call_function(operator.mul, (weight, graph.call_function(operator.sub, (fa, sa))))))
 
