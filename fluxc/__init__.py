@@ -7,6 +7,8 @@ Importing fluxc registers its custom ops and nothing else: no CUDA init, no Trit
 logging, environment or torch configuration.
 """
 
+import importlib
+
 from fluxc.api import FluxModule, compile, last_route, sites
 from fluxc.checkpoint import Fingerprint, read_checkpoint, save_routers
 from fluxc.config import FluxConfig
@@ -23,25 +25,30 @@ from fluxc.errors import (
     NotTracedError,
     RouteError,
 )
-from fluxc.export import export, export_aoti, export_onnx  # cheap: onnx, onnxscript and Inductor load on use
-from fluxc.generate import generate
 from fluxc.passes import RouteState, SiteInfo
+from fluxc.version import __version__
 
-__version__ = "0.1.0"
+# Serving and export import transformers (and export, on use, onnx and Inductor): loaded on first use, so that
+# `import fluxc` stays cheap and free of side effects.
+_LAZY = {
+    "DecodeEngine": "fluxc.serve.engine", "FluxCache": "fluxc.serve.engine", "SamplingConfig": "fluxc.serve.engine",
+    "generate": "fluxc.serve.generate",
+    "export": "fluxc.exporter.program", "export_aoti": "fluxc.exporter.program", "export_onnx": "fluxc.exporter.program",
+}
 
-_LAZY = {"DecodeEngine": "fluxc.engine", "FluxCache": "fluxc.engine", "SamplingConfig": "fluxc.engine"}
 
-
-def __getattr__(name: str):  # the engine imports transformers: loaded on first use, not by `import fluxc`
+def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fluxc' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "CheckpointError", "CheckpointMismatchError", "DecodeEngine", "FluxCache", "SamplingConfig", "ConfigError", "CorruptCheckpointError", "Fingerprint",
     "FluxConfig", "FluxError", "FluxModule", "ImplementationError", "MaskError", "NoAttentionError", "NotTracedError",
     "RouteError", "RouteState", "SiteInfo", "compile", "generate", "last_route", "read_checkpoint",
-    "save_routers", "sites", "ExportError", "export", "export_aoti", "export_onnx",
+    "save_routers", "sites", "__version__", "ExportError", "export", "export_aoti", "export_onnx",
 ]

@@ -2,35 +2,27 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
-import types
 from typing import Any
 
 import torch
 from torch import nn
 
-from fluxc.backend import FluxBackend, RouteSpec, backend_from_options, parse_route, resolve_config
+from fluxc.backend import (
+    FluxBackend,
+    RouteSpec,
+    backend_from_options,
+    flux_backend_of,
+    parse_route,
+    private_forward,
+    resolve_config,
+)
 from fluxc.checkpoint import Fingerprint, read_checkpoint
 from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError, FluxError, NotTracedError
 from fluxc.passes import RouteState, SiteInfo
 
 log = logging.getLogger("fluxc")
-_ids = itertools.count()
-
-
-def _forward(*args: Any, _fluxc_model: nn.Module, **kwargs: Any) -> Any:
-    return _fluxc_model(*args, **kwargs)
-
-
-def _private_forward(model: nn.Module) -> types.FunctionType:
-    # A code object of its own per compiled module: Dynamo caches per code object, so modules never
-    # share (or exhaust) each other's cache entries.
-    code = _forward.__code__.replace(co_name=f"fluxc_forward_{next(_ids)}")
-    fn = types.FunctionType(code, _forward.__globals__, code.co_name)
-    fn.__kwdefaults__ = {"_fluxc_model": model}
-    return fn
 
 
 def model_fingerprint(model: nn.Module) -> Fingerprint | None:
@@ -58,7 +50,7 @@ class FluxModule(nn.Module):
         self.routers: nn.ModuleList | None = None
         self._backend = backend
         backend.on_routers = self._set_routers
-        self._compiled = torch.compile(_private_forward(model), backend=backend, fullgraph=True)
+        self._compiled = torch.compile(private_forward(model), backend=backend, fullgraph=True)
 
     def _set_routers(self, routers: nn.ModuleList) -> None:
         self.routers = routers
@@ -78,8 +70,8 @@ class FluxModule(nn.Module):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' `generate()` running the routed graph with a `fluxc.FluxCache` (see
-        `fluxc.engine.hf_generate`); `fluxc.generate` / `DecodeEngine` add CUDA graphs per routing mask."""
-        from fluxc.engine import hf_generate
+        `fluxc.serve.engine.hf_generate`); `fluxc.generate` / `DecodeEngine` add CUDA graphs per routing mask."""
+        from fluxc.serve.engine import hf_generate  # the engine imports transformers: loaded on first use
 
         return hf_generate(self, *args, **kwargs)
 
@@ -130,8 +122,9 @@ def compile_for_training(model: nn.Module, config: FluxConfig, recorder: nn.Modu
 
 
 def _backend_of(m: Any) -> FluxBackend:
-    if isinstance(m, FluxModule):
-        return m._backend
+    backend = flux_backend_of(m)
+    if backend is not None:
+        return backend
     callback = getattr(getattr(m, "dynamo_ctx", None), "callback", None)  # torch.compile(..., backend="flux")
     if callback is not None:
         from torch._dynamo.eval_frame import innermost_backend

@@ -6,7 +6,9 @@ options={...})`` works without importing fluxc first.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,9 +19,12 @@ from torch import nn
 from fluxc.checkpoint import Fingerprint, RouterCheckpoint, read_checkpoint
 from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError, NoAttentionError, RouteError
+from fluxc.ops.router import LayerRouter
 from fluxc.passes import PassOptions, RouteState, SiteInfo, flux_pass
+from fluxc.passes.rewrite import analyse
 
 log = logging.getLogger("fluxc")
+_ids = itertools.count()
 
 RouteSpec = str | Sequence[str] | Sequence[bool] | None
 OPTION_KEYS = ("router_ckpt", "route", "config", "state", "compiler", "architecture")
@@ -40,6 +45,25 @@ def parse_route(route: RouteSpec) -> str | tuple[bool, ...] | None:
         else:
             raise RouteError(f"route[{i}]={r!r} is not 'full' or 'sparse'")
     return tuple(out)
+
+
+def _forward(*args: Any, _fluxc_model: nn.Module, **kwargs: Any) -> Any:
+    return _fluxc_model(*args, **kwargs)
+
+
+def private_forward(model: nn.Module) -> types.FunctionType:
+    """`model`'s forward as a function with a code object of its own: Dynamo caches per code object, so two
+    compiled modules (or a module and a decode graph) never share, or exhaust, each other's cache entries."""
+    code = _forward.__code__.replace(co_name=f"fluxc_forward_{next(_ids)}")
+    fn = types.FunctionType(code, _forward.__globals__, code.co_name)
+    fn.__kwdefaults__ = {"_fluxc_model": model}
+    return fn
+
+
+def flux_backend_of(module: Any) -> FluxBackend | None:
+    """The backend of a `fluxc.compile` result (its `_backend`), or None for any other object."""
+    backend = getattr(module, "_backend", None)
+    return backend if isinstance(backend, FluxBackend) else None
 
 
 class FluxBackend:
@@ -75,8 +99,6 @@ class FluxBackend:
         if self.route is not None:
             return None
         if self.routers is None and self.checkpoint is None:  # fresh routers (training from scratch)
-            from fluxc.ops.router import LayerRouter
-
             self.routers = nn.ModuleList(LayerRouter(s.head_dim, self.config.router_hidden) for s in sites).to(device)
             if self.on_routers is not None:
                 self.on_routers(self.routers)
@@ -92,8 +114,6 @@ class FluxBackend:
         return self.routers
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        from fluxc.passes.rewrite import analyse
-
         _, infos, _ = analyse(gm.graph)
         if not infos:
             if self.require_sites:
@@ -119,7 +139,9 @@ class FluxBackend:
     def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         if self.config.compiler == "eager":
             return gm.forward
-        from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.compile_fx import (
+            compile_fx,  # Inductor (and Triton) load on first compile, not on import
+        )
 
         return compile_fx(gm, list(example_inputs))
 

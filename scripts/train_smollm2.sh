@@ -75,7 +75,7 @@ T0=$(date +%s)
 # the evaluation short, keeping eval.json's finished rows), SIGKILL 20 s later.
 LIMIT="${FLUXC_TIME_LIMIT_S:-420}"
 timeout --signal=INT --kill-after=20 "$LIMIT" \
-  "$PY" -m fluxc.commands.train --config "$CONFIG" --out "$OUT_DIR" --final-eval "${COMMON[@]}" "${TRAIN_ONLY[@]}" "$@"
+  "$PY" -m fluxc.cli train --config "$CONFIG" --out "$OUT_DIR" --final-eval "${COMMON[@]}" "${TRAIN_ONLY[@]}" "$@"
 rc=$?
 echo "train + eval: rc=$rc in $(( $(date +%s) - T0 )) s"
 
@@ -83,7 +83,7 @@ echo "train + eval: rc=$rc in $(( $(date +%s) - T0 )) s"
 if [ $rc -ne 0 ] && [ -f "$OUT_DIR/routers.safetensors" ] && [ ! -f "$OUT_DIR/eval.json" ] \
    && [ $(( $(date +%s) - START )) -lt "${FLUXC_FALLBACK_EVAL_BEFORE_S:-400}" ]; then
   phase "eval of the last checkpoint (the run above failed)"
-  "$PY" -m fluxc.commands.eval --config "$CONFIG" --out "$OUT_DIR" --router "$OUT_DIR/routers.safetensors" "${COMMON[@]}"
+  "$PY" -m fluxc.cli eval --config "$CONFIG" --out "$OUT_DIR" --router "$OUT_DIR/routers.safetensors" "${COMMON[@]}"
   echo "eval: rc=$?"
 fi
 

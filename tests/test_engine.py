@@ -10,7 +10,7 @@ from test_hf_models import _routers_with_mixed_decisions
 from transformers import DynamicCache
 
 import fluxc
-from fluxc.engine import DecodeEngine, FluxCache
+from fluxc.serve.engine import DecodeEngine, FluxCache
 
 from hf_models import batch, tiny_model
 

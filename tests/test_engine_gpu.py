@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import fluxc
-from fluxc.engine import DecodeEngine
 from fluxc.ops.router import LayerRouter, router_logits_reference
+from fluxc.serve.engine import DecodeEngine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

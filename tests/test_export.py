@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import fluxc
 from fluxc.cli import main as cli_main
-from fluxc.export import export_with_signature
+from fluxc.exporter.program import export_with_signature
 from fluxc.ops.cache import ring_capacity
 
 from hf_models import ARCHS, COMMON, batch, tiny_model

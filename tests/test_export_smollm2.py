@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fluxc
-from fluxc.export import export_with_signature
+from fluxc.exporter.program import export_with_signature
 
 pytestmark = pytest.mark.slow
 

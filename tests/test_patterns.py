@@ -240,7 +240,7 @@ def test_flex_site_score_mod(case):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_onnx_translation(case):
-    onnx_ops = pytest.importorskip("fluxc.onnx_ops")
+    onnx_ops = pytest.importorskip("fluxc.exporter.onnx")
     _, _, _, starts, qpos = _tensors(case)
     q = np.zeros((2, 1, case.q_len, 1), dtype=np.float32)
     sa = onnx_ops._sparse_allowed(q, qpos.numpy(), starts.numpy(), np.array(case.kv_len, dtype=np.int64),
@@ -252,7 +252,7 @@ def test_onnx_translation(case):
                          ids=lambda c: c.name)
 def test_decode_ring_key_selection(case):
     """The ring's key selection (ops, kernels' reference, ONNX) against the definition, as n grows."""
-    onnx_ops = pytest.importorskip("fluxc.onnx_ops")
+    onnx_ops = pytest.importorskip("fluxc.exporter.onnx")
     capacity = patterns.ring_capacity(case.sink, case.window)
     n = torch.tensor(DECODE_LENS)
     r_ops, valid_ops = ops_cache.ring_keys(n, **case.rule)

@@ -10,9 +10,9 @@ import torch
 
 import fluxc
 from fluxc.training import load_run_config
+from fluxc.training.batches import heldout_examples, training_batch, training_example
 from fluxc.training.config import RunConfig, parse_override
 from fluxc.training.models import ByteTokenizer
-from fluxc.training.run import heldout_examples, training_batch, training_example
 
 # A small variant of the shipped `tiny` config: two families, short prompts, two eval examples.
 FAST = ["--set", 'data.tasks=["passkey","lm"]', "--set", "data.lengths=[448]", "--set", "data.batch_size=2",

@@ -27,16 +27,18 @@ from typing import Any
 
 import torch
 
-import fluxc
+from fluxc.api import compile as flux_compile
+from fluxc.api import last_route
 from fluxc.checkpoint import read_checkpoint
 from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError
 from fluxc.hf_compat import cache_keyword, output_cache
 from fluxc.stats import attention_work
 
+from .batches import heldout_examples
 from .config import RunConfig
 from .data import IGNORE, PERPLEXITY_TASKS, TASKS, Example, end_of_turn_id, is_correct
-from .models import DTYPES, load_model
+from .models import DTYPES, load_model, resolve_device
 from .trainer import mark_dynamic
 
 log = logging.getLogger("fluxc")
@@ -60,7 +62,7 @@ def _routes(runner: Any, mode: str, batch: int, layers: int) -> torch.Tensor:
     """bool (B, L) of the last prefill, True = full attention."""
     if mode == "full":
         return torch.ones(batch, layers, dtype=torch.bool)
-    return fluxc.last_route(runner).cpu()
+    return last_route(runner).cpu()
 
 
 @torch.no_grad()
@@ -151,10 +153,10 @@ def _runner(mode: str, model: Any, router: str | None, flux: FluxConfig) -> Any:
     if mode == "full":
         return model
     if mode == "sparse":
-        return fluxc.compile(model, config=flux, route="sparse")
+        return flux_compile(model, config=flux, route="sparse")
     if router is None:
         raise ConfigError("eval mode 'router' needs a router checkpoint (--router PATH)")
-    return fluxc.compile(model, router, config=flux)
+    return flux_compile(model, router, config=flux)
 
 
 def evaluate(cfg: RunConfig, router: str | None, *, model: Any = None, tokenizer: Any = None,
@@ -162,8 +164,6 @@ def evaluate(cfg: RunConfig, router: str | None, *, model: Any = None, tokenizer
              examples: list[Example] | None = None) -> dict[str, Any]:
     """Evaluate `cfg.eval` on held-out examples; writes eval.json and the heatmap to `cfg.eval.out` (or
     `cfg.run.out`) and returns the results (``families``, ``summary``, ``criteria``, ``table``)."""
-    from .run import heldout_examples, resolve_device
-
     spec = cfg.eval
     out = Path(spec.out or cfg.run.out)
     out.mkdir(parents=True, exist_ok=True)

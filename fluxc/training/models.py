@@ -182,3 +182,18 @@ def load_model(source: str, *, gguf: str = "", tokenizer: str = "auto", dtype: s
     else:
         model = model_from_config(source, vocab, seed)
     return model.to(DTYPES[dtype]), tok
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda:<local rank> when CUDA is available, else cpu; otherwise the device named."""
+    if spec == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ConfigError(f"model.device={spec!r} is not a device ({exc}); use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={spec!r} but CUDA is not available here; use 'cpu' or 'auto'")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device

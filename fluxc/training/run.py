@@ -15,13 +15,10 @@ import json
 import logging
 import os
 import platform
-import queue
-import random
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,13 +26,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fluxc.checkpoint import read_checkpoint
 from fluxc.errors import ConfigError
 
+from . import data as data_module
+from .batches import BatchStream, heldout_examples, pad_id, to_device, training_batch
 from .config import RunConfig
-from .data import TASKS, Example, collate, end_of_turn_id, make_dataset, make_example
-from .models import DTYPES, load_model, smollm2_gguf
+from .data import collate
+from .evaluation import evaluate
+from .models import DTYPES, load_model, resolve_device, smollm2_gguf
 from .text_sources import text_corpus
-from .trainer import RouterTrainer
+from .trainer import RouterTrainer, lm_loss, mark_dynamic
 
 log = logging.getLogger("fluxc")
 
@@ -60,21 +61,6 @@ class Processes:
         return self.rank == 0
 
 
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> cuda:<local rank> when CUDA is available, else cpu; otherwise the device named."""
-    if spec == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise ConfigError(f"model.device={spec!r} is not a device ({exc}); use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"model.device={spec!r} but CUDA is not available here; use 'cpu' or 'auto'")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
-
-
 def setup_processes(device_spec: str) -> Processes:
     """Join the process group that ``torchrun`` describes (RANK / WORLD_SIZE / LOCAL_RANK), if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -89,89 +75,6 @@ def setup_processes(device_spec: str) -> Processes:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return Processes(dist.get_rank(), dist.get_world_size(), device, initialised)
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-def training_example(cfg: RunConfig, tokenizer: Any, step: int, slot: int, rank: int = 0, world: int = 1) -> Example:
-    """Example `slot` of process `rank`'s batch at `step`: a pure function of its global index, drawn from the
-    "train" split (the eval split's text and numbers never occur)."""
-    data = cfg.data
-    index = (step * world + rank) * data.batch_size + slot
-    task = data.tasks[index % len(data.tasks)]
-    length = data.lengths[step % len(data.lengths)]
-    rng = random.Random(f"fluxc-train/{data.seed}/{index}")
-    return make_example(task, tokenizer, length, rng, chat=data.chat, split="train")
-
-
-def pad_id(tokenizer: Any) -> int:
-    pid = getattr(tokenizer, "pad_token_id", None)
-    if pid is None:
-        pid = end_of_turn_id(tokenizer)
-    if pid is None:
-        raise ConfigError("the tokenizer has neither a pad nor an end-of-turn token; give it a pad_token_id")
-    return int(pid)
-
-
-def training_batch(cfg: RunConfig, tokenizer: Any, step: int, rank: int = 0, world: int = 1) -> dict[str, Any]:
-    """The collated batch of `step` for process `rank`; ``task`` holds each example's target key,
-    ``family`` its family."""
-    examples = [training_example(cfg, tokenizer, step, i, rank, world) for i in range(cfg.data.batch_size)]
-    batch = collate(examples, pad_id(tokenizer))
-    batch["family"] = batch["task"]
-    batch["task"] = [cfg.target_key(t) for t in batch["family"]]
-    return batch
-
-
-def heldout_examples(cfg: RunConfig, tokenizer: Any, n_per_task: int, lengths: tuple[int, ...] | None = None,
-                     tasks: tuple[str, ...] | None = None) -> list[Example]:
-    """Held-out examples: the "eval" split of the data generator (text from the corpus region training never
-    reads, numbers from the set training never draws) with the eval seed."""
-    return make_dataset(tokenizer, list(tasks or cfg.eval.tasks), n_per_task, list(lengths or cfg.eval.lengths),
-                        seed=cfg.eval.seed, split="eval", chat=cfg.data.chat)
-
-
-class BatchStream:
-    """Batches `start`, `start + 1`, ... built by a background thread (at most `depth` ahead)."""
-
-    def __init__(self, make: Callable[[int], dict[str, Any]], start: int, stop: int, depth: int = 3) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, args=(make, start, stop), daemon=True,
-                                        name="fluxc-batches")
-        self._thread.start()
-
-    def _work(self, make: Callable[[int], dict[str, Any]], start: int, stop: int) -> None:
-        for step in range(start, stop):
-            try:
-                item: Any = make(step)
-            except BaseException as exc:  # handed to the consumer, which re-raises it
-                item = exc
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(item, timeout=0.5)
-                    break
-                except queue.Full:
-                    continue
-            if self._stop.is_set() or isinstance(item, BaseException):
-                return
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------- provenance
@@ -212,7 +115,6 @@ def model_provenance(cfg: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
 
 def data_provenance() -> dict[str, Any]:
     corpus = text_corpus()
-    from . import data as data_module
 
     return {"generator": "fluxc.training.data", "corpus_paragraphs": len(corpus),
             "corpus_sha256": hashlib.sha256("\n".join(corpus).encode()).hexdigest(),
@@ -243,8 +145,6 @@ def _atomic_save(trainer: RouterTrainer, out: Path, provenance: dict[str, Any]) 
 
 
 def _resume(path: Path, model: torch.nn.Module, cfg: RunConfig, trainable: Callable[[str], bool] | None) -> RouterTrainer:
-    from fluxc.checkpoint import read_checkpoint
-
     ckpt = read_checkpoint(path)
     if ckpt.config.method_dict() != cfg.flux.method_dict():
         raise ConfigError(f"--resume: {path} was trained with flux {ckpt.config.method_dict()}, but the config asks "
@@ -310,7 +210,6 @@ def quick_eval(trainer: RouterTrainer, batches: list[dict[str, Any]], device: to
 
     Runs with grad mode on (the graph traced for training serves; no backward is run) and leaves the RNG
     state as it found it, so evaluating does not change the training run."""
-    from .trainer import lm_loss, mark_dynamic
 
     out: dict[str, dict[str, float]] = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -334,10 +233,8 @@ def preflight(trainer: RouterTrainer, batch: dict[str, Any], device: torch.devic
               echo: Callable[[str], None]) -> Callable[[], contextlib.AbstractContextManager]:
     """One forward + backward on a short batch, without an update. On CUDA, a failure inside the attention
     backward is retried with SDPA's math backend; if that works, the run uses it (said so)."""
-    from .trainer import lm_loss
 
     def attempt() -> None:
-        from .trainer import mark_dynamic
 
         trainer.recorder.clear()
         mark_dynamic(batch["input_ids"], batch["attention_mask"])
@@ -555,8 +452,6 @@ def train(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: An
                    "stopped": stopped, "last": loop.stats, "timings": timings, "s_per_step": loop.seconds_per_step}
         say(f"trained {trainer.step_index} steps in {_fmt_duration(timings['train_loop_s'])}; routers: {ckpt_path}")
         if cfg.run.final_eval and procs.main and not (stopped or "").startswith("interrupted"):
-            from .evaluation import evaluate
-
             del trainer, loop
             if procs.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -583,5 +478,4 @@ def _agree(value: int, procs: Processes) -> int:
     return int(t.item())
 
 
-__all__ = ["BatchStream", "Processes", "TASKS", "heldout_examples", "setup_processes", "train", "training_batch",
-           "training_example"]
+__all__ = ["Processes", "setup_processes", "train"]

@@ -21,7 +21,9 @@ from fluxc.checkpoint import Fingerprint, read_checkpoint, save_routers
 from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError
 from fluxc.ops.router import RouteRecorder, capture_router_inputs
+from fluxc.training.checkpointing import compile_for_training_checkpointed
 from fluxc.training.data import IGNORE
+from fluxc.version import __version__
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,6 @@ class RouterTrainer:
             p.requires_grad_(trainable is not None and trainable(name))
         self.recorder = RouteRecorder(temperature(0, self.cfg))
         if self.cfg.grad_checkpointing:
-            from fluxc.training.checkpointing import compile_for_training_checkpointed
-
             self.module: FluxModule = compile_for_training_checkpointed(model, flux_config, self.recorder,
                                                                         routers=routers)
         else:
@@ -227,7 +227,7 @@ class RouterTrainer:
         first = self.module.routers[0]
         fp = model_fingerprint(model) or Fingerprint(type(model).__name__, len(self.module.routers), -1, -1,
                                                      first.head_dim)
-        info = {"fluxc_version": _version(), "torch": torch.__version__, "python": platform.python_version(),
+        info = {"fluxc_version": __version__, "torch": torch.__version__, "python": platform.python_version(),
                 "step": self.step_index, "train_config": {k: (dict(v) if isinstance(v, dict) else v)
                                                           for k, v in self.cfg.__dict__.items()},
                 "world_size": self._world(), **(provenance or {})}
@@ -258,8 +258,3 @@ class RouterTrainer:
             torch.cuda.set_rng_state_all(cuda_rng)  # Gumbel noise on GPUs comes from their generators
         return trainer
 
-
-def _version() -> str:
-    import fluxc
-
-    return fluxc.__version__

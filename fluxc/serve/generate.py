@@ -6,9 +6,12 @@ import logging
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
+from fluxc.backend import flux_backend_of
 from fluxc.errors import ConfigError
 from fluxc.hf_compat import cache_keyword, output_cache
+from fluxc.serve.engine import DecodeEngine, SamplingConfig, select_tokens
 
 log = logging.getLogger("fluxc")
 
@@ -24,15 +27,12 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int, *, attent
     """
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    from fluxc.api import FluxModule
-
-    if engine and not isinstance(model, FluxModule):
+    compiled = flux_backend_of(model) is not None
+    if engine and not compiled:
         raise ConfigError(f"engine=True needs a fluxc.compile(...) model, got {type(model).__name__}")
     if max_new_tokens == 0:
         return input_ids
-    if isinstance(model, FluxModule) and engine is not False:
-        from fluxc.engine import DecodeEngine
-
+    if compiled and engine is not False:
         decode = getattr(model, "_fluxc_engine", None)
         if decode is None or decode.cuda_graphs != cuda_graphs:
             try:
@@ -54,9 +54,6 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int, *, attent
 def _generate_dynamic(model: Any, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None,
                       do_sample: bool, temperature: float, top_k: int, top_p: float,
                       eos_token_id: int | None) -> torch.Tensor:
-    from transformers import DynamicCache
-
-    from fluxc.engine import SamplingConfig, select_tokens
 
     keyword = cache_keyword(model)
     if keyword is None:

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import fluxc
-    from fluxc.export import _check_opset, export_aoti, export_onnx, export_with_signature
+    from fluxc.exporter.program import _check_opset, export_aoti, export_onnx, export_with_signature
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     bad = [f for f in formats if f not in FORMATS]

@@ -44,11 +44,15 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from transformers import DynamicCache
 
-from fluxc.backend import FluxBackend, RouteSpec, parse_route
+from fluxc.backend import FluxBackend, RouteSpec, flux_backend_of, parse_route
 from fluxc.config import FluxConfig
 from fluxc.errors import ExportError, FluxError
 from fluxc.hf_compat import cache_keyword
+from fluxc.ops.cache import DENSE, LAYOUT_NAMES, MIXED, RING, ring_capacity, ring_supported
+from fluxc.passes.export import export_pass
+from fluxc.serve.engine import FluxCache, _Layer
 
 log = logging.getLogger("fluxc")
 
@@ -126,16 +130,14 @@ class _Setup:
 
 
 def _setup(model: nn.Module, route: RouteSpec, config: FluxConfig | None) -> _Setup:
-    from fluxc.api import FluxModule
-
     if not isinstance(model, nn.Module):
         raise ExportError(f"model must be a torch.nn.Module or a fluxc.compile(...) result, got {type(model).__name__}")
     try:
         route = parse_route(route)
     except FluxError as exc:
         raise ExportError(f"route: {exc}") from None
-    if isinstance(model, FluxModule):
-        backend = model._backend
+    backend = flux_backend_of(model)
+    if backend is not None:
         if config is not None and config.method_dict() != backend.config.method_dict():
             raise ExportError(f"config={config!r} differs from the compiled module's {backend.config!r}; drop config= "
                               f"(the module's own is used) or compile the model with it")
@@ -162,13 +164,8 @@ def _flat_cache(cache: Any) -> list[Tensor]:
     return [t for layer in layers for t in (layer.keys, layer.values)]
 
 
-def _dynamic_cache_class() -> type:
-    # Resolved before tracing: Dynamo of torch 2.11 cannot trace an import from transformers' lazy module.
-    from transformers import DynamicCache
-
-    return DynamicCache
-
-
+# The cache class is a keyword default of the traced steps, never imported inside them: Dynamo of torch 2.11
+# cannot trace an import from transformers' lazy module.
 def _prefill_step(*args: Tensor, _fluxc_model: nn.Module, _fluxc_names: tuple[str, ...], _fluxc_cache_kw: str | None,
                   _fluxc_cache_class: type) -> Any:
     kwargs = dict(zip(_fluxc_names, args))
@@ -189,8 +186,6 @@ def _decode_step(input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor
 
 def _engine_prefill_step(*args: Tensor, _fluxc_model: nn.Module, _fluxc_names: tuple[str, ...],
                          _fluxc_config: FluxConfig, _fluxc_route: tuple[bool, ...] | str, _fluxc_cache_kw: str) -> Any:
-    from fluxc.engine import FluxCache
-
     kwargs = dict(zip(_fluxc_names, args))
     ids = kwargs["input_ids"]  # (B, T)
     prompt = FluxCache(_fluxc_config)
@@ -208,8 +203,6 @@ def _engine_prefill_step(*args: Tensor, _fluxc_model: nn.Module, _fluxc_names: t
 
 def _engine_decode_step(input_ids: Tensor, position_ids: Tensor, *past: Tensor, _fluxc_model: nn.Module,
                         _fluxc_config: FluxConfig, _fluxc_route: tuple[bool, ...], _fluxc_cache_kw: str) -> Any:
-    from fluxc.engine import FluxCache, _Layer
-
     cache = FluxCache(_fluxc_config)
     for i, layout in enumerate(engine_layouts(_fluxc_route, _fluxc_config)):
         layer = _Layer()
@@ -235,8 +228,6 @@ def _per_layer(route: tuple[bool, ...] | str, num_layers: int) -> tuple[bool, ..
 
 def engine_layouts(route: tuple[bool, ...], config: FluxConfig) -> tuple[int, ...]:
     """The decode engine's cache layout of each layer for a fixed route (`fluxc.ops.cache`)."""
-    from fluxc.ops.cache import DENSE, MIXED, RING, ring_supported
-
     ring = ring_supported(config.sink, config.window, config.block, config.block_exact) is None
     return tuple(DENSE if full else (RING if ring else MIXED) for full in route)
 
@@ -438,8 +429,6 @@ def export_with_signature(model: nn.Module, example_inputs: Any, *, dynamic: boo
                           structural_masks: bool | None = None
                           ) -> tuple[torch.export.ExportedProgram, ProgramSignature]:
     """`export`, plus the names of the program's inputs and outputs."""
-    from fluxc.passes.export import export_pass
-
     if step not in ("prefill", "decode"):
         raise ExportError(f"step={step!r} is not a step; use 'prefill' or 'decode'")
     if not isinstance(dynamic, bool):
@@ -470,10 +459,8 @@ def export_with_signature(model: nn.Module, example_inputs: Any, *, dynamic: boo
                           _fluxc_route=setup.route, _fluxc_cache_kw=cache_kw)
         else:
             fn = _private(_prefill_step, _fluxc_model=setup.model, _fluxc_names=names, _fluxc_cache_kw=cache_kw,
-                          _fluxc_cache_class=_dynamic_cache_class())
+                          _fluxc_cache_class=DynamicCache)
     elif layout == "engine":
-        from fluxc.ops.cache import RING
-
         names, args, fixed_route = _engine_decode_example(setup, named)
         dyn = {0: (0,), 1: (0,)}
         for i, layout_i in enumerate(engine_layouts(fixed_route, setup.config)):
@@ -486,7 +473,7 @@ def export_with_signature(model: nn.Module, example_inputs: Any, *, dynamic: boo
         names, args = _decode_example(setup.model, named)
         dyn = {0: (0,), 1: (0,), 2: (0, 1), **{i: (0, 2) for i in range(3, len(args))}} if dynamic else {}
         fn = _private(_decode_step, _fluxc_model=setup.model, _fluxc_cache_kw=cache_kw,
-                      _fluxc_cache_class=_dynamic_cache_class())
+                      _fluxc_cache_class=DynamicCache)
     if structural_masks is None:  # where the kernels can run, as `fluxc.compile` does
         structural_masks = args[0].device.type == "cuda" and setup.config.impl != "reference"
     gm, inputs, backend = _trace(setup, fn, args, dyn, structural_masks)
@@ -524,8 +511,6 @@ def export_with_signature(model: nn.Module, example_inputs: Any, *, dynamic: boo
                               f"{str(exc).splitlines()[0]}; export with dynamic=False, or example inputs of batch "
                               f">= 2 and length >= 2") from exc
         raise
-    from fluxc.ops.cache import LAYOUT_NAMES
-
     layouts = tuple(LAYOUT_NAMES[x] for x in engine_layouts(fixed, setup.config)) if layout == "engine" else ()
     sig = ProgramSignature(step, tuple(input_names), tuple(outputs), num_layers, result.routes_input, dynamic, fixed,
                            layout, layouts, result.structural_sites > 0)
@@ -558,8 +543,6 @@ def _widen_for_dynamic(named: dict[str, Tensor]) -> dict[str, Tensor]:
 @torch.no_grad()
 def _prompt_cache(model: nn.Module, named: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, list[Tensor], Tensor]:
     """(ids, mask, positions, flat dense cache, greedy next token) of the example prompt on the untouched model."""
-    from transformers import DynamicCache
-
     unknown = set(named) - {"input_ids", "attention_mask", "position_ids"}
     if unknown or "input_ids" not in named:
         raise ExportError(f"step='decode' takes the prompt as example_inputs (input_ids and optionally "
@@ -588,8 +571,6 @@ def _decode_example(model: nn.Module, named: dict[str, Tensor]) -> tuple[tuple[s
 def _engine_decode_example(setup: _Setup, named: dict[str, Tensor]
                            ) -> tuple[tuple[str, ...], list[Tensor], tuple[bool, ...]]:
     """Engine-layout decode-step example: buffers shaped like the engine's (values do not matter to tracing)."""
-    from fluxc.ops.cache import RING, ring_capacity
-
     _, mask, _, past, next_ids = _prompt_cache(setup.model, named)
     route = _per_layer(setup.route, len(past) // 2)
     cfg = setup.config
@@ -623,7 +604,7 @@ def export_aoti(program: torch.export.ExportedProgram, path: str | os.PathLike, 
         raise ExportError(f"inductor_configs must be a mapping of Inductor config names to values, got "
                           f"{type(inductor_configs).__name__} {inductor_configs!r}: pass a dict such as "
                           f"{{'max_autotune': True}}")
-    from torch._inductor import aoti_compile_and_package
+    from torch._inductor import aoti_compile_and_package  # Inductor loads on use, not on import
 
     return aoti_compile_and_package(program, package_path=path,
                                     inductor_configs=dict(inductor_configs) if inductor_configs else None)
@@ -663,7 +644,7 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram, example_inputs:
         # the model's own mask: ONNX attention is masked attention whatever the mask's form
         program, sig = export_with_signature(model, example_inputs, dynamic=dynamic, route=route, step=step,
                                              kv_layout=kv_layout, config=config, structural_masks=False)
-    from fluxc.onnx_ops import onnx_export
+    from fluxc.exporter.onnx import onnx_export  # onnx and onnxscript load on use
 
     onnx_export(program, sig, os.fspath(path), opset=opset, fused=fused, optimize=optimize)
     return sig

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from fluxc.errors import ConfigError
+
 MODEL_FLAGS = ("smollm2", "model", "gguf", "device", "dtype")
 
 
@@ -30,8 +32,6 @@ def overrides(args: argparse.Namespace, extra: dict[str, Any]) -> list[tuple[lis
     flags: dict[str, Any] = {"model.source": "smollm2" if args.smollm2 else args.model, "model.gguf": args.gguf,
                              "model.device": args.device, "model.dtype": args.dtype, "run.out": args.out, **extra}
     if args.smollm2 and args.model and args.model != "smollm2":
-        from fluxc.errors import ConfigError
-
         raise ConfigError(f"--smollm2 and --model {args.model!r} disagree; pass one of them")
     pairs += [(key.split("."), value) for key, value in flags.items() if value is not None]
     return pairs

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from fluxc.commands._common import add_config_arguments, overrides
+from fluxc.cli._common import add_config_arguments, overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,15 +34,3 @@ def run(args: argparse.Namespace) -> int:
     train(cfg)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m fluxc.commands.train`: this subcommand alone (same arguments and errors as `fluxc train`)."""
-    import sys
-
-    from fluxc.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,8 @@
 """`fluxc` command line: `fluxc train`, `fluxc eval`, `fluxc export`.
 
-Each subcommand lives in its own module (`fluxc.commands.<name>`) with `add_arguments(parser)` and
-`run(args) -> int`; they are imported only when their subcommand runs.
+Each subcommand lives in its own module (`fluxc.cli.<name>`) with `add_arguments(parser)` and
+`run(args) -> int`; a subcommand imports what it needs (torch, training, export) when it runs, so that
+`fluxc --help` stays quick. `python -m fluxc.cli <subcommand> ...` runs the same (torchrun -m fluxc.cli).
 """
 
 from __future__ import annotations
@@ -24,20 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluxc", description="Flux Attention as a torch.compile pass")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"fluxc.commands.{name}")
+        module = importlib.import_module(f"fluxc.cli.{name}")
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    module = importlib.import_module(f"fluxc.commands.{args.command}")
+    module = importlib.import_module(f"fluxc.cli.{args.command}")
     try:
         return int(module.run(args) or 0)
     except FluxError as exc:  # a clear one-line message, not a traceback
         print(f"fluxc {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

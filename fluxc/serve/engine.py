@@ -17,18 +17,21 @@ import collections
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
-from fluxc.api import FluxModule, _private_forward
+from fluxc.backend import flux_backend_of, private_forward
 from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError, RouteError
 from fluxc.hf_compat import cache_keyword, pop_cache_argument
 from fluxc.ops.cache import DENSE, LAYOUT_NAMES, MIXED, RING, ring_capacity, ring_keys, ring_supported
 from fluxc.spec import SiteSpec
+
+if TYPE_CHECKING:
+    from fluxc.api import FluxModule
 
 log = logging.getLogger("fluxc")
 
@@ -282,7 +285,7 @@ class DecodeEngine:
     """
 
     def __init__(self, model: FluxModule, *, cuda_graphs: bool | str = "auto", max_graphs: int = 8) -> None:
-        if not isinstance(model, FluxModule):
+        if flux_backend_of(model) is None:
             raise ConfigError(f"model must be a fluxc.compile(...) result (FluxModule), got {type(model).__name__}")
         if cuda_graphs not in (True, False, "auto"):
             raise ConfigError(f"cuda_graphs={cuda_graphs!r}: use True, False or 'auto'")
@@ -383,7 +386,7 @@ class DecodeEngine:
         cache = FluxCache(cfg)
         cache.allocate(prefill_cache, layouts, routes, key.capacity)  # buffers come in `load`
         tokens = torch.zeros((key.batch, 1), dtype=torch.long, device=routes.device)
-        compiled = torch.compile(_private_forward(self.model.model), backend=self.model._backend, fullgraph=True)
+        compiled = torch.compile(private_forward(self.model.model), backend=self.model._backend, fullgraph=True)
         entry = _Entry(key, cache, tokens, compiled)
         self.entries[key] = entry
         self.stats["graphs_built"] += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from fluxc.commands._common import add_config_arguments, overrides
+from fluxc.cli._common import add_config_arguments, overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,15 +29,3 @@ def run(args: argparse.Namespace) -> int:
     evaluate(cfg, router)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m fluxc.commands.eval`: this subcommand alone (same arguments and errors as `fluxc eval`)."""
-    import sys
-
-    from fluxc.cli import main as cli_main
-
-    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

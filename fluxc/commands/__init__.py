@@ -1,1 +1,0 @@
-"""Subcommands of the `fluxc` command line (see fluxc.cli)."""
