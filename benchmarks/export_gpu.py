@@ -15,7 +15,8 @@ router MLP runs in full and the decisions are known (checked on the programs' ro
   aoti-full / aoti-sparse  program-full / program-sparse compiled by `fluxc.export_aoti` and loaded with
                          `torch._inductor.aoti_load_package` (Inductor's kernels around fluxc's ops)
   hf-sdpa                the untouched model, transformers' SDPA (FlashAttention, is_causal), eager
-Median of `--reps` timed calls after two warm-ups (synchronised wall time). Each variant's last-token logits
+Median of `--reps` timed calls after two warm-ups (synchronised wall time, benchmarks/harness.py; provenance in
+"meta"). Each variant's last-token logits
 are compared with program-full's, the two sparse programs with each other, and each package with its program.
 
     python benchmarks/export_gpu.py --out results.json          # GPU
@@ -29,7 +30,6 @@ import datetime
 import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +39,9 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fluxc
+
+import harness
+from models import forced_routers
 
 log = logging.getLogger("export_gpu")
 
@@ -55,40 +58,6 @@ def build_model(smoke: bool, device: str, dtype: torch.dtype) -> LlamaForCausalL
         for name, p in model.named_parameters():
             p.copy_(torch.ones_like(p) if "norm" in name else torch.randn_like(p) * 0.02)
     return model
-
-
-def forced_routers(model: LlamaForCausalLM, config: fluxc.FluxConfig, want: str, path: str) -> str:
-    """A router checkpoint whose every layer decides `want` ("full" / "sparse"): zero last layer, a bias."""
-    from fluxc.api import model_fingerprint
-    from fluxc.ops.router import LayerRouter
-
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
-    routers = torch.nn.ModuleList(LayerRouter(head_dim, config.router_hidden)
-                                  for _ in range(model.config.num_hidden_layers))
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for router in routers:
-            for p in router.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-            router.head[4].weight.zero_()
-            router.head[4].bias.copy_(torch.tensor([1.0, -1.0] if want == "sparse" else [-1.0, 1.0]))  # 1 = FA
-    fluxc.save_routers(path, routers, config, model_fingerprint(model), {"made_by": "benchmarks/export_gpu.py"})
-    return path
-
-
-def timed(fn, reps: int, device: str):
-    """Median wall ms over `reps` calls after two warm-ups, and the last call's output."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(2):
-        out = fn()
-    times = []
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        out = fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), out
 
 
 def main() -> int:
@@ -111,6 +80,7 @@ def main() -> int:
     example = torch.randint(0, vocab, (1, 32 if args.smoke else 256), device=device)
     tmp = tempfile.mkdtemp(prefix="fluxc-export-bench-")
     results: dict = {
+        "meta": harness.provenance(),
         "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
         "torch": torch.__version__, "date": datetime.date.today().isoformat(),
         "model": {k: getattr(model.config, k) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
@@ -129,8 +99,11 @@ def main() -> int:
     except ImportError:  # a CPU smoke run
         pass
 
-    modules = {want: fluxc.compile(model, forced_routers(model, config, want, os.path.join(tmp, f"{want}.safetensors")),
-                                   config=config) for want in ("full", "sparse")}
+    layers = model.config.num_hidden_layers
+    modules = {want: fluxc.compile(model, forced_routers(model, config, [want] * layers,
+                                                         os.path.join(tmp, f"{want}.safetensors"),
+                                                         made_by="benchmarks/export_gpu.py"), config=config)
+               for want in ("full", "sparse")}
     runners = {}
     # an attention_mask input: HF builds its causal + padding mask (read as structure), as a deployment feeds it
     example_inputs = dict(input_ids=example, attention_mask=torch.ones_like(example))
@@ -167,7 +140,8 @@ def main() -> int:
         row, last = {}, {}
         with torch.no_grad():
             for name in names:
-                row[name], (logits, routes) = timed(run_of(name, ids), args.reps, device)
+                row[name], (logits, routes) = harness.median_wall_ms(run_of(name, ids), reps=args.reps, warm=2,
+                                                                     cuda=device == "cuda")
                 last[name] = logits[:, -1].float()
                 del logits
                 if routes is not None and not bool((routes == name.endswith("-full")).all()):
@@ -186,9 +160,8 @@ def main() -> int:
                  length, ", ".join(f"{k} {v:.2f} ms" for k, v in row.items()),
                  row["program-sparse"] / row["program-full"], row["program-sparse-masked"] / row["program-sparse"],
                  sparse_gap)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=1)
+        if args.out:  # after every length: a run cut short keeps what it measured
+            harness.write_json(args.out, results)
     print(json.dumps(results, indent=1))
     return 0
 

@@ -1,4 +1,4 @@
-"""Plot benchmarks/kernels.py results: prefill time vs length, decode bandwidth, targets.
+"""Plot benchmarks/kernel_bench.py results: prefill time vs length, decode bandwidth, targets.
 
     python benchmarks/plot_kernels.py results.json results.png
 """

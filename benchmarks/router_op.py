@@ -1,44 +1,43 @@
 """Router cost at prefill (issue 4): `fluxc::router_logits` alone on one layer's (1, T, 32, 128) bf16 pre-RoPE query,
-Llama-3.1-8B shape, router MLP (1024, 256, 512, 128); CUDA-event medians over 50 calls. JSON to argv[1].
+Llama-3.1-8B shape, router MLP (1024, 256, 512, 128); CUDA-event medians over 50 calls after 10 warm-up calls.
+JSON (provenance, rows, targets of benchmarks/targets.toml with bench "router_op") to `out`.
 
-    python benchmarks/router_op.py out.json     # needs `import fluxc` (scripts/gpu.sh builds the package view)
+    python benchmarks/router_op.py out.json     # needs `import fluxc` (scripts/gpu.sh puts the checkout on PYTHONPATH)
 """
 
 from __future__ import annotations
 
-import datetime
-import json
-import statistics
-import sys
+import argparse
 
 import torch
 
-import fluxc
+import fluxc  # noqa: F401  (registers torch.ops.fluxc)
 from fluxc.ops.router import LayerRouter
 
+import harness
+import measures
 
-def main() -> None:
+POOL_SIZE = 150  # FluxConfig's default: tokens pooled at each end of the prompt
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="result JSON")
+    args = parser.parse_args(argv)
     router = LayerRouter(128, (1024, 256, 512, 128)).cuda()
     weights = [w.detach() for w in router.weights()]
-    rows = []
+    command = None if argv is None else ["benchmarks/router_op.py", *argv]
+    results = harness.Results(args.out, harness.provenance(command, timing="CUDA events, median of 50 calls after 10"),
+                              targets=[])
     for seq in (32768, 131072):
-        query = torch.randn(1, seq, 32, 128, device="cuda", dtype=torch.bfloat16)
-        valid = torch.ones(1, seq, dtype=torch.bool, device="cuda")
-        times = []
-        for i in range(60):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            torch.ops.fluxc.router_logits(query, valid, weights, 150)
-            end.record()
-            torch.cuda.synchronize()
-            if i >= 10:
-                times.append(start.elapsed_time(end))
-        rows.append({"T": seq, "pool_size": 150, "ms": statistics.median(times), "goal_ms": 0.02})
-        print(rows[-1], flush=True)
-    meta = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "fluxc": fluxc.__version__,
-            "date": datetime.date.today().isoformat()}
-    with open(sys.argv[1], "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        query = torch.randn(1, seq, 32, 128, device="cuda", dtype=torch.bfloat16)  # (1, T, H, D)
+        valid = torch.ones(1, seq, dtype=torch.bool, device="cuda")  # (1, T)
+        times = harness.iter_ms(lambda q=query, v=valid: torch.ops.fluxc.router_logits(q, v, weights, POOL_SIZE),
+                                iters=50, warm=10, cuda=True)
+        results.add(T=seq, pool_size=POOL_SIZE, ms=harness.median(times))
+    results.data["targets"] = measures.targets_for("router_op", results.data)
+    results.flush()
+    harness.print_targets(results.data["targets"])
 
 
 if __name__ == "__main__":

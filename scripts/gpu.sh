@@ -8,7 +8,7 @@
 #   GPU_SKIP_TESTS=1 GPU_SKIP_BENCH=1 GPU_EXPORT=1 bash scripts/gpu.sh   # the export benchmark alone (~6 min)
 #   bash scripts/gpu.sh --decode-only   # tests + the decode benchmark only (~2-3 min on an H100)
 #   GPU_SKIP_TESTS=1 bash scripts/gpu.sh --sweep-only
-# Extra arguments are passed to benchmarks/kernels.py.  Works without installing fluxc: the checkout's
+# Extra arguments are passed to benchmarks/kernel_bench.py.  Works without installing fluxc: the checkout's
 # fluxc/ is the package, put first on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,7 +42,7 @@ if [ "${GPU_SKIP_TESTS:-0}" != "1" ]; then
   echo "gpu tests: rc=$rc in $(( $(date +%s) - start )) s"
 fi
 if [ "${GPU_SKIP_BENCH:-0}" != "1" ]; then
-  "$PY" benchmarks/kernels.py --out "$OUT_DIR/$BENCH_NAME.json" "$@" 2>&1 | tee "$OUT_DIR/$BENCH_NAME.log"
+  "$PY" benchmarks/kernel_bench.py --out "$OUT_DIR/$BENCH_NAME.json" "$@" 2>&1 | tee "$OUT_DIR/$BENCH_NAME.log"
   "$PY" benchmarks/plot_kernels.py "$OUT_DIR/$BENCH_NAME.json" \
       "$OUT_DIR/$BENCH_NAME.png" || echo "plot skipped (run benchmarks/plot_kernels.py elsewhere)"
 fi

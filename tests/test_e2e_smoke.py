@@ -17,6 +17,8 @@ PHASES = "floors,fluxc,hf_a_prefill,nonattn,hf_b_decode,hf_b_cleanup"
 def _module(name: str, path: pathlib.Path):
     if name in sys.modules:
         return sys.modules[name]
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))  # the benchmark scripts import their sibling modules by name
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod  # dataclasses look their module up while the class is built

@@ -6,26 +6,25 @@ Prefill (B=1) at 8K/32K/64K/128K: SDPA flash, SDPA cuDNN, FlexAttention causal a
 (compiled), ours Triton FA/SA (route read from device memory), ours FlexAttention lowering
 (routed mask_mod), and the route fixed at compile time (routing cost).  Decode at (B, L) in
 (1,32K) (1,128K) (8,32K) (32,32K): SDPA flash/cuDNN full, ours FA/SA, ours SA over the evicted
-(ring-buffer) cache of sink + window slots, ours flex lowering.  Plus a device copy bandwidth.  Medians of triton.testing.do_bench (decode also under CUDA-graph replay).
+(ring-buffer) cache of sink + window slots, ours flex lowering.  Plus a device copy bandwidth.  Medians of
+triton.testing.do_bench (decode also under CUDA-graph replay), through benchmarks/harness.py, which also
+writes the provenance and the JSON (atomically, after every row).
 
 TFLOP/s count executed (allowed) query-key pairs: 4 * pairs * head_dim * query heads.  Decode GB/s
 count the K and V bytes the branch must read once.  SA pattern: sink 128, window 2048, 128-token
-blocks, block-exact (the method's released config).
+blocks, block-exact (the method's released config).  Targets: benchmarks/targets.toml (bench "kernels"),
+evaluated into the JSON at the end of the run.
 
-    python benchmarks/kernels.py --out results.json [--sweep] [--lengths 8192,32768] [--decode-only]
+    python benchmarks/kernel_bench.py --out results.json [--sweep] [--lengths 8192,32768] [--decode-only]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import importlib
-import importlib.util
 import json
 import pathlib
-import platform
-import sys
 import time
 import traceback
 
@@ -33,15 +32,13 @@ import torch
 
 from fluxc.patterns import window_start
 
+import harness
+import measures
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HQ, HKV, D = 32, 8, 128
 SINK, WINDOW, BLOCK = 128, 2048, 128
 SA = dict(sink=SINK, window=WINDOW, block=BLOCK, block_exact=True)
-
-
-# One loader for tests and benchmarks: fluxc.kernels when installed, else kernels/ by path.
-sys.path.insert(0, str(ROOT / "tests" / "kernels"))
-from _kernel_harness import load_kernels  # noqa: E402
 
 # ------------------------------------------------------------------------------------ counting
 
@@ -69,41 +66,12 @@ def tflops(pairs: int, ms: float) -> float:
 
 
 def bench(fn, *, graph=False, rep=None):
-    import triton.testing as tt
-
-    fn()
-    torch.cuda.synchronize()
-    if graph:
-        return tt.do_bench_cudagraph(fn, rep=rep or 100, return_mode="median")
-    return tt.do_bench(fn, warmup=25, rep=rep or 100, return_mode="median")
-
-
-class Recorder:
-    def __init__(self, path, meta):
-        self.path = path
-        self.meta = meta
-        self.rows = []
-        self.targets = []
-
-    def add(self, **row):
-        row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
-        self.rows.append(row)
-        print(json.dumps(row), flush=True)
-        self.flush()
-
-    def flush(self):
-        if self.path:
-            with open(self.path, "w") as f:
-                json.dump(dict(meta=self.meta, rows=self.rows, targets=self.targets), f, indent=1)
-
-    def get(self, **sel):
-        for r in self.rows:
-            if all(r.get(k) == v for k, v in sel.items()) and "ms" in r:
-                return r
-        return None
+    """Median ms of triton's do_bench (`graph`: replayed in a CUDA graph)."""
+    return harness.do_bench_ms(fn, graph=graph, rep=rep or 100)
 
 
 def guarded(rec, label, fn):
+    """Run one measurement; a failure becomes an error row (one failing baseline must not sink the run)."""
     try:
         return fn()
     except Exception as e:  # noqa: BLE001  (one failing baseline must not sink the run)
@@ -362,58 +330,9 @@ def sweep(rec, K, args):
             guarded(rec, f"sweep decode {cfg}", go)
 
 
-def evaluate(rec, copy_gbps):
-    T = rec.targets
-
-    def add(name, value, target, met, note=""):
-        T.append(dict(target=name, value=None if value is None else round(value, 4), goal=target,
-                      met=bool(met) if value is not None else None, note=note))
-
-    for L in (32768, 65536, 131072):
-        sa = rec.get(kind="prefill", L=L, impl="ours_triton", mask="sa_block", route="device")
-        cud = rec.get(kind="prefill", L=L, impl="sdpa_cudnn")
-        fl = rec.get(kind="prefill", L=L, impl="flex", mask="sa_block")
-        fa = rec.get(kind="prefill", L=L, impl="ours_triton", mask="causal", route="device")
-        if sa and cud:
-            floor = sa["exec_frac"] * cud["ms"]
-            add(f"SA prefill {L // 1024}K time / (exec-frac x cuDNN full)", sa["ms"] / floor, "<= 1.10",
-                sa["ms"] / floor <= 1.10)
-        if sa and fl:
-            add(f"SA prefill {L // 1024}K speedup vs flex same mask", fl["ms"] / sa["ms"], ">= 1.3",
-                fl["ms"] / sa["ms"] >= 1.3)
-        if fa and cud:
-            add(f"FA prefill {L // 1024}K speed vs cuDNN (Triton kernel, route on device)", cud["ms"] / fa["ms"],
-                ">= 0.90", cud["ms"] / fa["ms"] >= 0.9)
-        dis = rec.get(kind="prefill", L=L, impl="ours_dispatch", mask="causal")
-        if dis and cud:
-            add(f"FA prefill {L // 1024}K speed vs cuDNN (dispatch: library kernel for FA, host sync)",
-                cud["ms"] / dis["ms"], ">= 0.90", cud["ms"] / dis["ms"] >= 0.9)
-    for B in (8, 32):
-        fa = rec.get(kind="decode", B=B, L=32768, impl="ours_triton", mask="full", route="device")
-        if fa:
-            add(f"FA decode B={B} 32K bandwidth / copy bandwidth (do_bench)", fa["gbps"] / copy_gbps, ">= 0.85",
-                fa["gbps"] / copy_gbps >= 0.85)
-            if fa.get("gbps_graph"):
-                add(f"FA decode B={B} 32K bandwidth / copy bandwidth (CUDA graph)", fa["gbps_graph"] / copy_gbps,
-                    ">= 0.85", fa["gbps_graph"] / copy_gbps >= 0.85)
-    for B, L in ((1, 32768), (1, 131072), (8, 32768), (32, 32768)):
-        for mask, route, what in (("sa_block", "device", "SA decode"), ("sa_ring", "ring", "SA ring decode")):
-            sa = rec.get(kind="decode", B=B, L=L, impl="ours_triton", mask=mask, route=route)
-            if sa:
-                ideal = sa["bytes"] / (copy_gbps * 1e9) * 1e3
-                add(f"{what} B={B} {L // 1024}K time / (sink+window bytes at copy bw) (do_bench)", sa["ms"] / ideal,
-                    "<= 1.2", sa["ms"] / ideal <= 1.2)
-                if sa.get("ms_graph"):
-                    add(f"{what} B={B} {L // 1024}K time / ideal (CUDA graph)", sa["ms_graph"] / ideal, "<= 1.2",
-                        sa["ms_graph"] / ideal <= 1.2)
-    for kind, sel in (("prefill", dict(L=32768, B=1)), ("decode", dict(B=8, L=32768))):
-        for mask in (("causal", "sa_block") if kind == "prefill" else ("full", "sa_block")):
-            dev = rec.get(kind=kind, impl="ours_triton", mask=mask, route="device", **sel)
-            const = rec.get(kind=kind, impl="ours_triton", mask=mask, route="constexpr", **sel)
-            if dev and const:
-                key = "ms_graph" if kind == "decode" and dev.get("ms_graph") and const.get("ms_graph") else "ms"
-                cost = dev[key] / const[key] - 1
-                add(f"routing cost {kind} {mask} {sel} ({key})", cost, "<= 0.02", cost <= 0.02)
+def evaluate(rec):
+    """The targets of benchmarks/targets.toml (bench "kernels") on the rows measured so far."""
+    rec.data["targets"] = measures.targets_for("kernels", rec.data)
     rec.flush()
 
 
@@ -447,18 +366,13 @@ def main():
     args.ours_flex_lengths = ints(args.ours_flex_lengths)
     args.flex_decode = set() if args.skip_flex else {tuple(int(t) for t in x.split("x"))
                                                      for x in args.flex_decode.split(",") if x}
-    import triton
-
-    K = load_kernels()
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                host=platform.node(), shape=dict(Hq=HQ, Hkv=HKV, D=D, dtype="bf16"), sa_pattern=SA,
-                timing="triton.testing.do_bench median (decode also do_bench_cudagraph median)",
-                kernels=K.__name__)
-    rec = Recorder(args.out, meta)
+    K = importlib.import_module("fluxc.kernels")
+    meta = harness.provenance(shape=dict(Hq=HQ, Hkv=HKV, D=D, dtype="bf16"), sa_pattern=SA,
+                              timing="triton.testing.do_bench median (decode also do_bench_cudagraph median)",
+                              kernels=K.__name__)
+    rec = harness.Results(args.out, meta, targets=[])
     print(json.dumps(meta), flush=True)
-    copy_gbps = copy_bandwidth(rec)
-    rec.meta["copy_gbps"] = copy_gbps
+    rec.meta["copy_gbps"] = copy_bandwidth(rec)
     if args.sweep or args.sweep_only:
         sweep(rec, K, args)
     if args.ring_sweep:
@@ -469,7 +383,7 @@ def main():
         for spec in [s for s in args.decode.split(",") if s]:
             B, L = (int(x) for x in spec.split("x"))
             decode_section(rec, K, B, L, args)
-        evaluate(rec, copy_gbps)
+        evaluate(rec)
     rec.flush()
     print("\n== summary ==")
     for r in rec.rows:
@@ -480,8 +394,7 @@ def main():
                   + (f"  graph {r['ms_graph']:.4f} ms" if r.get("ms_graph") else ""))
         elif r.get("kind") == "error":
             print("ERROR", r["label"], r["error"][:200])
-    for t in rec.targets:
-        print(f"TARGET {t['target']}: {t['value']} (goal {t['goal']}) -> {'MET' if t['met'] else 'MISSED'}")
+    harness.print_targets(rec.data["targets"])
 
 
 if __name__ == "__main__":
