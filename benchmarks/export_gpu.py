@@ -1,4 +1,4 @@
-"""Exported programs on the GPU (issue 6): torch.export programs of a Flux model, prefill latency side by side.
+"""Exported programs on the GPU: torch.export programs of a Flux model, prefill latency side by side.
 
 Model: a Llama-shaped `LlamaForCausalLM` from a config (hidden 2048, 16 query / 8 KV heads, head dim 128, MLP
 5632, vocabulary 32000, 4 layers), bf16, random N(0, 0.02) weights, built on the GPU. One dynamic program per

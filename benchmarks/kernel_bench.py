@@ -1,5 +1,5 @@
 # ruff: noqa: B023  (closures over loop variables are called inside the same iteration, via guarded())
-"""Routed-attention kernel benchmark (issue 3): Llama-3-8B attention shape (32 query heads, 8 KV
+"""Routed-attention kernel benchmark: Llama-3-8B attention shape (32 query heads, 8 KV
 heads, head dim 128), bf16, on one GPU, everything measured side by side in one run.
 
 Prefill (B=1) at 8K/32K/64K/128K: SDPA flash, SDPA cuDNN, FlexAttention causal and with the SA mask

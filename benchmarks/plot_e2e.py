@@ -134,7 +134,7 @@ def main(src: str, dst: str) -> None:
     lines = [f"{'MET   ' if t['met'] else 'n/a   ' if t['met'] is None else 'MISSED'} {t['value']!s:>8s} "
              f"(goal {t['goal']}) {t['target']}" for t in data.get("targets", [])]
     ax.text(0, 1, "\n".join(lines[:48]) or "no targets evaluated", va="top", family="monospace", fontsize=6.5)
-    ax.set_title("Targets of issue 4", fontsize=10)
+    ax.set_title("End-to-end targets", fontsize=10)
 
     fig.suptitle(f"fluxc end to end, {meta.get('spec', {}).get('name')}: {meta.get('gpu')}, torch {meta.get('torch')}, "
                  f"triton {meta.get('triton')}, transformers {meta.get('transformers')}, {str(meta.get('date'))[:10]}, "

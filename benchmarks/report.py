@@ -318,11 +318,11 @@ def targets_region(sources: Mapping[str, Source]) -> str:
 
 
 REGIONS: dict[str, tuple[str, Callable[[Mapping[str, Source]], str]]] = {  # name -> (title, renderer)
-    "e2e": ("End to end (issue 4)", e2e_region),
-    "export": ("Exported programs on the GPU (issue 6)", export_region),
-    "training": ("SmolLM2-135M-Instruct router (issue 5)", training_region),
-    "kernels-prefill": ("Kernels: prefill (issue 3)", kernels_prefill_region),
-    "kernels-decode": ("Kernels: decode (issue 3)", kernels_decode_region),
+    "e2e": ("End to end", e2e_region),
+    "export": ("Exported programs on the GPU", export_region),
+    "training": ("SmolLM2-135M-Instruct router", training_region),
+    "kernels-prefill": ("Kernels: prefill", kernels_prefill_region),
+    "kernels-decode": ("Kernels: decode", kernels_decode_region),
     "targets": ("Targets met / missed (benchmarks/targets.toml)", targets_region),
 }
 

@@ -1,4 +1,4 @@
-"""Router cost at prefill (issue 4): `fluxc::router_logits` alone on one layer's (1, T, 32, 128) bf16 pre-RoPE query,
+"""Router cost at prefill: `fluxc::router_logits` alone on one layer's (1, T, 32, 128) bf16 pre-RoPE query,
 Llama-3.1-8B shape, router MLP (1024, 256, 512, 128); CUDA-event medians over 50 calls after 10 warm-up calls.
 JSON (provenance, rows, targets of benchmarks/targets.toml with bench "router_op") to `out`.
 

@@ -151,7 +151,7 @@ def main() -> None:
         routed_demo(model, tokenizer, args.router, args)
         return
     if not args.router.is_file():
-        print(f"no trained router is shipped at {args.router} (issue 5: scripts/train_smollm2.sh makes it): "
+        print(f"no trained router is shipped at {args.router} (scripts/train_smollm2.sh makes it): "
               f"every route below is forced, not decided by a router")
     else:
         print("--forced: every route below is forced, not decided by the router")

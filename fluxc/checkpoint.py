@@ -221,7 +221,7 @@ def _layer_of(prefix: str) -> int:
 
 
 def released_config(model_cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> FluxConfig:
-    """FluxConfig from a released checkpoint's config keys (BRIEF §1) and router tensor shapes."""
+    """FluxConfig from a released checkpoint's config keys (toggle_type, sink_size, local_window_size, ...) and router tensor shapes."""
     toggle = model_cfg.get("toggle_type", "streaming")
     if toggle not in ("streaming", "triangle"):
         raise CheckpointError(f"released checkpoint toggle_type={toggle!r} is not supported; fluxc runs "

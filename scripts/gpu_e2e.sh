@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command on the GPU machine: the end-to-end benchmark of issue 4 (benchmarks/e2e.py), then its plot.
+# One command on the GPU machine: the end-to-end benchmark (benchmarks/e2e.py), then its plot.
 # Results go to $OUT when set (the device tool's output folder), else benchmarks/results/:
 #   $NAME.json (rewritten after every measurement), $NAME.log, $NAME.png      (NAME: e2e_h100)
 #   FLUXC_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_e2e.sh            # the copy there has no .git

@@ -138,7 +138,7 @@ def run_reference(model, ids, mask, ref: Reference) -> torch.Tensor:
 
 
 def reference_router(model, weights_per_layer, pool: int, pads: list[int]):
-    """BRIEF §1's router re-implemented directly: pre-RoPE queries captured by hooks on q_norm / q_proj."""
+    """Flux Attention's router re-implemented directly: pre-RoPE queries captured by hooks on q_norm / q_proj."""
     captured: dict[int, torch.Tensor] = {}
     hooks = []
     for layer, block in enumerate(model.model.layers):

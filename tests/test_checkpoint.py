@@ -14,7 +14,7 @@ from hf_models import batch, tiny_model
 
 def _released_folder(tmp_path, routers, model):
     """A released-style checkpoint: full-model tensors plus router tensors under mask_allocator, and the
-    config keys of BRIEF §1, split over two shards."""
+    config keys of the released layout, split over two shards."""
     tensors = {f"model.{k}": v.detach().clone() for k, v in model.model.named_parameters()}
     parts = {"feature": "cls_feat_extractor", "head": "cls_router_head_agnostic"}
     for i, r in enumerate(routers):

@@ -415,7 +415,7 @@ def onnx_export(program: torch.export.ExportedProgram, signature, path: str, *, 
                 optimize: bool = True) -> None:
     """Write `program` to `path` at `opset` with fluxc's translations; inputs and outputs named by `signature`."""
     if optimize and opset >= 23:
-        # the optimizer fuses attention into opset 23's Attention op, which does not hold up (BRIEF section 3)
+        # the optimizer fuses attention into opset 23's Attention op, which the exports of opsets 23+ only survive with optimize=False
         log.info("fluxc: the ONNX optimizer is skipped at opset %d", opset)
         optimize = False
     kwargs = dict(custom_translation_table=translation_table(fused), opset_version=opset, dynamo=True,

