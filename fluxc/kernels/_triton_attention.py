@@ -13,6 +13,8 @@ Three kernels:
   query heads of its GQA group as the rows of one tile; the splits partition the list of key blocks
   the sequence's branch visits (all causal blocks for FA, sink + window blocks for SA).  RING mode:
   the cache is an SA layer's ring buffer (sink + window slots) and the splits partition its slots.
+* ``_paged_decode_kernel``: the same over a paged cache (vLLM's layout: shared pages, a block table per
+  sequence), FA or SA (ring) per sequence by its route, read on the device.
 * ``_combine_kernel``: merges the splits' partial outputs with their log-sum-exps (not launched
   with a single split: the decode kernel then writes the output itself).
 
@@ -29,7 +31,6 @@ import triton.language as tl
 from fluxc import patterns
 
 NEG_INF = tl.constexpr(float("-inf"))
-
 
 
 def _jit_rule(fn):
@@ -392,6 +393,78 @@ def _decode_kernel(Q, K, V, OP, LSEP, OUT, ROUTE, KV_LENS, KV_START,
         row = (b * HQ + heads).to(tl.int64) * num_splits + pid_s
         tl.store(OP + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_ok[:, None])
         tl.store(LSEP + row, lse, mask=g_ok)
+
+
+@triton.jit
+def _paged_decode_kernel(Q, KP, VP, OP, LSEP, OUT, ROUTE, LENS, TABLE,
+                         stride_qb, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_tb,
+                         stride_ob, stride_oh, HQ, HKV, GROUP, num_splits,
+                         qk_scale, softcap_in, softcap_out, sink_end, window, ring_c,
+                         HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+                         BLOCK_EXACT: tl.constexpr, SA_BLOCK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                         DOT_PREC: tl.constexpr, DIRECT: tl.constexpr):
+    """Decode over a paged KV cache: pages (num_pages, PAGE, HKV, D) shared by every sequence, TABLE (B, W) the
+    pages of each sequence in order. ROUTE[b] != 0 (FA): the table covers keys 0..n-1, key r at slot r. SA: the
+    table covers the ring's slots 0..ring_c-1 (fluxc.patterns' ring layout). The route is read here, so one
+    launch (and one CUDA graph) serves every mix of routes. Splits and the (batch, kv head) grid as in
+    _decode_kernel; a key block gathers its keys through the table."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    kvh = pid_bh % HKV
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_ok = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None].to(tl.int64) * stride_qh + offs_d[None, :],
+                mask=g_ok[:, None], other=0.0)
+    n = tl.load(LENS + b).to(tl.int32)
+    p = n - 1
+    is_fa = tl.load(ROUTE + b) != 0
+    c_fill = tl.maximum(tl.where(is_fa, n, tl.minimum(n, ring_c)), 0)  # slots ever written
+    n_blocks = tl.cdiv(c_fill, BLOCK_N)
+    per = tl.cdiv(n_blocks, num_splits)
+    j0 = pid_s * per
+    j1 = tl.minimum(j0 + per, n_blocks)
+    table = TABLE + b.to(tl.int64) * stride_tb
+
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    m_i = tl.full([BLOCK_G], NEG_INF, dtype=tl.float32)
+    for j in range(j0, j1):
+        slot = j * BLOCK_N + offs_n
+        written = slot < c_fill
+        kv_ok = tl.where(is_fa, written, _ring_valid(slot, c_fill, p, sink_end, window, BLOCK_EXACT, SA_BLOCK))
+        page = tl.load(table + slot // PAGE, mask=written, other=0)
+        row = page.to(tl.int64) * PAGE + slot % PAGE  # the key's row in the pages viewed as (pages * PAGE, HKV, D)
+        kt = tl.load(KP + row[None, :] * stride_kr + kvh * stride_kh + offs_d[:, None], mask=kv_ok[None, :], other=0.0)
+        qk = tl.dot(q, kt, input_precision=DOT_PREC)
+        if HAS_SOFTCAP:
+            s = _tanh(qk * softcap_in) * softcap_out
+        else:
+            s = qk * qk_scale
+        s = tl.where(kv_ok[None, :], s, NEG_INF)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
+        pr = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        v = tl.load(VP + row[:, None] * stride_vr + kvh * stride_vh + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(pr.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if DIRECT:
+        o_ptrs = OUT + b.to(tl.int64) * stride_ob + heads[:, None].to(tl.int64) * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=g_ok[:, None])
+    else:
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), NEG_INF)
+        row_o = (b * HQ + heads).to(tl.int64) * num_splits + pid_s
+        tl.store(OP + row_o[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_ok[:, None])
+        tl.store(LSEP + row_o, lse, mask=g_ok)
 
 
 @triton.jit

@@ -24,6 +24,8 @@ from ._common import (
     LEN_DTYPES,
     LOG2E,
     ROUTE_DTYPES,
+    SUPPORTED_DTYPES,
+    SUPPORTED_HEAD_DIMS,
     Pattern,
     check_padded_prefill,
     check_qkv,
@@ -34,7 +36,8 @@ from ._common import (
 )
 from .errors import KernelError
 
-__all__ = ["routed_prefill", "routed_prefill_varlen", "routed_decode", "routed_decode_ring", "ring_capacity",
+__all__ = ["routed_prefill", "routed_prefill_varlen", "routed_decode", "routed_decode_ring", "routed_decode_paged",
+           "ring_capacity",
            "ring_slot", "routed_prefill_dispatch", "prefill_config", "decode_config", "ring_decode_config"]
 
 _ROUTE_CONST = {None: 0, "fa": 1, "sa": 2}
@@ -408,6 +411,85 @@ def routed_decode_ring(q, k_ring, v_ring, n, *, scale: float, sink: int, window:
     lens = n.contiguous()
     return _launch_decode(q, k_ring, v_ring, lens, lens, pat, scale, num_splits, cfg,
                           route_mode=_ROUTE_CONST["sa"], ring_c=C)
+
+
+def routed_decode_paged(q, k_pages, v_pages, block_table, seq_lens, route, *, scale: float, sink: int, window: int,
+                        block: int, block_exact: bool, softcap: float = 0.0, num_splits: int | None = None,
+                        _config=None) -> torch.Tensor:
+    """Routed decode over a paged KV cache (vLLM's layout).  q (B, Hq, 1, D); k_pages/v_pages
+    (num_pages, page_size, Hkv, D) shared by all sequences; block_table (B, W) int32, sequence b's pages in
+    order; seq_lens (B,) its keys, the query's own included (the query sits at position seq_lens[b] - 1;
+    0: zeros); route (B,) on the device.  A full-attention sequence's table covers keys 0..seq_lens-1 (key r at
+    slot r); a sparse one's covers its ring of sink + window slots (``fluxc.patterns.ring_slot``), whose
+    keys the SA rule keeps (``ring_valid``).  No host sync, allocations from shapes only (CUDA-graph safe):
+    one launch serves every mix of routes.  Returns (B, Hq, 1, D)."""
+    for name, t in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise KernelError(f"{name}: expected a 4-dim tensor (q: batch, heads, 1, head_dim; pages: num_pages, "
+                              f"page_size, kv_heads, head_dim), got {getattr(t, 'shape', type(t).__name__)}")
+    B, Hq, Tq, D = q.shape
+    if Tq != 1:
+        raise KernelError(f"q.shape={tuple(q.shape)}: decode takes one query token per sequence (dim 2 must be 1)")
+    if k_pages.shape != v_pages.shape:
+        raise KernelError(f"k_pages.shape={tuple(k_pages.shape)} != v_pages.shape={tuple(v_pages.shape)}")
+    _, page, Hkv, Dk = k_pages.shape
+    if q.dtype not in SUPPORTED_DTYPES or k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
+        raise KernelError(f"q / k_pages / v_pages dtypes {q.dtype} / {k_pages.dtype} / {v_pages.dtype}: one of "
+                          f"float16, bfloat16, float32 for all three")
+    if k_pages.device != q.device or v_pages.device != q.device:
+        raise KernelError(f"q / k_pages / v_pages devices {q.device} / {k_pages.device} / {v_pages.device} differ")
+    if D not in SUPPORTED_HEAD_DIMS or Dk != D:
+        raise KernelError(f"head_dim {D} (q) / {Dk} (pages): the kernels take equal head dims in "
+                          f"{SUPPORTED_HEAD_DIMS}; use the reference implementation for others")
+    if Hkv == 0 or Hq % Hkv:
+        raise KernelError(f"query heads {Hq} and kv heads {Hkv}: query heads must be a multiple of kv heads")
+    if k_pages.stride(-1) != 1 or k_pages.stride(1) != Hkv * D or v_pages.stride() != k_pages.stride():
+        raise KernelError("k_pages / v_pages must be contiguous (num_pages, page_size, kv_heads, head_dim) tensors")
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != B:
+        raise KernelError(f"block_table: expected a ({B}, pages per sequence) int32 tensor, got "
+                          f"{getattr(block_table, 'shape', type(block_table).__name__)}")
+    if block_table.dtype != torch.int32 or block_table.device != q.device or block_table.stride(-1) != 1:
+        raise KernelError(f"block_table: int32 on {q.device} with a contiguous last dim, got {block_table.dtype} on "
+                          f"{block_table.device}")
+    check_vec(seq_lens, "seq_lens", B, q.device, LEN_DTYPES)
+    check_vec(route, "route", B, q.device, ROUTE_DTYPES)
+    pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact, softcap=softcap)
+    ring_c = ring_capacity(sink=sink, window=window, block=block, block_exact=block_exact)
+    if block_table.shape[1] * page < ring_c:
+        raise KernelError(f"block_table has {block_table.shape[1]} pages of {page} per sequence, fewer than a "
+                          f"sparse sequence's ring of {ring_c} slots needs")
+    _check_device(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (B, Hq, 1, D)
+    if B == 0 or Hq == 0:
+        return out
+    cfg = dict(_config or decode_config(D, q.dtype, q.device))
+    waves = cfg.pop("SPLIT_WAVES", 4)
+    if num_splits is None:
+        num_splits = default_num_splits(B, Hkv, block_table.shape[1] * page, cfg["BLOCK_N"], q.device, waves)
+    num_splits = _check_splits(num_splits)
+    group = Hq // Hkv
+    block_g = max(16, 1 << (group - 1).bit_length())
+    direct = num_splits == 1
+    if direct:
+        part_o = part_lse = out  # unused
+    else:
+        part_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)  # (B, Hq, S, D)
+        part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)  # (B, Hq, S)
+    args = _pattern_args(pat, scale)
+    del args["nw"]
+    tk = _kernels()
+    tk._paged_decode_kernel[(num_splits, B * Hkv)](
+        q, k_pages, v_pages, part_o, part_lse, out, _route_arg(route), seq_lens.contiguous(), block_table,
+        q.stride(0), q.stride(1), k_pages.stride(1), k_pages.stride(2), v_pages.stride(1), v_pages.stride(2),
+        block_table.stride(0), out.stride(0), out.stride(1), Hq, Hkv, group, num_splits, **args, ring_c=ring_c,
+        HEAD_DIM=D, BLOCK_G=block_g, PAGE=page, BLOCK_EXACT=pat.block_exact, SA_BLOCK=pat.block,
+        HAS_SOFTCAP=pat.softcap > 0, DOT_PREC=_dot_prec(q.dtype), DIRECT=direct, **cfg)
+    if direct:
+        return out
+    block_s = max(16, 1 << (num_splits - 1).bit_length())
+    tk._combine_kernel[(B * Hq,)](part_o, part_lse, out, Hq, num_splits, out.stride(0), out.stride(1),
+                                  HEAD_DIM=D, BLOCK_S=block_s, num_warps=4 if block_s <= 64 else 8)
+    return out
 
 
 def routed_prefill_dispatch(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: int, window: int, block: int,

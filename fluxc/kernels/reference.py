@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from fluxc.patterns import ring_key, ring_valid, sa_allowed
+from fluxc.patterns import ring_capacity, ring_key, ring_valid, sa_allowed
 
 from ._common import LEN_DTYPES, ROUTE_DTYPES, check_qkv, check_vec, resolve_pattern
 from .errors import KernelError
@@ -154,3 +154,45 @@ def executed_pairs(route, kv_lens, q_lens, Tq: int, Tk: int, **pattern) -> int:
     """Number of allowed (query, key) pairs summed over the batch (per head): the work a
     mask-aware kernel must do.  Dense; for large sizes use ``executed_pairs_streaming``."""
     return int(allowed_mask(route, kv_lens, q_lens, Tq, Tk, **pattern).sum())
+
+
+def paged_gather(pages, block_table) -> torch.Tensor:
+    """(B, Hkv, W * page_size, D): each sequence's slots in order, read through its block table. pages
+    (num_pages, page_size, Hkv, D), block_table (B, W) int32."""
+    page = pages.shape[1]
+    rows = (block_table.to(torch.int64)[:, :, None] * page + torch.arange(page, device=pages.device)).flatten(1)
+    return pages.flatten(0, 1)[rows].transpose(1, 2)  # (B, S, Hkv, D) -> (B, Hkv, S, D)
+
+
+def paged_valid(seq_lens, route, slots: int, *, sink: int, window: int, block: int, block_exact: bool) -> torch.Tensor:
+    """(B, slots) bool: slot j of a sequence holds a key its decode query attends. Full attention (route): keys
+    0..n-1 at slots 0..n-1; sparse: the ring's slots, as ``fluxc.patterns.ring_valid`` says."""
+    n = seq_lens.to(torch.int64)[:, None]  # (B, 1)
+    j = torch.arange(slots, device=seq_lens.device)[None, :]  # (1, S)
+    ring = (j < ring_capacity(sink, window)) & ring_valid(j, n - 1, sink=sink, window=window, block=block,
+                                                           block_exact=block_exact)
+    return torch.where(route.to(torch.bool)[:, None], j < n, ring)
+
+
+def routed_decode_paged_reference(q, k_pages, v_pages, block_table, seq_lens, route, *, scale: float, sink: int,
+                                  window: int, block: int, block_exact: bool, softcap: float = 0.0,
+                                  compute_dtype=None) -> torch.Tensor:
+    """``routed_decode_paged``'s semantics, dense: q (B, Hq, 1, D); zeros where seq_lens[b] == 0."""
+    resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact, softcap=softcap)
+    k, v = paged_gather(k_pages, block_table), paged_gather(v_pages, block_table)  # (B, Hkv, S, D)
+    valid = paged_valid(seq_lens, route, k.shape[2], sink=sink, window=window, block=block,
+                        block_exact=block_exact)  # (B, S)
+    cd = compute_dtype or q.dtype
+    group = q.shape[1] // k.shape[1]
+    qc, kc, vc = q.to(cd), _expand_kv(k.to(cd), group), _expand_kv(v.to(cd), group)
+    s = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # (B, Hq, 1, S)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    sdt = torch.float64 if cd == torch.float64 else torch.float32
+    mask = valid[:, None, None, :]
+    s = s.to(sdt).masked_fill(~mask, float("-inf"))
+    row_any = valid.any(-1)[:, None, None, None]
+    pr = torch.where(row_any, torch.softmax(s, dim=-1), torch.zeros((), dtype=sdt, device=s.device)).to(cd)
+    # slots no one wrote may hold anything (NaN included): zero them so that 0 * NaN never reaches the output
+    out = torch.matmul(pr, torch.where(mask[:, :, 0, :, None], vc, torch.zeros((), dtype=cd, device=vc.device)))
+    return out.to(q.dtype)

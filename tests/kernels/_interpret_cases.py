@@ -105,4 +105,18 @@ def cases() -> dict[str, dict]:
                                    softcap=softcap)
         if "g4" in name or "g1-block" in name:
             out[f"ring-{name}"]["config"] = dict(BLOCK_N=16, num_warps=4, num_stages=1, SPLIT_WAVES=2)
+    # paged decode (shared pool, block tables): routes mixed in one launch, pages smaller than, equal to and
+    # larger than a key block, the ring wrapping, n == 0
+    paged = [  # name, dtype, group, Hkv, sink, window, block, block_exact, page, n, route, num_splits
+        ("fp32-g1-token-page8", "fp32", 1, 2, 5, 24, 8, False, 8, [0, 3, 29, 30, 130], [1, 0, 0, 1, 0], 3),
+        ("fp16-g4-block-page16", "fp16", 4, 1, 16, 24, 8, True, 16, [5, 40, 41, 97, 200, 17], [0, 1, 0, 0, 1, 0],
+         None),
+        ("fp16-g8-block-page32", "fp16", 8, 1, 8, 16, 8, True, 32, [1, 9, 33, 72, 150], [1, 0, 0, 1, 0], 2),
+    ]
+    for name, dtype, group, Hkv, sink, window, block, be, page, n, route, splits in paged:
+        seed += 1
+        out[f"paged-{name}"] = dict(kind="paged", seed=seed, dtype=dtype, D=64, group=group, Hkv=Hkv, sink=sink,
+                                    window=window, block=block, block_exact=be, page=page, n=n, route=route,
+                                    num_splits=splits)
+    out["paged-fp16-g4-block-page16"]["config"] = dict(BLOCK_N=16, num_warps=4, num_stages=1, SPLIT_WAVES=2)
     return out

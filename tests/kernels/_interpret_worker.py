@@ -17,13 +17,15 @@ from _interpret_cases import cases  # noqa: E402
 from _kernel_harness import (  # noqa: E402
     load_kernels,
     run_decode_case,
+    run_paged_case,
     run_prefill_case,
     run_ring_case,
     run_skip_case,
     run_varlen_case,
 )
 
-RUN = {"prefill": run_prefill_case, "decode": run_decode_case, "varlen": run_varlen_case, "ring": run_ring_case}
+RUN = {"prefill": run_prefill_case, "decode": run_decode_case, "varlen": run_varlen_case, "ring": run_ring_case,
+       "paged": run_paged_case}
 
 
 def main(path: str) -> None:

@@ -300,3 +300,54 @@ def run_ring_case(K, case: dict, device: str) -> dict:
     if not rep["ring_ref_err"] <= 1e-9:
         rep["ok"] = False
     return rep
+
+
+def run_paged_case(K, case: dict, device: str) -> dict:
+    """routed_decode_paged on a shared page pool (pages handed out in shuffled order, unused slots NaN), every
+    sequence with its own route: full sequences' tables cover keys 0..n-1, sparse ones' their ring (built as
+    `_ring_from_dense` does). Against the dense decode reference (routed_decode_reference with the same routes)
+    in float64; PyTorch's own error is that reference in the low-precision dtype. Also checks the paged
+    reference against the dense one."""
+    attn = submodule(K, "attention")
+    ref = submodule(K, "reference")
+    common = submodule(K, "_common")
+    g = torch.Generator(device="cpu").manual_seed(case["seed"])
+    n, route_list, page = case["n"], case["route"], case["page"]
+    B, Hkv, grp, D = len(n), case["Hkv"], case["group"], case["D"]
+    dt = DTYPES[case["dtype"]]
+    pk = dict(sink=case["sink"], window=case["window"], block=case["block"], block_exact=case["block_exact"])
+    C = common.ring_capacity(**pk)
+    Tk = max(max(n), C, 1)
+    q = torch.randn(B, Hkv * grp, 1, D, generator=g).to(device, dt)
+    k = torch.randn(B, Hkv, Tk, D, generator=g).to(device, dt)
+    v = torch.randn(B, Hkv, Tk, D, generator=g).to(device, dt)
+    kr, vr = _ring_from_dense(K, k, v, n, case)  # (B, Hkv, C, D), NaN where nothing may be read
+    width = max(-(-Tk // page), -(-C // page))
+    num_pages = B * width + 3
+    order = torch.randperm(num_pages, generator=g).tolist()  # pages out of order, as a pool hands them out
+    k_pages = torch.full((num_pages, page, Hkv, D), float("nan"), dtype=dt, device=device)
+    v_pages = k_pages.clone()
+    table = torch.zeros(B, width, dtype=torch.int32)
+    for b in range(B):
+        src_k, src_v, slots = (k[b], v[b], n[b]) if route_list[b] else (kr[b], vr[b], C)
+        for j in range(-(-slots // page)):
+            pid = order.pop()
+            table[b, j] = pid
+            hi = min(page, slots - j * page, src_k.shape[1] - j * page)
+            k_pages[pid, :hi] = src_k[:, j * page: j * page + hi].transpose(0, 1)
+            v_pages[pid, :hi] = src_v[:, j * page: j * page + hi].transpose(0, 1)
+    table = table.to(device)
+    lens = torch.tensor(n, dtype=torch.int32, device=device)
+    route = torch.tensor(route_list, dtype=torch.bool, device=device)
+    kw = dict(scale=D ** -0.5, **pk, softcap=case.get("softcap", 0.0))
+    out = attn.routed_decode_paged(q, k_pages, v_pages, table, lens, route, num_splits=case.get("num_splits"),
+                                   _config=case.get("config"), **kw)
+    ref64 = ref.routed_decode_reference(q.double(), k.double(), v.double(), route, lens, **kw)
+    low = ref.routed_decode_reference(q, k, v, route, lens, **kw)
+    rep = error_report(out, ref64, low, q.dtype)
+    paged64 = ref.routed_decode_paged_reference(q.double(), k_pages.double(), v_pages.double(), table, lens, route,
+                                                **kw)
+    rep["paged_ref_err"] = (paged64 - ref64).abs().max().item()
+    if not rep["paged_ref_err"] <= 1e-9:
+        rep["ok"] = False
+    return rep
