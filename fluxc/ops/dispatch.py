@@ -48,16 +48,25 @@ def is_key_mask(attn_mask: Tensor | None, is_causal: bool) -> bool:
             and attn_mask.shape[1] == 1 and attn_mask.shape[2] == 1)
 
 
-def unsupported_reason(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool,
-                       bottom_right: bool = False, explicit: bool = False) -> str | None:
-    """Why the kernels cannot run this call, or None when they can. float32 runs only where asked for
-    (`explicit`): `auto` keeps float32 models on the reference, whose matmuls are full float32."""
-    q_len, kv_len, head_dim = q.shape[2], k.shape[2], q.shape[3]
+def _operand_reason(q: Tensor, explicit: bool) -> str | None:
+    """The kernels' head dims and dtypes. float32 runs only where asked for (`explicit`): `auto` keeps float32
+    models on the reference, whose matmuls are full float32."""
+    head_dim = q.shape[3]
     if head_dim not in (64, 128):
         return f"head_dim={head_dim} (kernels take 64 or 128)"
     dtypes = (torch.float16, torch.bfloat16, torch.float32) if explicit else (torch.float16, torch.bfloat16)
     if q.dtype not in dtypes:
         return f"dtype {q.dtype} (kernels take {', '.join(str(d).split('.')[-1] for d in dtypes)})"
+    return None
+
+
+def unsupported_reason(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                       bottom_right: bool = False, explicit: bool = False) -> str | None:
+    """Why the kernels cannot run this call, or None when they can."""
+    why = _operand_reason(q, explicit)
+    if why is not None:
+        return why
+    q_len, kv_len = q.shape[2], k.shape[2]
     if is_key_mask(attn_mask, is_causal):
         return None
     if attn_mask is not None:
@@ -121,3 +130,15 @@ def run_cache_kernel(impl: str, q: Tensor, k_store: Tensor, v_store: Tensor, len
     if ring:
         return triton_kernels.routed_decode_ring(q, k_store, v_store, kv_lens, **common)
     return triton_kernels.routed_decode(q, k_store, v_store, route, kv_lens, **common)
+
+
+def run_paged_kernel(impl: str, q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table: Tensor, seq_lens: Tensor,
+                     route: Tensor, spec: SiteSpec, *, explicit: bool) -> Tensor | None:
+    """Decode over the paged cache with the Triton kernel, or None after logging why not."""
+    why = _operand_reason(q, explicit)
+    if why is None and impl == "flex":
+        why = "the FlexAttention lowering has no paged decode"
+    if why is not None:
+        return _decline(impl, why, explicit, "this decode step", "paged attention")
+    return triton_kernels.routed_decode_paged(q, k_pages, v_pages, block_table.to(torch.int32), seq_lens, route,
+                                              scale=spec.scale, softcap=spec.softcap, **spec.rule)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 Node = fx.Node
 
@@ -24,6 +25,32 @@ def shape_of(node: Any) -> tuple[int, ...] | None:
     if isinstance(value, torch.Tensor):
         return tuple(int(s) if isinstance(s, int) or not hasattr(s, "node") else s for s in value.shape)
     return None
+
+
+def same_size(a: object, b: object) -> bool:
+    """Sizes equal for every value the shape env allows. The pass reads shapes of graphs traced with dynamic
+    sizes: a plain == on a SymInt would add a guard (and a recompile for the size it excludes)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:  # noqa: BLE001  (a size the shape env cannot compare is treated as different)
+        return False
+
+
+def same_shape(a: tuple | None, b: tuple | None) -> bool:
+    """Shapes of equal rank whose sizes are `same_size`."""
+    return a is not None and b is not None and len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
+def known_less(a: object, b: object) -> bool:
+    """a < b for every value the shape env allows (no guard added)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a < b
+    try:
+        return bool(statically_known_true(a < b))
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def is_target(node: Any, *names: str) -> bool:

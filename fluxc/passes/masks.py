@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fluxc.passes.graph import arg, is_target, meta_value, shape_of
+from fluxc.passes.graph import arg, is_target, meta_value, same_size, shape_of
 
 Node = fx.Node
 
@@ -33,15 +32,6 @@ class CausalKeyMask:
     q_index: Node  # (Tq,) integer positions of the queries, arange + offset
     k_index: Node  # (Tk,) integer positions of the keys, arange + offset
     key_factors: tuple[Node, ...]  # bool, each broadcastable to (B, 1, 1, Tk)
-
-
-def _same(a: object, b: object) -> bool:
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    try:
-        return bool(statically_known_true(a == b))  # SymInts: equal for every value the shape env allows
-    except Exception:  # noqa: BLE001  (a size the shape env cannot compare is treated as different)
-        return False
 
 
 def _same_dtype_source(node: Node) -> Node | None:
@@ -107,7 +97,7 @@ def _affine_arange(node: object) -> bool:
             if is_target(node, "sub", "__sub__") and vector is not a:
                 return False  # c - arange counts down
             other_shape = () if not isinstance(other, Node) or _is_symbolic_size(other) else shape_of(other)
-            if other_shape is None or len(other_shape) > 1 or (len(other_shape) == 1 and not _same(other_shape[0], 1)):
+            if other_shape is None or len(other_shape) > 1 or (len(other_shape) == 1 and not same_size(other_shape[0], 1)):
                 return False
             node = vector
             continue
@@ -120,7 +110,7 @@ def _index_vector(node: object, axis: int) -> Node | None:
     if not isinstance(node, Node):
         return None
     shape = shape_of(node)
-    if shape is None or len(shape) != 4 or not all(_same(s, 1) for i, s in enumerate(shape) if i != axis):
+    if shape is None or len(shape) != 4 or not all(same_size(s, 1) for i, s in enumerate(shape) if i != axis):
         return None
     for _ in range(6):
         if not isinstance(node, Node):
@@ -147,9 +137,9 @@ def read_causal_key_mask(mask: Node, q_len: object, kv_len: object) -> CausalKey
     """The structure of a bool site mask (B', 1, Tq, Tk), or None when it is not causal AND per-key terms."""
     value = meta_value(mask)
     shape = shape_of(mask)
-    if value is None or value.dtype != torch.bool or shape is None or len(shape) != 4 or not _same(shape[1], 1):
+    if value is None or value.dtype != torch.bool or shape is None or len(shape) != 4 or not same_size(shape[1], 1):
         return None
-    if not (_same(shape[2], q_len) and _same(shape[3], kv_len)):
+    if not (same_size(shape[2], q_len) and same_size(shape[3], kv_len)):
         return None
     terms: list[object] = []
     _and_terms(mask, terms)
@@ -165,14 +155,14 @@ def read_causal_key_mask(mask: Node, q_len: object, kv_len: object) -> CausalKey
             k_index, q_index = _index_vector(low, 3), _index_vector(high, 2)
             if k_index is None or q_index is None:
                 return None
-            if not (_same(shape_of(k_index)[0], kv_len) and _same(shape_of(q_index)[0], q_len)):
+            if not (same_size(shape_of(k_index)[0], kv_len) and same_size(shape_of(q_index)[0], q_len)):
                 return None
             causal = (q_index, k_index)
             continue
         term_shape = shape_of(term)
         term_value = meta_value(term)
         if (term_shape is not None and len(term_shape) == 4 and term_value is not None
-                and term_value.dtype == torch.bool and all(_same(term_shape[i], 1) for i in (1, 2))):
+                and term_value.dtype == torch.bool and all(same_size(term_shape[i], 1) for i in (1, 2))):
             factors.append(term)  # depends on (batch, key) only: a per-key factor, whatever computes it
             continue
         return None

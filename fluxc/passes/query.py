@@ -19,7 +19,16 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from fluxc.passes.graph import is_parameter, is_parameter_like, is_target, meta_value, shape_of
+from fluxc.passes.graph import (
+    is_parameter,
+    is_parameter_like,
+    is_target,
+    known_less,
+    meta_value,
+    same_shape,
+    same_size,
+    shape_of,
+)
 
 Node = fx.Node
 
@@ -111,7 +120,7 @@ def _labels(node: Node, projection: Node, cone: set[Node], head_dim: int, memo: 
         result = _labels(source, projection, cone, head_dim, memo) if source in cone else None
     else:
         sources = [n for n in node.all_input_nodes if n in cone]
-        primary = next((n for n in sources if shape_of(n) == shape), sources[0] if sources else None)
+        primary = next((n for n in sources if same_shape(shape_of(n), shape)), sources[0] if sources else None)
         labels = _labels(primary, projection, cone, head_dim, memo) if primary is not None else None
         in_shape = shape_of(primary) if primary is not None else None
         if labels is not None and shape is not None and in_shape is not None:
@@ -144,7 +153,7 @@ def _transfer(node: Node, labels: tuple, in_shape: tuple, out_shape: tuple, head
             return labels if all(isinstance(i, slice) or i is Ellipsis for i in index) and len(in_shape) == len(out_shape) else None
         kept = [lab for lab, i in zip(labels, index) if not isinstance(i, int)] + list(labels[len(index):])
         return tuple(kept) if len(kept) == len(out_shape) else None
-    if in_shape == out_shape or (len(in_shape) == len(out_shape) and is_target(node, *_SAME_LAYOUT)):
+    if same_shape(in_shape, out_shape) or (len(in_shape) == len(out_shape) and is_target(node, *_SAME_LAYOUT)):
         return labels
     return None
 
@@ -154,7 +163,7 @@ def _reshape_labels(labels: tuple, in_shape: tuple, out_shape: tuple, head_dim: 
     out: list[str] = []
     i = j = 0
     while i < len(in_shape) and j < len(out_shape):
-        if in_shape[i] == out_shape[j]:
+        if same_size(in_shape[i], out_shape[j]):
             out.append(labels[i])
             i += 1
             j += 1
@@ -162,17 +171,17 @@ def _reshape_labels(labels: tuple, in_shape: tuple, out_shape: tuple, head_dim: 
         # a C axis split into (..., H, D), e.g. a fused projection viewed as (3, H, D)
         if labels[i] == "C":
             size, m = 1, 0
-            while j + m < len(out_shape) and size < in_shape[i]:
+            while j + m < len(out_shape) and known_less(size, in_shape[i]):
                 size *= out_shape[j + m]
                 m += 1
-            if size == in_shape[i] and m >= 2 and out_shape[j + m - 1] == head_dim:
+            if same_size(size, in_shape[i]) and m >= 2 and same_size(out_shape[j + m - 1], head_dim):
                 out.extend(["?"] * (m - 2) + ["H", "D"])
                 i += 1
                 j += m
                 continue
         # (H, D) merged into C
         if i + 1 < len(in_shape) and labels[i] == "H" and labels[i + 1] == "D" \
-                and in_shape[i] * in_shape[i + 1] == out_shape[j]:
+                and same_size(in_shape[i] * in_shape[i + 1], out_shape[j]):
             out.append("C")
             i += 2
             j += 1
@@ -210,9 +219,9 @@ def locate_query(q: Node, content: ContentAnalysis, q_heads: int, head_dim: int)
         shape = shape_of(node)
         if set(labels) == {"B", "T", "H", "D"} and len(labels) == 4:
             perm = tuple(labels.index(x) for x in ("B", "T", "H", "D"))
-            if shape[perm[2]] == q_heads and shape[perm[3]] == head_dim:
+            if same_size(shape[perm[2]], q_heads) and same_size(shape[perm[3]], head_dim):
                 return QueryInput(node, perm, merged_heads=False)
-        if len(labels) == 3 and set(labels) == {"B", "T", "C"} and shape[labels.index("C")] == q_heads * head_dim:
+        if len(labels) == 3 and set(labels) == {"B", "T", "C"} and same_size(shape[labels.index("C")], q_heads * head_dim):
             perm = tuple(labels.index(x) for x in ("B", "T", "C"))
             return QueryInput(node, perm, merged_heads=True)
     return "could not read the (batch, token, head, dim) layout of the pre-rotation query"

@@ -184,6 +184,17 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
         graph.lint()
         gm.recompile()
         return PassResult(infos, False)
+    views = _paged_views(graph)
+    if views and all(m.k in views and m.v in views for m in matches):
+        # A decode step over the paged cache: routes, tables and lengths are device data of the step, so one
+        # graph serves every routing mask (nothing to route or check here; the site's mask is not used).
+        for match in matches:
+            _rewrite_paged_site(graph, match, views[match.k], views[match.v], options.config)
+            counters["sites_rewritten"] += 1
+            counters["rewrite_paged_decode"] += 1
+        graph.lint()
+        gm.recompile()
+        return PassResult(infos, False)
     use_routers = options.route is None
     check_route(options.route, infos, use_routers)
     if use_routers:
@@ -314,6 +325,29 @@ def _rewrite_cache_site(graph: fx.Graph, match: SiteMatch, write: fx.Node, cfg: 
                                                    softmax_fp32=match.softmax_fp32, impl=cfg.impl)
         out = graph.call_function(torch.ops.fluxc.cache_attention.default,
                                   (match.q, k_store, v_store, lengths, route, layout, spec.encode()))
+    match.anchor.replace_all_uses_with(out)
+    _erase_dead_site(graph, match.anchor)
+
+
+def _paged_views(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
+    """The `fluxc::paged_view` nodes of a decode step over the paged cache (each is its own key)."""
+    return {node: node for node in graph.nodes
+            if node.op == "call_function"
+            and node.target in (torch.ops.fluxc.paged_view, torch.ops.fluxc.paged_view.default)}
+
+
+def _rewrite_paged_site(graph: fx.Graph, match: SiteMatch, k_view: fx.Node, v_view: fx.Node, cfg: FluxConfig) -> None:
+    """A decode site over the paged cache: one `paged_attention`, which reads the routes on the device."""
+    k_pages, table, lengths, route, view_spec = k_view.args
+    v_pages, *v_rest = v_view.args
+    if v_rest != [table, lengths, route, view_spec] or match.layout != "bhtd" or match.kind not in ("sdpa", "eager"):
+        raise RouteError(f"attention site {match.anchor.name} ({match.kind}) reads the paged cache in a form the "
+                         f"decode engine does not support; use fluxc.generate(..., engine=False)")
+    with graph.inserting_before(match.anchor):
+        spec = SiteSpec.decode(view_spec).replace(scale=match.scale, softcap=match.softcap, math=match.math,
+                                                  softmax_fp32=match.softmax_fp32, impl=cfg.impl)
+        out = graph.call_function(torch.ops.fluxc.paged_attention.default,
+                                  (match.q, k_pages, v_pages, table, lengths, route, spec.encode()))
     match.anchor.replace_all_uses_with(out)
     _erase_dead_site(graph, match.anchor)
 

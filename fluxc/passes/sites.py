@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from fluxc.passes.graph import arg, is_parameter_like, is_scalar, is_target, meta_value, shape_of
+from fluxc.passes.graph import (
+    arg,
+    is_parameter_like,
+    is_scalar,
+    is_target,
+    meta_value,
+    same_shape,
+    same_size,
+    shape_of,
+)
 
 Node = fx.Node
 
@@ -71,7 +80,7 @@ def _peel_repeat_kv(node: Node) -> tuple[Node, int]:
     if src is None or exp is None or out is None or len(src) != 4 or len(exp) != 5 or len(out) != 4:
         return node, 1
     b, hkv, t, d = src
-    if exp != (b, hkv, exp[2], t, d) or out != (b, hkv * exp[2], t, d):
+    if not same_shape(exp, (b, hkv, exp[2], t, d)) or not same_shape(out, (b, hkv * exp[2], t, d)):
         return node, 1
     return source, exp[2]
 
@@ -226,7 +235,8 @@ def match_eager(softmax: Node) -> SiteMatch | None:
     q_shape, k_shape, v_shape = shape_of(q), shape_of(k), shape_of(v)
     if q_shape is None or k_shape is None or v_shape is None or not (len(q_shape) == len(k_shape) == len(v_shape) == 4):
         return None
-    if q_shape[-1] != k_shape[-1] or k_shape[2] != v_shape[2] or k_shape[1] != v_shape[1]:
+    if not (same_size(q_shape[-1], k_shape[-1]) and same_size(k_shape[2], v_shape[2])
+            and same_size(k_shape[1], v_shape[1])):
         return None
     # Interpret the chain (matmul outward): scaling, then optional softcap (div c, tanh, mul c), then mask.
     ops = list(reversed(chain))
