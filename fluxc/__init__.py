@@ -13,6 +13,7 @@ from fluxc.api import FluxModule, compile, last_route, sites
 from fluxc.checkpoint import Fingerprint, read_checkpoint, save_routers
 from fluxc.config import FluxConfig
 from fluxc.errors import (
+    CapacityError,
     CheckpointError,
     CheckpointMismatchError,
     ConfigError,
@@ -23,6 +24,7 @@ from fluxc.errors import (
     MaskError,
     NoAttentionError,
     NotTracedError,
+    RequestError,
     RouteError,
 )
 from fluxc.passes import RouteState, SiteInfo
@@ -31,7 +33,7 @@ from fluxc.version import __version__
 # Serving and export import transformers (and export, on use, onnx and Inductor): loaded on first use, so that
 # `import fluxc` stays cheap and free of side effects.
 _LAZY = {
-    "DecodeEngine": "fluxc.serve.engine", "FluxCache": "fluxc.serve.engine", "SamplingConfig": "fluxc.serve.engine",
+    "DecodeEngine": "fluxc.serve.engine", "FluxCache": "fluxc.serve.cache", "SamplingConfig": "fluxc.serve.sampling",
     "generate": "fluxc.serve.generate",
     "export": "fluxc.exporter.program", "export_aoti": "fluxc.exporter.program", "export_onnx": "fluxc.exporter.program",
 }
@@ -47,7 +49,7 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
-    "CheckpointError", "CheckpointMismatchError", "DecodeEngine", "FluxCache", "SamplingConfig", "ConfigError", "CorruptCheckpointError", "Fingerprint",
+    "CapacityError", "CheckpointError", "CheckpointMismatchError", "RequestError", "DecodeEngine", "FluxCache", "SamplingConfig", "ConfigError", "CorruptCheckpointError", "Fingerprint",
     "FluxConfig", "FluxError", "FluxModule", "ImplementationError", "MaskError", "NoAttentionError", "NotTracedError",
     "RouteError", "RouteState", "SiteInfo", "compile", "generate", "last_route", "read_checkpoint",
     "save_routers", "sites", "__version__", "ExportError", "export", "export_aoti", "export_onnx",

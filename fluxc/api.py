@@ -70,8 +70,8 @@ class FluxModule(nn.Module):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' `generate()` running the routed graph with a `fluxc.FluxCache` (see
-        `fluxc.serve.engine.hf_generate`); `fluxc.generate` / `DecodeEngine` add CUDA graphs per routing mask."""
-        from fluxc.serve.engine import hf_generate  # the engine imports transformers: loaded on first use
+        `fluxc.serve.cache.hf_generate`); `fluxc.generate` / `DecodeEngine` add a paged cache and CUDA graphs."""
+        from fluxc.serve.cache import hf_generate  # transformers loads on first use
 
         return hf_generate(self, *args, **kwargs)
 

@@ -46,3 +46,11 @@ class ExportError(FluxError):
 
 class MaskError(FluxError, ValueError):
     """The model's attention mask has a form the chosen implementation cannot serve."""
+
+
+class CapacityError(FluxError):
+    """The decode engine's KV pages or batch slots cannot hold a request (raise num_pages / max_batch)."""
+
+
+class RequestError(FluxError):
+    """One request of a batch failed (its own error attached); the batch's other requests are unaffected."""

@@ -1,6 +1,8 @@
-"""The decode engine: compacted caches (SA layers evicted to sink + window) give exactly the tokens and
-logits of SA without eviction (HF DynamicCache + the routed op), per-sequence routes in one batch, the
-graph cache keyed by the routing mask, sampling, memory following the routes, and clear errors."""
+"""The decode engine: a paged cache (sparse layers keep their sink + window ring) gives exactly the tokens and
+logits of SA without eviction (HF DynamicCache + the routed op); one compile of the prefill serves every prompt
+length and one of the decode step every routing mask and batch bucket; prompts of different lengths share
+decode steps (continuous batching) and give each its own answer; pages follow routes and come back; sampling,
+EOS and clear errors. transformers' generate() with a FluxCache (compacted per routing mask) at the end."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from test_hf_models import _routers_with_mixed_decisions
 from transformers import DynamicCache
 
 import fluxc
-from fluxc.serve.engine import DecodeEngine, FluxCache
+from fluxc.serve.cache import FluxCache
+from fluxc.serve.engine import DecodeEngine
 
 from hf_models import batch, tiny_model
 
@@ -35,6 +38,11 @@ def _no_eviction_logits(fm, ids, mask, tokens):
 
 
 MIXED = ("sparse", "full", "sparse")
+PAGE = 4  # small pages: the tiny prompts span several, the rings (6 and 8 slots) two
+
+
+def _engine(fm, **kw) -> DecodeEngine:
+    return DecodeEngine(fm, max_batch=kw.pop("max_batch", 4), max_len=kw.pop("max_len", 96), page_size=PAGE, **kw)
 
 
 @pytest.mark.parametrize("arch,impl,cfg,route", [
@@ -45,7 +53,7 @@ def test_eviction_matches_sa_without_eviction(arch, impl, cfg, route):
     model = tiny_model(arch, impl)
     ids, mask = batch(seq=12, left_pad=3)
     fm = fluxc.compile(model, config=cfg, route=route)
-    engine = DecodeEngine(fm)
+    engine = _engine(fm)
     new = 12  # past the ring's size several times over
     state = engine.prefill(ids, attention_mask=mask, max_new_tokens=new)
     step_logits: list[torch.Tensor] = []
@@ -53,10 +61,9 @@ def test_eviction_matches_sa_without_eviction(arch, impl, cfg, route):
     expected = _no_eviction_logits(fluxc.compile(model, config=cfg, route=route), ids, mask, tokens)
     torch.testing.assert_close(torch.stack(step_logits, 1), expected[:, 1:].float(), atol=1e-5, rtol=1e-5)
     assert torch.equal(tokens, expected.argmax(-1))  # greedy: every token is the argmax of exact logits
-    layouts = state.cache.layouts()
-    names = {"full": "full", "sparse": "sparse-ring"}
-    assert layouts == ([names[route]] * 3 if isinstance(route, str) else [names[r] for r in route])
-    assert engine.stats["graphs_built"] == 1 and engine.stats["eager_steps"] == new - 1
+    full = [route == "full"] * 3 if isinstance(route, str) else [r == "full" for r in route]
+    assert [list(engine.routes_of(r)) for r in state.requests] == [full, full]
+    assert engine.stats["eager_steps"] == new - 1 and engine.pages_in_use() == 0  # every page back at the end
 
 
 def test_generate_uses_the_engine_and_matches_the_dynamic_cache_loop():
@@ -64,66 +71,75 @@ def test_generate_uses_the_engine_and_matches_the_dynamic_cache_loop():
     ids, mask = batch(seq=10, left_pad=2)
     fm = fluxc.compile(model, config=SMALL, route=("full", "sparse", "sparse"))
     got = fluxc.generate(fm, ids, 9, attention_mask=mask)
-    assert fm._fluxc_engine is not None and fm._fluxc_engine.stats["graphs_built"] == 1
+    assert fm._fluxc_engine is not None and fm._fluxc_engine.stats["prefills"] == 2
     expected = fluxc.generate(fm, ids, 9, attention_mask=mask, engine=False)
     assert torch.equal(got, expected)
 
 
 def test_memory_follows_the_routes():
+    """Pages per request: a full layer one per PAGE keys, a sparse one its ring's (sink + window), and no more."""
     model = tiny_model("llama", "sdpa")
-    ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(3))
-    sizes = {}
+    prompt = torch.randint(1, 128, (40,), generator=torch.Generator().manual_seed(3))
+    pages = {}
     for route in ("full", "sparse", ("full", "sparse", "sparse")):
-        engine = DecodeEngine(fluxc.compile(model, config=SMALL, route=route))
-        sizes[route] = engine.prefill(ids, max_new_tokens=8).cache.nbytes()
-    per_layer_full = sizes["full"] / 3
-    ring = 2 * 2 * 2 * (SMALL.sink + SMALL.window) * 16 * 4  # K and V, (B, Hkv, C, D) fp32
-    assert sizes["sparse"] == 3 * ring
-    assert sizes[("full", "sparse", "sparse")] == per_layer_full + 2 * ring
-    assert per_layer_full == 2 * 2 * 2 * 256 * 16 * 4  # capacity 40 + 8 rounded up to 256
+        engine = _engine(fluxc.compile(model, config=SMALL, route=route))
+        request = engine.add_request(prompt, max_new_tokens=8)
+        pages[route] = engine.pages_in_use()
+        assert engine.kv_bytes(request) == pages[route] * engine.pool.page_bytes
+        engine.finish(request)
+        assert engine.pages_in_use() == 0
+    ring = -(-(SMALL.sink + SMALL.window) // PAGE)  # 6 slots: 2 pages
+    assert pages["full"] == 3 * (40 // PAGE) and pages["sparse"] == 3 * ring
+    assert pages[("full", "sparse", "sparse")] == 40 // PAGE + 2 * ring
 
 
-@torch.no_grad()
-def test_prompt_cache_is_freed_layer_by_layer_and_evicted_buffers_go():
-    """Compaction frees each prompt layer once copied (peak: prompt cache + one layer, not + the decode cache);
-    an evicted or cleared graph's buffers are freed (nothing else, the backend included, keeps them)."""
-    import weakref
-
+def test_one_compile_serves_every_length_and_routing_mask(tmp_path):
+    """Prompts of many lengths whose routers pick different masks: after the first prompt (one prefill compile,
+    one decode compile), nothing traces or compiles again; the masks seen differ."""
     model = tiny_model("llama", "sdpa")
-    ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(3))
-    fm = fluxc.compile(model, config=SMALL, route=("full", "sparse", "sparse"))
-    prompt = FluxCache(SMALL)
-    fm(input_ids=ids, past_key_values=prompt, use_cache=True)
-    layers = list(prompt.flux_layers)
-    seen: list[int] = []
+    ids, mask = batch(left_pad=3)
+    cfg = SMALL.replace(router_hidden=(32, 16, 16, 8), pool_size=4)
+    routers = _routers_with_mixed_decisions(model, ids, mask, cfg, 16)
+    path = tmp_path / "routers.safetensors"
+    fluxc.save_routers(path, routers, cfg, fluxc.Fingerprint(type(model).__name__, 3, 4, 2, 16), {"test": "mixed"})
+    fm = fluxc.compile(model, str(path), config=cfg)
+    engine = _engine(fm)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, 128, (n,), generator=g) for n in (7, 12, 19, 26, 33, 9, 41, 15)]
+    outs = engine.generate(prompts[:1], 5)
+    assert fm._backend.graphs == 2  # the prefill (dynamic length) and the decode step (dynamic batch)
+    outs += engine.generate(prompts[1:], 5)
+    assert fm._backend.graphs == 2, "a new length, batch bucket or routing mask traced or compiled again"
+    assert engine.stats["prefills"] == len(prompts) and set(engine.buckets) >= {2, 4}
+    masks = set()
+    for prompt, out in zip(prompts, outs):  # each answer is the prompt's alone (SA without eviction, batch 1)
+        assert torch.equal(out, fluxc.generate(fm, prompt[None], 5, engine=False)[0])
+        masks.add(tuple(bool(x) for x in fluxc.last_route(fm)[0].tolist()))
+    assert len(masks) > 1, "the routers should pick more than one routing mask over these prompts"
 
-    def copy_and_watch(dst, src):
-        seen.append(sum(layer.keys is not None for layer in layers))  # prompt layers still held at this copy
-        return src
 
-    routes = torch.tensor([[True, False, False]] * 2)
-    prompt_keys = [weakref.ref(layer.keys) for layer in layers]
-    original = torch.Tensor.copy_
-    torch.Tensor.copy_ = lambda self, src, *a, **k: original(self, copy_and_watch(self, src), *a, **k)
-    try:
-        prompt.compact(routes, torch.full((2,), 40), 256)
-    finally:
-        torch.Tensor.copy_ = original
-    assert seen[:6:2] == [3, 2, 1]  # keys of layer i are copied while layers i.. are still held
-    assert all(ref() is None for ref in prompt_keys) and prompt.layouts() == ["full", "sparse-ring", "sparse-ring"]
-
-    engine = DecodeEngine(fluxc.compile(model, config=SMALL, route="sparse"), max_graphs=1)
-    a = engine.prefill(ids, max_new_tokens=4)
-    engine.decode(a, 2)
-    buffers = [weakref.ref(t) for layer in a.cache.flux_layers for t in (layer.keys, layer.values)]
-    del a
-    engine.prefill(ids[:1], max_new_tokens=4)  # another key: evicts the first graph and its cache
-    assert all(ref() is None for ref in buffers)
-    b = engine.prefill(ids[:1], max_new_tokens=4)
-    buffers = [weakref.ref(t) for layer in b.cache.flux_layers for t in (layer.keys, layer.values)]
-    del b
-    engine.clear()
-    assert not engine.entries and all(ref() is None for ref in buffers)
+def test_prompts_of_different_lengths_share_decode_steps_and_free_their_pages(tmp_path):
+    """More prompts than slots: each joins when a slot frees (continuous batching); every answer equals the
+    prompt's alone; the pool ends empty."""
+    model = tiny_model("llama", "sdpa")
+    ids, mask = batch(left_pad=3)
+    cfg = SMALL.replace(router_hidden=(32, 16, 16, 8), pool_size=4)
+    routers = _routers_with_mixed_decisions(model, ids, mask, cfg, 16)
+    path = tmp_path / "routers.safetensors"
+    fluxc.save_routers(path, routers, cfg, fluxc.Fingerprint(type(model).__name__, 3, 4, 2, 16), {"test": "mixed"})
+    fm = fluxc.compile(model, str(path), config=cfg)
+    engine = _engine(fm, max_batch=2)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(1, 128, (n,), generator=g) for n in (9, 23, 14, 30, 6)]
+    outs = engine.generate(prompts, 7)
+    routes = set()
+    for prompt, out in zip(prompts, outs):
+        alone = fluxc.generate(fm, prompt[None], 7, engine=False)[0]
+        routes.add(tuple(bool(x) for x in fluxc.last_route(fm)[0].tolist()))
+        assert torch.equal(out, alone)
+    assert len(routes) > 1, "the routers should pick more than one mask over these prompts"
+    assert engine.pages_in_use() == 0 and engine.stats["prefills"] == len(prompts)
+    assert max(engine.buckets) == 2
 
 
 def test_mixed_routes_in_one_batch_give_each_sequence_its_own_tokens(tmp_path):
@@ -133,34 +149,15 @@ def test_mixed_routes_in_one_batch_give_each_sequence_its_own_tokens(tmp_path):
     routers = _routers_with_mixed_decisions(model, ids, mask, cfg, 16)
     path = tmp_path / "routers.safetensors"
     fluxc.save_routers(path, routers, cfg, fluxc.Fingerprint(type(model).__name__, 3, 4, 2, 16), {"test": "mixed"})
-    engine = DecodeEngine(fluxc.compile(model, str(path), config=cfg))
-    both = engine.generate(ids, 8, attention_mask=mask)
-    route = engine.entries[next(iter(engine.entries))].key.routes
-    assert route[0] != route[1], "the two sequences should take different routes"
-    assert "mixed" in engine.entries[next(iter(engine.entries))].cache.layouts()
+    engine = _engine(fluxc.compile(model, str(path), config=cfg))
+    state = engine.prefill(ids, attention_mask=mask, max_new_tokens=8)
+    assert engine.routes_of(state.requests[0]) != engine.routes_of(state.requests[1]), \
+        "the two sequences should take different routes"
+    both = torch.cat([state.next_tokens, engine.decode(state, 7)], dim=1)
     pads = int((mask == 0).sum(1)[1])
     alone = [engine.generate(ids[:1], 8), engine.generate(ids[1:, pads:], 8)]
-    assert torch.equal(both[0, 12:], alone[0][0, 12:])
-    assert torch.equal(both[1, 12:], alone[1][0, 12 - pads:])
-    keys = list(engine.entries)
-    assert len(keys) == 3 and keys[1].routes == (route[0],) and keys[2].routes == (route[1],)
-
-
-def test_graph_cache_is_keyed_by_mask_and_bounded():
-    model = tiny_model("llama", "sdpa")
-    ids, mask = batch(seq=10, left_pad=0)
-    engine = DecodeEngine(fluxc.compile(model, config=SMALL, route="sparse"), max_graphs=1)
-    a = engine.prefill(ids, max_new_tokens=4)
-    first = engine.decode(a, 3)
-    b = engine.prefill(ids[:1], max_new_tokens=4)  # another key (batch 1): evicts a's graph and cache
-    assert engine.stats["graphs_evicted"] == 1 and list(engine.entries) == [b.key]
-    with pytest.raises(fluxc.ConfigError, match="reused by a later prefill or evicted"):
-        engine.decode(a, 1)
-    assert torch.equal(engine.decode(b, 3)[0], first[0])
-    c = engine.prefill(ids[:1], max_new_tokens=4)  # same key: the entry (and its graph) is reused
-    assert c.key == b.key and engine.stats["graph_hits"] == 1
-    with pytest.raises(fluxc.ConfigError, match="reused by a later prefill"):
-        engine.decode(b, 1)
+    assert torch.equal(both[0], alone[0][0, 12:])
+    assert torch.equal(both[1], alone[1][0, 12 - pads:])
 
 
 def test_sampling_top_k_one_is_greedy_and_seeded_sampling_matches_the_dynamic_loop():
@@ -194,7 +191,7 @@ def test_eos_stops_and_pads():
 def test_engine_errors():
     model = tiny_model("llama", "sdpa")
     ids, mask = batch(seq=8, left_pad=2)
-    engine = DecodeEngine(fluxc.compile(model, config=SMALL, route="full"))
+    engine = _engine(fluxc.compile(model, config=SMALL, route="full"), max_batch=2)
     right = mask.flip(1)
     with pytest.raises(fluxc.ConfigError, match="left-padded"):
         engine.prefill(ids, attention_mask=right, max_new_tokens=2)
@@ -204,15 +201,58 @@ def test_engine_errors():
         engine.generate(ids, 2, do_sample=True, temperature=0.0)
     with pytest.raises(fluxc.ConfigError, match="FluxModule"):
         DecodeEngine(model)
+    with pytest.raises(fluxc.ConfigError, match="max_batch=0"):
+        DecodeEngine(engine.model, max_batch=0)
+    with pytest.raises(fluxc.CapacityError, match="exceeds max_len=96"):
+        engine.generate([torch.ones(90, dtype=torch.long)], 10)
+    with pytest.raises(fluxc.ConfigError, match="1-D integer tensor"):
+        engine.generate([torch.ones(2, 3)], 2)
     state = engine.prefill(ids, max_new_tokens=2)
     with pytest.raises(fluxc.ConfigError, match="max_new_tokens"):
         engine.decode(state, 5)
+    with pytest.raises(fluxc.CapacityError, match="decode slots are taken"):
+        engine.add_request(ids[0], 2)
+    engine.decode(state, 1)
+    assert engine.pages_in_use() == 0
+    small = DecodeEngine(engine.model, max_batch=2, max_len=96, page_size=PAGE, num_pages=4)
+    with pytest.raises(fluxc.CapacityError, match="pages"):
+        small.generate([torch.ones(40, dtype=torch.long)], 2)
     sliding = fluxc.compile(tiny_model("mistral", "sdpa"), config=SMALL, route="full")
     with pytest.raises(fluxc.ConfigError, match="sliding-window"):
         DecodeEngine(sliding)
     with pytest.raises(fluxc.ConfigError, match="sliding-window"):
         fluxc.generate(sliding, ids, 2, engine=True)
     assert fluxc.generate(sliding, ids, 2).shape == (2, 10)  # auto: the DynamicCache loop, logged
+
+
+@torch.no_grad()
+def test_flux_cache_compaction_frees_the_prompt_layer_by_layer():
+    """transformers' generate() path: compaction frees each prompt layer once copied (peak: prompt cache + one
+    layer, not + the decode cache)."""
+    import weakref
+
+    model = tiny_model("llama", "sdpa")
+    ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(3))
+    fm = fluxc.compile(model, config=SMALL, route=("full", "sparse", "sparse"))
+    prompt = FluxCache(SMALL)
+    fm(input_ids=ids, past_key_values=prompt, use_cache=True)
+    layers = list(prompt.flux_layers)
+    seen: list[int] = []
+
+    def copy_and_watch(dst, src):
+        seen.append(sum(layer.keys is not None for layer in layers))  # prompt layers still held at this copy
+        return src
+
+    routes = torch.tensor([[True, False, False]] * 2)
+    prompt_keys = [weakref.ref(layer.keys) for layer in layers]
+    original = torch.Tensor.copy_
+    torch.Tensor.copy_ = lambda self, src, *a, **k: original(self, copy_and_watch(self, src), *a, **k)
+    try:
+        prompt.compact(routes, torch.full((2,), 40), 256)
+    finally:
+        torch.Tensor.copy_ = original
+    assert seen[:6:2] == [3, 2, 1]  # keys of layer i are copied while layers i.. are still held
+    assert all(ref() is None for ref in prompt_keys) and prompt.layouts() == ["full", "sparse-ring", "sparse-ring"]
 
 
 def test_flux_cache_is_an_hf_cache():

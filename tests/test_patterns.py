@@ -5,7 +5,7 @@ definition itself is checked against the released code's rule, written out indep
 the op's mask reference (`fluxc.ops.masks`), the kernels' reference, the FlexAttention mask_mod and its
 block mask (eager flex attention), the routed score_mod of FlexAttention sites, the ONNX translation
 (onnxscript, eager), the decode ring's key selection (ops, kernels' reference, ONNX), and the Triton
-prefill, decode and ring-decode kernels (interpreter, in one subprocess started with TRITON_INTERPRET=1).
+prefill, decode, ring-decode and paged-decode kernels (interpreter, in one subprocess started with TRITON_INTERPRET=1).
 
 Attention kernels are read with queries of zeros and values that are one-hot per key: every allowed key
 gets the same weight, so a row's output is nonzero exactly at its allowed keys.
@@ -277,7 +277,7 @@ def _triton_masks(case: Case) -> dict:
     q, k, v = attention_inputs(case, case.q_len, case.kv_len)
     prefill = katt.routed_prefill(q, k, v, route, kv_lens, q_lens, scale=0.125, pattern=case.pattern,
                                   n_last=case.n_last, kv_start=starts.to(torch.int32), **case.rule)
-    decode, ring = [], []
+    decode, ring, paged = [], [], []
     capacity = patterns.ring_capacity(case.sink, case.window)
     for n in decode_lengths(case):
         qd, kd, vd = attention_inputs(case, 1, case.kv_len)
@@ -292,7 +292,19 @@ def _triton_masks(case: Case) -> dict:
             v_ring[:, :, slot] = vd[:, :, r]  # the one-hot of the key's real index
         out = katt.routed_decode_ring(qd, k_ring, v_ring, lens, scale=0.125, **case.rule)
         ring.append(read_attention(out, case.kv_len)[0, 0].tolist())
-    return dict(prefill=read_attention(prefill, case.kv_len).tolist(), decode=decode, ring=ring)
+        # the same ring in pages of 4 slots (the decode engine's paged cache), sequences routed sparse
+        width = -(-capacity // 4)
+        k_pages = torch.zeros(2 * width, 4, 2, HEAD_DIM)  # (pages, page, Hkv, D)
+        v_pages = torch.zeros(2 * width, 4, 2, HEAD_DIM)
+        table = torch.arange(2 * width, dtype=torch.int32).view(2, width)
+        for b in range(2):
+            for j in range(capacity):
+                k_pages[table[b, j // 4], j % 4] = k_ring[b, :, j]
+                v_pages[table[b, j // 4], j % 4] = v_ring[b, :, j]
+        out = katt.routed_decode_paged(qd, k_pages, v_pages, table, lens, torch.zeros(2, dtype=torch.bool),
+                                       scale=0.125, **case.rule)
+        paged.append(read_attention(out, case.kv_len)[0, 0].tolist())
+    return dict(prefill=read_attention(prefill, case.kv_len).tolist(), decode=decode, ring=ring, paged=paged)
 
 
 @pytest.fixture(scope="module")
@@ -311,10 +323,11 @@ def test_triton_kernels(triton_masks, case):
     got = triton_masks[case.name]
     assert "error" not in got, got.get("error")
     np.testing.assert_array_equal(np.array(got["prefill"]), expected(case))
-    assert len(got["decode"]) == len(got["ring"]) == len(decode_lengths(case))
-    for n, decode, ring in zip(decode_lengths(case), got["decode"], got["ring"]):
+    assert len(got["decode"]) == len(got["ring"]) == len(got["paged"]) == len(decode_lengths(case))
+    for n, decode, ring, paged in zip(decode_lengths(case), got["decode"], got["ring"], got["paged"]):
         np.testing.assert_array_equal(np.array(decode), expected_decode(case, n), err_msg=f"decode n={n}")
         np.testing.assert_array_equal(np.array(ring), expected_decode(case, n), err_msg=f"ring n={n}")
+        np.testing.assert_array_equal(np.array(paged), expected_decode(case, n), err_msg=f"paged n={n}")
 
 
 if __name__ == "__main__":  # the worker: python tests/test_patterns.py OUT.json, with TRITON_INTERPRET=1

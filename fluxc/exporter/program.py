@@ -52,7 +52,7 @@ from fluxc.errors import ExportError, FluxError
 from fluxc.hf_compat import cache_keyword
 from fluxc.ops.cache import DENSE, LAYOUT_NAMES, MIXED, RING, ring_capacity, ring_supported
 from fluxc.passes.export import export_pass
-from fluxc.serve.engine import FluxCache, _Layer
+from fluxc.serve.cache import FluxCache, _Layer
 
 log = logging.getLogger("fluxc")
 

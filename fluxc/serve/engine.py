@@ -1,14 +1,17 @@
-"""The decode engine: routes fixed at prefill, CUDA graphs specialised per routing mask, KV eviction.
+"""The decode engine: routes fixed at prefill and kept as device data, a paged KV cache, one CUDA graph per
+batch bucket.
 
     engine = fluxc.DecodeEngine(fluxc.compile(model, router_ckpt))
-    ids = engine.generate(input_ids, max_new_tokens=64)
+    outs = engine.generate([prompt_a, prompt_b, prompt_c], max_new_tokens=64)   # prompts of any length
 
-Prefill runs the routed graph once (routers on the device, no host sync between layers). Its (B, L)
-routing mask is then read once and fixes each layer's cache layout (`fluxc.ops.cache`): FA layers keep
-every key, layers where every sequence is SA keep only sink + window (a ring: memory follows the
-routes), layers mixing both keep everything and route per sequence. Decode steps run a graph traced
-for that mask: one `fluxc::cache_attention` per layer, no router, no branch, no host sync; on CUDA it is
-captured once as a CUDA graph and replayed. Graphs (and the cache they own) live in a bounded LRU.
+Each request is prefilled alone (batch 1, its exact length: no padding; one compile serves every length) and
+writes its keys straight into pages of the shared pool (`fluxc.serve.paged`). Its routes are read to the host
+once, at admission, to size its pages: a layer it runs sparse keeps only its sink + window ring, so memory
+follows routes. Decode steps run the whole batch with one graph: each layer's attention is one
+`fluxc::paged_attention` that reads routes, block tables and lengths from device memory, so a new routing
+mask needs no trace, no compile, no capture and no host sync. Batches are padded to buckets (2, 4, 8, ...);
+on CUDA each bucket is captured once as a CUDA graph and replayed. Sequences join as slots free up
+(continuous batching) and return their pages when they finish.
 """
 
 from __future__ import annotations
@@ -16,18 +19,21 @@ from __future__ import annotations
 import collections
 import inspect
 import logging
+import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache
 
 from fluxc.backend import flux_backend_of, private_forward
-from fluxc.config import FluxConfig
-from fluxc.errors import ConfigError, RouteError
-from fluxc.hf_compat import cache_keyword, pop_cache_argument
-from fluxc.ops.cache import DENSE, LAYOUT_NAMES, MIXED, RING, ring_capacity, ring_keys, ring_supported
+from fluxc.errors import CapacityError, ConfigError, RouteError
+from fluxc.ops.paged import compact_ring
+from fluxc.patterns import ring_capacity
+from fluxc.serve.cache import check_engine_model
+from fluxc.serve.paged import PagedCache, PagePool
+from fluxc.serve.sampling import SamplingConfig, select_tokens
 from fluxc.spec import SiteSpec
 
 if TYPE_CHECKING:
@@ -35,285 +41,108 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fluxc")
 
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How a decode step picks its token (part of the graph key: sampling is inside the graph)."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature={self.temperature} must be > 0; use do_sample=False for greedy decoding")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k={self.top_k} must be >= 0 (0 keeps every token)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+MIN_BUCKET = 2  # Dynamo specialises a batch of 1: buckets start at 2, so one compile serves every bucket
+CPU_POOL_BYTES = 2 << 30  # the default pool's ceiling on CPU (CUDA: 80% of free memory)
 
 
-@dataclass(frozen=True)
-class DecodeKey:
-    """What a decode graph is specialised on: the routing mask (per sequence and layer, True = full
-    attention), the batch, the cache capacity bucket, dtype, device and the sampler."""
+@dataclass(eq=False)  # compared by identity: a slot holds this very request
+class _Sequence:
+    """One request on the host: where it sits, what it holds, how far it is."""
 
-    routes: tuple[tuple[bool, ...], ...]
-    capacity: int
-    dtype: torch.dtype
-    device: str
-    sampling: SamplingConfig
-
-    @classmethod
-    def of(cls, host_routes: Tensor, capacity: int, dtype: torch.dtype, device: Any,
-           sampling: SamplingConfig) -> DecodeKey:
-        """The key of a (B, L) bool routing mask read to the host."""
-        return cls(tuple(tuple(bool(x) for x in row) for row in host_routes.tolist()), capacity, dtype, str(device),
-                   sampling)
-
-    @property
-    def batch(self) -> int:
-        return len(self.routes)
-
-    def layouts(self, ring_ok: bool) -> tuple[int, ...]:
-        """Cache layout of each layer (fluxc.ops.cache DENSE / RING / MIXED)."""
-        per_layer = list(zip(*self.routes))
-        return tuple(DENSE if all(col) else (RING if ring_ok and not any(col) else MIXED) for col in per_layer)
-
-
-class _Layer:
-    """One layer's KV storage: the prefill keys until `compact`, then the layout's fixed-size buffers."""
-
-    def __init__(self) -> None:
-        self.keys: Tensor | None = None  # (B, Hkv, T or C, D)
-        self.values: Tensor | None = None
-        self.layout = DENSE
-        self.route: Tensor | None = None  # (B,) bool on the device
-        self.shape: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)  # (B, Hkv, slots, Dk, Dv) once allocated
-
-    def materialize(self, like: Tensor) -> None:
-        """Zeroed buffers of `shape`, with `like`'s dtype and device."""
-        batch, heads, slots, dim_k, dim_v = self.shape
-        self.keys = like.new_zeros((batch, heads, slots, dim_k))  # (B, Hkv, C, Dk)
-        self.values = like.new_zeros((batch, heads, slots, dim_v))  # (B, Hkv, C, Dv)
-
-
-class FluxCache(Cache):
-    """An HF `Cache` whose SA layers keep only sink + window keys once the routes are known.
-
-    Phase "prefill": `update` keeps the prompt's keys as they are. `compact(...)` then moves every layer to
-    its layout; phase "decode": `update` writes one token per sequence with `fluxc::cache_write` and hands
-    the layer's buffers to the attention site, which the Flux pass turns into `fluxc::cache_attention`.
-    """
-
-    is_compileable = False  # HF generate must not compile the unrouted forward around this cache
-
-    def __init__(self, config: FluxConfig) -> None:
-        super().__init__(layers=[])
-        self.flux_config = config
-        self.write_spec = SiteSpec.for_config(config).encode()  # the ring layout the cache writes follow
-        self.flux_layers: list[_Layer] = []
-        self.phase = "prefill"
-        self.lengths: Tensor | None = None  # (B,) int64 real keys, the current token included
-        self.seen = 0  # tokens given to the model so far, padding included (HF's get_seq_length)
-
-    def __len__(self) -> int:
-        return len(self.flux_layers)
-
-    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any,
-               **kwargs: Any) -> tuple[Tensor, Tensor]:
-        if self.phase == "prefill":
-            while len(self.flux_layers) <= layer_idx:
-                self.flux_layers.append(_Layer())
-            layer = self.flux_layers[layer_idx]
-            if layer.keys is not None:
-                raise ConfigError("FluxCache takes one prefill call per generation (chunked prefill is not supported); "
-                                  "pass the whole prompt at once")
-            layer.keys, layer.values = key_states, value_states
-            if layer_idx == 0:
-                self.seen += key_states.shape[2]
-            return key_states, value_states
-        layer = self.flux_layers[layer_idx]
-        assert layer.keys is not None and layer.values is not None and self.lengths is not None and layer.route is not None
-        torch.ops.fluxc.cache_write(layer.keys, layer.values, key_states, value_states, self.lengths, layer.layout,
-                                    self.write_spec, layer.route)
-        return layer.keys, layer.values
-
-    # --- what HF's model and mask code ask of a cache
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: Any, layer_idx: int = 0) -> tuple[int, int]:
-        # (kv_length, kv_offset) of the mask HF builds: the prompt at prefill, the layer's buffer at decode
-        # (the Flux pass replaces decode attention by `cache_attention`, which reads `lengths`, not the mask).
-        # At decode HF's one mask for all layers is never read (the pass turns each site into `cache_attention`,
-        # which reads `lengths`), but it must broadcast against every layer's buffer: one key wide does.
-        q_len = query_length if isinstance(query_length, int) else int(query_length.shape[0])
-        return (q_len, 0) if self.phase == "prefill" else (1, 0)
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        return 0 if self.phase == "prefill" else self.seen
-
-    def get_max_length(self, layer_idx: int | None = None) -> int:
-        return -1
-
-    @property
-    def is_initialized(self) -> bool:  # type: ignore[override]
-        return bool(self.flux_layers)
-
-    @property
-    def is_sliding(self) -> list[bool]:  # type: ignore[override]
-        return [False] * len(self.flux_layers)
-
-    @property
-    def is_linear(self) -> list[bool]:  # type: ignore[override]
-        return [False] * len(self.flux_layers)
-
-    @property
-    def is_dummy(self) -> list[bool]:  # type: ignore[override]
-        return [False] * len(self.flux_layers)
-
-    def layouts(self) -> list[str]:
-        """Per-layer layout names ("full", "sparse-ring", "mixed")."""
-        return [LAYOUT_NAMES[layer.layout] for layer in self.flux_layers]
-
-    def nbytes(self) -> int:
-        """Bytes held by the keys and values of every layer."""
-        return sum(t.numel() * t.element_size() for layer in self.flux_layers
-                   for t in (layer.keys, layer.values) if t is not None)
-
-    # --- prefill -> decode
-    def allocate(self, prefill: FluxCache, layouts: tuple[int, ...], routes: Tensor, capacity: int) -> None:
-        """Layers for `layouts`, shaped like `prefill`'s keys (called once per decode graph). The buffers come
-        in the first `load`, a layer at a time, each once the previous prefill layer is freed."""
-        cfg = self.flux_config
-        ring = ring_capacity(cfg.sink, cfg.window, cfg.block, cfg.block_exact)
-        self.flux_layers = []
-        for i, (src, layout) in enumerate(zip(prefill.flux_layers, layouts)):
-            assert src.keys is not None and src.values is not None
-            batch, heads, _, dim = src.keys.shape
-            layer = _Layer()
-            layer.layout = layout
-            layer.route = routes[:, i].clone()  # (B,) bool
-            layer.shape = (batch, heads, ring if layout == RING else capacity, dim, src.values.shape[-1])
-            self.flux_layers.append(layer)
-        self.lengths = torch.zeros(routes.shape[0], dtype=torch.int64, device=routes.device)
-        self.phase = "decode"
-
-    def compact(self, routes: Tensor, n_real: Tensor, capacity: int) -> None:
-        """In place: move this prefill cache to the layouts of `routes` (B, L) bool (one host read)."""
-        cfg = self.flux_config
-        host = routes.cpu()
-        ring_ok = ring_supported(cfg.sink, cfg.window, cfg.block, cfg.block_exact) is None
-        key = DecodeKey.of(host, capacity, routes.dtype, routes.device, SamplingConfig())
-        decoded = FluxCache(cfg)
-        decoded.allocate(self, key.layouts(ring_ok), routes, capacity)
-        decoded.load(self, n_real, release=True)
-        self.flux_layers, self.lengths, self.phase = decoded.flux_layers, decoded.lengths, "decode"
-
-    def load(self, prefill: FluxCache, n_real: Tensor, *, release: bool = False) -> None:
-        """Copy `prefill`'s keys into this cache's buffers, left-packed (padding dropped), SA layers evicted
-        to their sink + window: the eviction. On the device, no host sync. `release` frees each prefill layer
-        once copied, so the peak is the prompt's cache plus one layer (not plus the whole decode cache)."""
-        cfg = self.flux_config
-        t = prefill.flux_layers[0].keys.shape[2]  # type: ignore[union-attr]
-        pad = (t - n_real)[:, None]  # (B, 1) left padding
-        for src, dst in zip(prefill.flux_layers, self.flux_layers):
-            assert src.keys is not None and src.values is not None
-            if dst.keys is None:
-                dst.materialize(src.keys)
-            assert dst.keys is not None and dst.values is not None
-            slots = dst.keys.shape[2]
-            if dst.layout == RING:
-                r, _ = ring_keys(n_real, cfg.sink, cfg.window, cfg.block, cfg.block_exact)  # (B, C)
-            else:
-                r = torch.arange(min(slots, t), device=n_real.device)[None, :].expand(n_real.shape[0], -1)
-            src_idx = (pad + r).clamp(0, t - 1)  # (B, C') column in the padded prompt
-            for s, d in ((src.keys, dst.keys), (src.values, dst.values)):
-                idx = src_idx[:, None, :, None].expand(s.shape[0], s.shape[1], -1, s.shape[3])
-                d[:, :, : idx.shape[2]].copy_(torch.gather(s, 2, idx))
-            if release:
-                src.keys = src.values = None
-        assert self.lengths is not None
-        self.lengths.copy_(n_real)
-        self.seen = prefill.seen
-
-
-@dataclass
-class _Entry:
-    """A decode graph and what it owns: its cache, token buffer, compiled step and CUDA graph."""
-
-    key: DecodeKey
-    cache: FluxCache
-    tokens: Tensor  # (B, 1) the step's input, overwritten with its output
-    step_fn: Any
-    graph: Any = None
-    logits: Tensor | None = None  # (B, V) float32, the last step's logits
-    owner: int = -1
-    steps_run: int = 0
-
-    def release(self) -> None:
-        """Free the CUDA graph's memory pool and the KV buffers now: Dynamo's trace keeps the cache object in
-        reference cycles, which would hold the buffers until the next garbage collection."""
-        self.graph = None
-        for layer in self.cache.flux_layers:
-            layer.keys = layer.values = None
-        self.cache.flux_layers = []
+    request: int
+    length: int  # keys written
+    remaining: int  # new tokens still to produce
+    pages: list[list[int]]  # per layer
+    routes: tuple[bool, ...]  # per layer, True = full attention
+    reserved: int  # pages kept back for its full-attention layers to grow into
+    steps: list[tuple[int, int]] = field(default_factory=list)  # (step, row) of each token it produced
+    done: bool = False
 
 
 @dataclass
 class GenerationState:
-    """One generation between `prefill` and `decode`."""
+    """The requests one `prefill` admitted, for `decode` (the lower-level API; `generate` drives the same)."""
 
-    key: DecodeKey
-    next_tokens: Tensor  # (B, 1) the token prefill picked
+    requests: list[int]
+    next_tokens: Tensor  # (B, 1) the tokens prefill picked
     route: Tensor  # (B, L) bool on the host, True = full attention
-    cache: FluxCache
-    prompt_len: int
+    prompt_lens: list[int]
     max_new_tokens: int
-    ident: int = 0
-    decoded: int = 1  # tokens produced so far (prefill picks the first)
+    decoded: int = 1
     stats: dict[str, Any] = field(default_factory=dict)
 
 
 class DecodeEngine:
     """Generation for an HF-style causal LM compiled with `fluxc.compile`.
 
-    `cuda_graphs`: "auto" (on for CUDA models), True (raise if impossible) or False (the same code eagerly).
-    `max_graphs`: decode graphs kept (LRU); each owns its KV buffers, evicting one frees both.
+    `max_batch`: sequences decoded together (slots). `max_len`: the longest prompt + answer (default: the
+    model's max_position_embeddings). `page_size`: keys per page. `num_pages`: the pool (default: every slot at
+    `max_len` in every layer with full attention, capped at 80% of free device memory on CUDA).
+    `cuda_graphs`: "auto" (on for CUDA models), True (raise if impossible) or False (the same steps eagerly).
     """
 
-    def __init__(self, model: FluxModule, *, cuda_graphs: bool | str = "auto", max_graphs: int = 8) -> None:
+    def __init__(self, model: FluxModule, *, max_batch: int = 8, max_len: int | None = None, page_size: int = 16,
+                 num_pages: int | None = None, cuda_graphs: bool | str = "auto") -> None:
         if flux_backend_of(model) is None:
             raise ConfigError(f"model must be a fluxc.compile(...) result (FluxModule), got {type(model).__name__}")
         if cuda_graphs not in (True, False, "auto"):
             raise ConfigError(f"cuda_graphs={cuda_graphs!r}: use True, False or 'auto'")
-        if max_graphs < 1:
-            raise ConfigError(f"max_graphs={max_graphs} must be >= 1")
+        for name, value, low in (("max_batch", max_batch, 1), ("page_size", page_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name}={value!r} must be an int >= {low}")
         self.model = model
         self.cuda_graphs = cuda_graphs
-        self.max_graphs = max_graphs
-        self.entries: collections.OrderedDict[DecodeKey, _Entry] = collections.OrderedDict()
-        self.stats = collections.Counter()
-        self._generation = 0
-        params = inspect.signature(model.model.forward).parameters
-        self._logits_to_keep = "logits_to_keep" in params
-        self._cache_kw = cache_keyword(model.model)
-        self._check_model()
+        self._cache_kw = check_engine_model(model.model)
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.model.forward).parameters
+        text = model.model.config.get_text_config()
+        self.num_layers = text.num_hidden_layers
+        self.kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.max_len = max_len or getattr(text, "max_position_embeddings", None) or 4096
+        self.page_size = page_size
+        self.width = math.ceil(self.max_len / page_size)  # block table columns
+        self.buckets = tuple(sorted({max(MIN_BUCKET, 1 << (b - 1).bit_length()) for b in range(1, max_batch + 1)}))
+        self.max_batch = self.buckets[-1]
+        self._num_pages = num_pages
+        self.spec = SiteSpec.for_config(model.flux_config)
+        self._spec_text = self.spec.encode()
+        self.ring = ring_capacity(self.spec.sink, self.spec.window)
+        self.stats: collections.Counter = collections.Counter()
+        self.pool: PagePool | None = None
+        self._slots: list[_Sequence | None] = []
+        self._requests: dict[int, _Sequence] = {}
+        self._next_request = 0
+        self._step_count = 0
+        self._outputs: list[Tensor] = []  # (rows, 1) tokens of each step
+        self._graphs: dict[int, Any] = {}
+        self._decode_fn = torch.compile(private_forward(model.model), backend=model._backend, fullgraph=True)
 
-    def _check_model(self) -> None:
-        if self._cache_kw is None:
-            raise ConfigError(f"{type(self.model.model).__name__}.forward takes no KV cache (neither cache= nor "
-                              f"past_key_values=); the decode engine serves Hugging Face-style causal LMs")
-        cfg = getattr(self.model.model, "config", None)
-        text = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
-        types = getattr(text, "layer_types", None) or []
-        window = getattr(text, "sliding_window", None) if text is not None else None
-        if any(t != "full_attention" for t in types) or (window and getattr(text, "use_sliding_window", True)):
-            raise ConfigError(f"the model has native sliding-window layers (sliding_window={window}); the "
-                              f"decode engine's compacted cache serves full-attention decoders; use "
-                              f"fluxc.generate(..., engine=False) (HF DynamicCache path)")
+    # --- set-up
+    def _allocate(self, device: torch.device, dtype: torch.dtype) -> None:
+        """The pool and the decode step's buffers (one set, the bucket's graphs read prefixes of them)."""
+        probe = PagePool(2, self.page_size, self.kv_heads, self.head_dim, self.head_dim, dtype, device)
+        pages = self._num_pages
+        if pages is None:
+            pages = self.max_batch * self.num_layers * self.width + 1
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                budget, why = int(0.8 * free), "80% of free device memory"
+            else:
+                budget, why = CPU_POOL_BYTES, f"{CPU_POOL_BYTES / 2**30:.0f} GiB on CPU"
+            if pages * probe.page_bytes > budget:
+                pages = budget // probe.page_bytes
+            log.info("fluxc: the decode engine's KV pool holds %d pages of %d keys (%.2f GiB): every slot at max_len "
+                     "with full attention, at most %s", pages, self.page_size, pages * probe.page_bytes / 2**30, why)
+        self.pool = PagePool(pages, self.page_size, self.kv_heads, self.head_dim, self.head_dim, dtype, device)
+        rows = self.max_batch
+        self.tokens = torch.zeros((rows, 1), dtype=torch.long, device=device)  # the step's input, then its output
+        self.lengths = torch.zeros(rows, dtype=torch.int32, device=device)  # keys per row, 0 = no sequence
+        self.routes = torch.ones((rows, self.num_layers), dtype=torch.bool, device=device)
+        # (B, L, W): a bucket's rows [:B] keep the same strides whatever B (one compile for every bucket)
+        self.tables = torch.zeros((rows, self.num_layers, self.width), dtype=torch.int32, device=device)
+        self.logits: Tensor | None = None
+        self._slots = [None] * rows
+        self._reserved = 0
 
     def _use_graphs(self, device: torch.device) -> bool:
         if self.cuda_graphs == "auto":
@@ -322,249 +151,379 @@ class DecodeEngine:
             raise ConfigError(f"cuda_graphs=True needs a CUDA model, got device {device}; use cuda_graphs='auto'")
         return bool(self.cuda_graphs)
 
-    # --- prefill
+    # --- admission
+    def pages_needed(self, prompt_len: int, max_new_tokens: int) -> int:
+        """The most pages a request can take (every layer with full attention)."""
+        return self.num_layers * math.ceil((prompt_len + max_new_tokens) / self.page_size)
+
+    def can_admit(self, prompt_len: int, max_new_tokens: int) -> bool:
+        """A free slot and enough pages, after what admitted requests may still grow into."""
+        return (self.pool is None or (None in self._slots and self.pool.free - self._reserved
+                                      >= self.pages_needed(prompt_len, max_new_tokens)))
+
+    def _check_request(self, prompt: Tensor, max_new_tokens: int) -> Tensor:
+        if not isinstance(prompt, Tensor) or prompt.dim() != 1 or prompt.dtype not in (torch.long, torch.int32):
+            raise ConfigError(f"a prompt must be a 1-D integer tensor of token ids, got "
+                              f"{getattr(prompt, 'shape', type(prompt).__name__)}")
+        if prompt.numel() == 0:
+            raise ConfigError("a prompt must hold at least one token")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+        if prompt.numel() + max_new_tokens > self.max_len:
+            raise CapacityError(f"a prompt of {prompt.numel()} tokens + max_new_tokens={max_new_tokens} exceeds "
+                                f"max_len={self.max_len}; build the DecodeEngine with a larger max_len")
+        return prompt.to(torch.long)
+
     @torch.no_grad()
-    def prefill(self, input_ids: Tensor, *, max_new_tokens: int, attention_mask: Tensor | None = None,
-                sampling: SamplingConfig | None = None) -> GenerationState:
-        """Run the prompt, fix the routes, compact the cache into the decode graph's buffers."""
-        if input_ids.dim() != 2:
-            raise ConfigError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-        if max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
-        sampling = sampling or SamplingConfig()
-        batch, t = input_ids.shape
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
-        if mask.shape != input_ids.shape:
-            raise ConfigError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        n_real = mask.sum(dim=1)  # (B,)
-        if attention_mask is not None:  # one host check of the prompt layout (the prompt is an input anyway)
-            packed = torch.arange(t, device=mask.device)[None, :] >= (t - n_real)[:, None]
-            if not bool((packed == mask.bool()).all()) or bool((n_real == 0).any()):
-                raise ConfigError("attention_mask must be left-padded (zeros before each prompt) with at least one "
-                                  "real token per row; pad on the left, as HF generate expects")
-        state_rows = self.model.route_state.max_batch
-        if batch > state_rows:
-            raise ConfigError(f"batch {batch} exceeds RouteState.max_batch={state_rows}")
-        prefill_cache = FluxCache(self.model.flux_config)
-        positions = (mask.cumsum(dim=1) - 1).clamp_min(0)  # (B, T) real index of each token
+    def add_request(self, prompt: Tensor, max_new_tokens: int, sampling: SamplingConfig | None = None) -> int:
+        """Prefill one prompt (1-D token ids) into a free slot; returns its request id. Raises CapacityError
+        when no slot or not enough pages are free (`can_admit` says in advance)."""
+        device = next(self.model.model.parameters()).device
+        prompt = self._check_request(prompt, max_new_tokens).to(device)
+        if self.pool is None:
+            self._allocate(device, next(self.model.model.parameters()).dtype)
+        assert self.pool is not None
+        if None not in self._slots:
+            raise CapacityError(f"all {self.max_batch} decode slots are taken; finish requests first or build the "
+                                f"DecodeEngine with a larger max_batch")
+        worst = self.pages_needed(prompt.numel(), max_new_tokens)
+        if self.pool.free - self._reserved < worst:
+            raise CapacityError(f"the KV pool has {self.pool.free - self._reserved} pages to spare, a request of "
+                                f"{prompt.numel()} + {max_new_tokens} tokens may need {worst}; give DecodeEngine "
+                                f"more pages (num_pages=) or wait for running requests")
+        first, seq = self._prefill(prompt, max_new_tokens, sampling or SamplingConfig())
+        slot = self._slots.index(None)
+        self._slots[slot] = seq
+        self._requests[seq.request] = seq
+        self._write_row(slot, seq)
+        self.tokens[slot].copy_(first[0])
+        self._outputs.append(first)  # (1, 1): the prefill's token is the request's first
+        seq.steps.append((len(self._outputs) - 1, 0))
+        self.stats["prefills"] += 1
+        if seq.remaining == 0:  # max_new_tokens=1: the prefill's token was all
+            self.finish(seq.request)
+        return seq.request
+
+    def _prefill(self, prompt: Tensor, max_new_tokens: int, sampling: SamplingConfig) -> tuple[Tensor, _Sequence]:
+        assert self.pool is not None
+        count = prompt.numel()
+        per_layer = math.ceil(count / self.page_size)
+        taken = self.pool.take(self.num_layers * per_layer)
+        pages = [taken[i * per_layer:(i + 1) * per_layer] for i in range(self.num_layers)]
+        table = torch.zeros((1, self.num_layers, self.width), dtype=torch.int32)  # (B, L, W)
+        for layer, own in enumerate(pages):
+            table[0, layer, :per_layer] = torch.tensor(own, dtype=torch.int32)
+        device = prompt.device
+        table = table.to(device)
+        cache = PagedCache(self.pool, table, torch.tensor([count], dtype=torch.int32, device=device),
+                           torch.ones((1, self.num_layers), dtype=torch.bool, device=device), self._spec_text,
+                           phase="prefill")
+        ids = prompt[None]  # (1, T)
+        positions = torch.arange(count, device=device)[None]  # (1, T)
+        if count > 1:  # one compile serves every prompt length (Dynamo specialises a length of 1)
+            torch._dynamo.mark_dynamic(ids, 1, min=2, max=self.max_len)
+            torch._dynamo.mark_dynamic(positions, 1, min=2, max=self.max_len)
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
-        extra[self._cache_kw] = prefill_cache
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
-        first = select_tokens(out.logits[:, -1, :], sampling)  # (B, 1)
-        routes = self.model.route_state.route[:batch].to(torch.bool)  # (B, L) on the device, decided above
-        n_layers = len(prefill_cache.flux_layers)
-        if routes.shape[1] != n_layers:
-            raise RouteError(f"the model has {routes.shape[1]} routed attention sites but its cache has {n_layers} "
+        out = self.model(input_ids=ids, position_ids=positions, use_cache=True, **{self._cache_kw: cache}, **extra)
+        first = select_tokens(out.logits[:, -1], sampling)  # (1, 1)
+        state = self.model.route_state
+        if state.route.shape[1] != self.num_layers:
+            raise RouteError(f"the model has {state.route.shape[1]} routed attention sites but {self.num_layers} "
                              f"layers; the decode engine needs one routed site per cached layer")
-        host_routes = routes.cpu()  # the one host read of the routing mask: it picks the decode graph
-        capacity = _bucket(t + max_new_tokens)
-        kv_dtype = prefill_cache.flux_layers[0].keys.dtype  # type: ignore[union-attr]
-        key = DecodeKey.of(host_routes, capacity, kv_dtype, input_ids.device, sampling)
-        entry = self._entry(key, prefill_cache, routes)
-        entry.cache.load(prefill_cache, n_real, release=True)  # frees each prompt layer once copied
-        entry.tokens.copy_(first)
-        self._generation += 1
-        entry.owner = self._generation
-        del prefill_cache, out
-        return GenerationState(key, first, host_routes, entry.cache, t, max_new_tokens, ident=self._generation)
+        routes = tuple(bool(r) for r in state.route[0].tolist())  # the one host read of a request's routes
+        reserved = 0
+        ring_pages = math.ceil(min(count, self.ring) / self.page_size)
+        for layer, full in enumerate(routes):
+            if full:
+                reserved += math.ceil((count + max_new_tokens - 1) / self.page_size) - per_layer
+                continue
+            compact_ring(self.pool.k, self.pool.v, table[0, layer, :per_layer], count, self.spec)
+            self.pool.give_back(pages[layer][ring_pages:])
+            pages[layer] = pages[layer][:ring_pages]
+            reserved += math.ceil(min(count + max_new_tokens - 1, self.ring) / self.page_size) - ring_pages
+        self._reserved += reserved
+        seq = _Sequence(self._next_request, count, max_new_tokens - 1, pages, routes, reserved)
+        self._next_request += 1
+        return first, seq
 
-    def _entry(self, key: DecodeKey, prefill_cache: FluxCache, routes: Tensor) -> _Entry:
-        entry = self.entries.get(key)
-        if entry is not None:
-            self.entries.move_to_end(key)
-            self.stats["graph_hits"] += 1
-            return entry
-        cfg = self.model.flux_config
-        ring_why = ring_supported(cfg.sink, cfg.window, cfg.block, cfg.block_exact)
-        if ring_why is not None and any(not any(col) for col in zip(*key.routes)):
-            log.info("fluxc: SA layers keep their whole cache (no eviction): %s", ring_why)
-        layouts = key.layouts(ring_why is None)
-        while len(self.entries) >= self.max_graphs:  # evict first: the old buffers go before new ones exist
-            _, old = self.entries.popitem(last=False)
-            old.release()
-            self.stats["graphs_evicted"] += 1
-        cache = FluxCache(cfg)
-        cache.allocate(prefill_cache, layouts, routes, key.capacity)  # buffers come in `load`
-        tokens = torch.zeros((key.batch, 1), dtype=torch.long, device=routes.device)
-        compiled = torch.compile(private_forward(self.model.model), backend=self.model._backend, fullgraph=True)
-        entry = _Entry(key, cache, tokens, compiled)
-        self.entries[key] = entry
-        self.stats["graphs_built"] += 1
-        return entry
-
-    def clear(self) -> None:
-        """Drop every decode graph and the KV buffers it owns (states from earlier prefills become stale)."""
-        for entry in self.entries.values():
-            entry.release()
-        self.entries.clear()
+    def _write_row(self, slot: int, seq: _Sequence) -> None:
+        """The slot's block tables, length and routes on the device (host-built, copied without a sync)."""
+        row = torch.zeros((self.num_layers, self.width), dtype=torch.int32)
+        for layer, own in enumerate(seq.pages):
+            row[layer, :len(own)] = torch.tensor(own, dtype=torch.int32)
+        self.tables[slot].copy_(row, non_blocking=True)
+        self.lengths[slot] = seq.length
+        self.routes[slot].copy_(torch.tensor(seq.routes), non_blocking=True)
 
     # --- decode
-    def _step(self, entry: _Entry) -> None:
-        cache = entry.cache
-        assert cache.lengths is not None
-        cache.lengths.add_(1)
-        positions = (cache.lengths - 1).view(-1, 1)  # (B, 1)
-        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
-        extra[self._cache_kw] = cache
-        try:
-            out = entry.step_fn(input_ids=entry.tokens, position_ids=positions, use_cache=True, **extra)
-        except torch._dynamo.exc.BackendCompilerFailed as exc:
-            inner = getattr(exc, "inner_exception", None)
-            if isinstance(inner, Exception) and type(inner).__module__.startswith("fluxc"):
-                raise inner.with_traceback(None) from None
-            raise
-        logits = out.logits[:, -1, :]  # (B, V)
-        if entry.logits is None:  # allocated by the first (warm-up) step, before any capture
-            entry.logits = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-        entry.logits.copy_(logits)
-        entry.tokens.copy_(select_tokens(logits, entry.key.sampling))
-        cache.seen += 1
+    def _grow(self) -> None:
+        """Before a step: every live sequence's next key gets a slot; a full-attention layer crossing a page
+        boundary takes a page (host bookkeeping, one small copy to the device, no sync)."""
+        assert self.pool is not None
+        updates: list[tuple[int, int, int, int]] = []
+        for slot, seq in enumerate(self._slots):
+            if seq is None or seq.done:
+                continue
+            position = seq.length  # the key this step writes
+            for layer, full in enumerate(seq.routes):
+                index = (position if full else min(position, self.ring - 1)) // self.page_size
+                if index >= len(seq.pages[layer]):
+                    page = self.pool.take(1)[0]
+                    seq.pages[layer].append(page)
+                    seq.reserved -= 1
+                    self._reserved -= 1
+                    updates.append((layer, slot, index, page))
+            seq.length += 1
+        if updates:
+            layer, slot, index, page = (torch.tensor(col) for col in zip(*updates))
+            device = self.tables.device
+            self.tables[slot.to(device), layer.to(device), index.to(device)] = page.to(device, torch.int32)
+        live = torch.tensor([0 if s is None or s.done else s.length for s in self._slots], dtype=torch.int32)
+        self.lengths.copy_(live, non_blocking=True)
 
-    def _capture(self, entry: _Entry) -> None:
-        cache = entry.cache
-        assert cache.lengths is not None
-        saved = cache.lengths.clone(), entry.tokens.clone(), cache.seen
+    def _bucket(self) -> int:
+        last = max((i for i, s in enumerate(self._slots) if s is not None and not s.done), default=0)
+        return next(b for b in self.buckets if b > last)
+
+    def _step(self, bucket: int, sampling: SamplingConfig) -> None:
+        """One decode step of rows [0, bucket): write each row's key, attend, pick its next token."""
+        lengths = self.lengths[:bucket]
+        cache = PagedCache(self.pool, self.tables[:bucket], lengths, self.routes[:bucket], self._spec_text,
+                           phase="decode")
+        tokens = self.tokens[:bucket]
+        positions = (lengths.to(torch.long) - 1).clamp_min(0).view(-1, 1)  # (B, 1)
+        for tensor, dim in ((tokens, 0), (positions, 0), (lengths, 0), (cache.routes, 0), (cache.tables, 0)):
+            torch._dynamo.mark_dynamic(tensor, dim, min=MIN_BUCKET, max=max(self.max_batch, MIN_BUCKET + 1))
+        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        out = self._decode_fn(input_ids=tokens, position_ids=positions, use_cache=True, **{self._cache_kw: cache},
+                              **extra)
+        logits = out.logits[:, -1, :]  # (B, V)
+        if self.logits is None:  # the first (warm-up) step allocates it, before any capture
+            self.logits = torch.empty((self.max_batch, logits.shape[-1]), dtype=torch.float32, device=logits.device)
+        self.logits[:bucket].copy_(logits)
+        tokens.copy_(select_tokens(logits, sampling))
+
+    def _capture(self, bucket: int, sampling: SamplingConfig) -> Any:
+        saved = self.tokens.clone(), self.lengths.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up (traces, compiles, autotunes) off the capture
-            self._step(entry)  # writes the slot the first real step rewrites; state restored below
+            self._step(bucket, sampling)
         torch.cuda.current_stream().wait_stream(stream)
-        cache.lengths.copy_(saved[0])
-        entry.tokens.copy_(saved[1])
+        # the warm-up wrote each row's next key: writing it again below (and at replay) gives the same values
+        self.tokens.copy_(saved[0])
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._step(entry)
-        cache.lengths.copy_(saved[0])
-        entry.tokens.copy_(saved[1])
-        cache.seen = saved[2]
-        entry.graph = graph
+            self._step(bucket, sampling)
+        self.tokens.copy_(saved[0])
+        self.lengths.copy_(saved[1])
         self.stats["graphs_captured"] += 1
+        return graph
 
     @torch.no_grad()
-    def decode(self, state: GenerationState, steps: int, *, logits: list[Tensor] | None = None) -> Tensor:
-        """`steps` tokens per sequence after prefill's, (B, steps) on the device (no host sync inside).
-        With a `logits` list, each step's (B, V) float32 logits are appended to it (copies)."""
-        entry = self.entries.get(state.key)
-        if entry is None or entry.owner != state.ident:
-            raise ConfigError("this GenerationState's cache was reused by a later prefill or evicted from the graph "
-                              "cache; decode each state before the next prefill (or raise max_graphs)")
+    def step(self, sampling: SamplingConfig | None = None) -> list[int]:
+        """One decode step of every live request; returns the requests that finished with it (their pages are
+        back in the pool, their tokens in `tokens_of`)."""
+        sampling = sampling or SamplingConfig()
+        live = [s for s in self._slots if s is not None and not s.done]
+        if not live:
+            return []
+        self._grow()
+        bucket = self._bucket()
+        if self._use_graphs(self.tokens.device):
+            key = (bucket, sampling)
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(bucket, sampling)
+            self._graphs[key].replay()
+            self.stats["replays"] += 1
+        else:
+            self._step(bucket, sampling)
+            self.stats["eager_steps"] += 1
+        self._outputs.append(self.tokens[:bucket].clone())
+        self._step_count += 1
+        finished = []
+        for slot, seq in enumerate(self._slots):
+            if seq is None or seq.done:
+                continue
+            seq.steps.append((len(self._outputs) - 1, slot))
+            seq.remaining -= 1
+            if seq.remaining == 0:
+                finished.append(seq.request)
+        for request in finished:
+            self.finish(request)
+        return finished
+
+    def finish(self, request: int) -> None:
+        """End a request now (done, stopped at EOS or cancelled): its pages go back to the pool and its slot frees.
+        Its tokens so far stay readable with `tokens_of`."""
+        seq = self._requests.get(request)
+        if seq is None:
+            raise ConfigError(f"request {request} is not known to this engine")
+        if seq.done:
+            return
+        assert self.pool is not None
+        seq.done = True
+        for own in seq.pages:
+            self.pool.give_back(own)
+        seq.pages = [[] for _ in seq.pages]
+        self._reserved -= seq.reserved
+        seq.reserved = 0
+        slot = next(i for i, s in enumerate(self._slots) if s is seq)
+        self._slots[slot] = None
+        self.tables[slot].zero_()  # the row writes to the scratch page from now on
+        self.lengths[slot] = 0
+
+    def tokens_of(self, request: int) -> Tensor:
+        """(new,) the tokens a request produced so far, on the device."""
+        seq = self._requests[request]
+        return torch.cat([self._outputs[step][row] for step, row in seq.steps]) if seq.steps else self.tokens.new_empty(0)
+
+    def kv_bytes(self, request: int) -> int:
+        """Bytes of KV pages a live request holds (memory follows its routes)."""
+        assert self.pool is not None
+        return sum(len(own) for own in self._requests[request].pages) * self.pool.page_bytes
+
+    def end(self, state: GenerationState) -> None:
+        """Finish every request of `state` now (its pages return; its tokens so far stay readable)."""
+        for request in state.requests:
+            self.finish(request)
+
+    def state_kv_bytes(self, state: GenerationState) -> int:
+        """Bytes of KV pages `state`'s live requests hold."""
+        return sum(self.kv_bytes(r) for r in state.requests)
+
+    def routes_of(self, request: int) -> tuple[bool, ...]:
+        """Per layer, True where the request runs full attention (decided at its prefill)."""
+        return self._requests[request].routes
+
+    def pages_in_use(self) -> int:
+        return 0 if self.pool is None else self.pool.num_pages - 1 - self.pool.free
+
+    def release(self) -> None:
+        """Forget finished requests' tokens and step outputs (their pages are already back)."""
+        if any(s is not None for s in self._slots):
+            raise ConfigError("requests are still running; finish them before release()")
+        self._requests.clear()
+        self._outputs.clear()
+
+    @torch.no_grad()
+    def warm_up(self, prompt_len: int = 16, sampling: SamplingConfig | None = None) -> float:
+        """Trace and compile the prefill and the decode step, and capture every batch bucket's CUDA graph, on
+        dummy prompts; returns the seconds it took. After it, requests of any length and routing mask trace,
+        compile and capture nothing."""
+        start = time.perf_counter()
+        token = torch.ones(prompt_len, dtype=torch.long)
+        for bucket in self.buckets:
+            requests = [self.add_request(token, 3, sampling) for _ in range(bucket)]
+            while any(not self._requests[r].done for r in requests):
+                self.step(sampling)
+            for request in requests:
+                del self._requests[request]
+        self._outputs.clear()
+        if self.tokens.device.type == "cuda":
+            torch.cuda.synchronize(self.tokens.device)
+        return time.perf_counter() - start
+
+    @property
+    def compiles(self) -> int:
+        """Graphs the model's backend compiled so far (prefill and decode step: 2 once warm)."""
+        return self.model._backend.graphs
+
+    # --- the batch APIs
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor, *, max_new_tokens: int, attention_mask: Tensor | None = None,
+                sampling: SamplingConfig | None = None) -> GenerationState:
+        """Admit a left-padded batch (B, T) as B requests (padding dropped)."""
+        prompts = split_prompts(input_ids, attention_mask)
+        requests = [self.add_request(p, max_new_tokens, sampling) for p in prompts]
+        first = torch.cat([self.tokens_of(r)[:1] for r in requests]).view(-1, 1)
+        route = torch.tensor([self.routes_of(r) for r in requests])
+        return GenerationState(requests, first, route, [p.numel() for p in prompts], max_new_tokens)
+
+    @torch.no_grad()
+    def decode(self, state: GenerationState, steps: int, *, logits: list[Tensor] | None = None,
+               sampling: SamplingConfig | None = None) -> Tensor:
+        """`steps` more tokens of `state`'s requests, (B, steps) on the device (no host sync inside). With a
+        `logits` list, each step's (B, V) float32 logits of those requests are appended (copies)."""
         if state.decoded + steps > state.max_new_tokens:
             raise ConfigError(f"decoding {steps} more tokens after {state.decoded} exceeds max_new_tokens="
-                              f"{state.max_new_tokens} given to prefill (the cache is sized for it)")
-        out = torch.empty((state.key.batch, steps), dtype=torch.long, device=entry.tokens.device)
-        graphs = self._use_graphs(entry.tokens.device)
-        if graphs and entry.graph is None:
-            self._capture(entry)
-        for i in range(steps):
-            if graphs:
-                entry.graph.replay()
-                entry.cache.seen += 1
-                self.stats["replays"] += 1
-            else:
-                self._step(entry)
-                self.stats["eager_steps"] += 1
-            out[:, i : i + 1].copy_(entry.tokens)
-            state.decoded += 1
+                              f"{state.max_new_tokens} given to prefill (the pages are reserved for it)")
+        slots = [next((i for i, s in enumerate(self._slots) if s is self._requests[r]), 0) for r in state.requests]
+        for _ in range(steps):
+            self.step(sampling)
             if logits is not None:
-                assert entry.logits is not None
-                logits.append(entry.logits.clone())
-        return out
+                assert self.logits is not None
+                logits.append(self.logits[torch.tensor(slots, device=self.logits.device)].clone())
+        state.decoded += steps
+        return torch.stack([self.tokens_of(r)[state.decoded - steps: state.decoded] for r in state.requests])
 
-    def generate(self, input_ids: Tensor, max_new_tokens: int, *, attention_mask: Tensor | None = None,
+    @torch.no_grad()
+    def generate(self, prompts: Tensor | list[Tensor], max_new_tokens: int, *, attention_mask: Tensor | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 eos_token_id: int | None = None, check_every: int = 32) -> Tensor:
-        """(B, T + new) token ids: prefill, then decode steps on the mask's graph. With `eos_token_id`, a host
-        check every `check_every` steps stops once every sequence is done; tokens after EOS are EOS."""
+                 eos_token_id: int | None = None, check_every: int = 16) -> Tensor | list[Tensor]:
+        """Prompts in, prompts + answers out. A list of 1-D prompts of any lengths gives a list of 1-D tensors
+        (continuous batching: each joins as a slot and pages free up); a left-padded (B, T) batch gives
+        (B, T + new). With `eos_token_id`, every `check_every` steps one host read finds the finished requests
+        (their pages return at once); tokens after EOS are EOS."""
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
-        state = self.prefill(input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
-                             sampling=sampling)
-        pieces = [state.next_tokens]
-        left = max_new_tokens - 1
-        while left > 0:
-            n = min(left, check_every) if eos_token_id is not None else left
-            pieces.append(self.decode(state, n))
-            left -= n
-            if eos_token_id is not None and bool((torch.cat(pieces, 1) == eos_token_id).any(1).all()):
-                break
-        new = torch.cat(pieces, dim=1)  # (B, new)
-        if eos_token_id is not None:
-            after = (new == eos_token_id).cumsum(dim=1) - (new == eos_token_id).long() > 0
-            new = new.masked_fill(after, eos_token_id)
-        return torch.cat([input_ids, new], dim=1)
+        batch = isinstance(prompts, Tensor)
+        items = split_prompts(prompts, attention_mask) if batch else list(prompts)
+        if not items:
+            return prompts if batch else []
+        for prompt in items:
+            self._check_request(prompt, max_new_tokens)
+        waiting = collections.deque(enumerate(items))
+        request_of: dict[int, int] = {}
+        since_check = 0
+        while waiting or any(s is not None for s in self._slots):
+            while waiting and (self.pool is None or self.can_admit(waiting[0][1].numel(), max_new_tokens)):
+                index, prompt = waiting.popleft()
+                request_of[index] = self.add_request(prompt, max_new_tokens, sampling)
+            if waiting and not any(s is not None for s in self._slots):
+                raise CapacityError(f"a prompt of {waiting[0][1].numel()} tokens + {max_new_tokens} new ones needs "
+                                    f"{self.pages_needed(waiting[0][1].numel(), max_new_tokens)} pages, more than the "
+                                    f"pool's {self.pool.num_pages - 1 if self.pool else 0}; give DecodeEngine more pages")
+            self.step(sampling)
+            since_check += 1
+            if eos_token_id is not None and since_check >= check_every:
+                since_check = 0
+                self._stop_at_eos(eos_token_id)
+        outs = []
+        for index, prompt in enumerate(items):
+            new = self.tokens_of(request_of[index])
+            if eos_token_id is not None:
+                after = (new == eos_token_id).cumsum(0) - (new == eos_token_id).long() > 0
+                new = new.masked_fill(after, eos_token_id)
+                new = torch.cat([new, new.new_full((max_new_tokens - new.numel(),), eos_token_id)])
+            outs.append(torch.cat([prompt.to(new.device), new]))
+        for request in request_of.values():
+            del self._requests[request]
+        if not self._requests:
+            self._outputs.clear()
+        if not batch:
+            return outs
+        return torch.cat([prompts.to(outs[0].device), torch.stack([o[-max_new_tokens:] for o in outs])], dim=1)
+
+    def _stop_at_eos(self, eos_token_id: int) -> None:
+        for seq in [s for s in self._slots if s is not None and not s.done]:
+            if bool((self.tokens_of(seq.request) == eos_token_id).any()):  # a host read
+                self.finish(seq.request)
 
 
-def hf_generate(fm: FluxModule, *args: Any, **kwargs: Any) -> Any:
-    """`transformers`' own `generate()` on a fluxc-compiled model, with a `FluxCache`.
-
-    The cache is given as `cache=` (or `past_key_values=`, transformers' name before 5.24), or made here.
-    HF drives the loop (logits processors, stopping criteria, beam-free decoding strategies); each forward
-    runs fluxc's rewritten graph. After prefill the cache is compacted to the routes (SA layers evicted);
-    decode steps then run the decode graph of that routing mask. No CUDA graphs here (use `DecodeEngine`).
-    """
-    given = pop_cache_argument(kwargs)
-    cache = FluxCache(fm.flux_config) if given is None else given
-    if not isinstance(cache, FluxCache):
-        raise ConfigError(f"cache must be a fluxc.FluxCache (or None), got {type(cache).__name__}")
-    max_new = kwargs.get("max_new_tokens")
-    if not isinstance(max_new, int) or max_new < 1:
-        raise ConfigError(f"max_new_tokens={max_new!r}: give generate() a positive max_new_tokens (it sizes the cache)")
-    engine = DecodeEngine(fm, cuda_graphs=False)  # the same model checks as the engine
-    keyword = engine._cache_kw
-    model = fm.model
-    had_own_forward = "forward" in vars(model)
-    original = model.forward
-    inside = {"now": False}
-
-    def routed(*a: Any, **k: Any) -> Any:
-        if inside["now"]:  # Dynamo tracing fluxc's graph reaches the model's own forward here
-            return original(*a, **k)
-        c = k.get(keyword)
-        if isinstance(c, FluxCache) and c.phase == "prefill" and c.flux_layers:
-            mask = k.get("attention_mask")
-            t = c.flux_layers[0].keys.shape[2]  # type: ignore[union-attr]
-            n_real = mask[:, :t].sum(dim=1) if mask is not None else torch.full(
-                (c.flux_layers[0].keys.shape[0],), t, device=c.flux_layers[0].keys.device)  # type: ignore[union-attr]
-            c.compact(fm.route_state.route[: n_real.shape[0]].to(torch.bool), n_real, _bucket(t + max_new))
-        if isinstance(c, FluxCache) and c.phase == "decode":
-            assert c.lengths is not None
-            c.lengths.add_(1)  # positions stay HF's own (given, or counted from get_seq_length)
-        inside["now"] = True
-        try:
-            out = fm(*a, **k)
-        finally:
-            inside["now"] = False
-        if isinstance(c, FluxCache) and c.phase == "decode":
-            c.seen += 1
-        return out
-
-    model.forward = routed
-    try:
-        return model.generate(*args, **{keyword: cache}, **kwargs)
-    finally:
-        if had_own_forward:
-            model.forward = original
-        else:
-            del model.forward
-
-
-def _bucket(n: int) -> int:
-    # Capacity buckets of 256 tokens: nearby prompt lengths share a decode graph and its buffers.
-    return -(-n // 256) * 256
-
-
-def select_tokens(logits: Tensor, sampling: SamplingConfig) -> Tensor:
-    """(B, 1) next tokens from (B, V) logits: argmax, or a sample with temperature / top-k / top-p
-    (Gumbel-max with the default generator: safe inside CUDA-graph capture)."""
-    if not sampling.do_sample:
-        return logits.argmax(dim=-1, keepdim=True)
-    scores = logits.float() / sampling.temperature  # (B, V)
-    if sampling.top_k > 0:
-        kth = torch.topk(scores, min(sampling.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        probs = sorted_scores.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > sampling.top_p  # keep the smallest prefix reaching top_p
-        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
-    gumbel = -torch.log(-torch.log(torch.rand_like(scores).clamp_(1e-20, 1.0)))
-    return (scores + gumbel).argmax(dim=-1, keepdim=True)
+def split_prompts(input_ids: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
+    """The rows of a left-padded (B, T) batch without their padding."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        raise ConfigError(f"input_ids must be (batch, length), got shape {tuple(getattr(input_ids, 'shape', ()))}")
+    if attention_mask is None:
+        return list(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ConfigError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                          f"{tuple(input_ids.shape)}")
+    mask = attention_mask.to(torch.bool).cpu()
+    t = mask.shape[1]
+    n_real = mask.sum(dim=1)
+    packed = torch.arange(t)[None, :] >= (t - n_real)[:, None]
+    if not bool((packed == mask).all()) or bool((n_real == 0).any()):
+        raise ConfigError("attention_mask must be left-padded (zeros before each prompt) with at least one real token "
+                          "per row; pad on the left, as HF generate expects, or pass a list of prompts")
+    return [row[t - int(n):] for row, n in zip(input_ids, n_real)]
