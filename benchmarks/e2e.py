@@ -19,7 +19,7 @@ not fit the budget); `DecodeEngine(cuda_graphs=True)`. Baselines, same process, 
 Measured: prefill wall time (synchronised before and after; B=1 at 32K/64K/128K, B=8 at 32K), decode
 ms/token (median over `decode_reps` calls of `decode_steps` steps, after a warm-up call that traces and
 captures; 32K B=8 and 128K B=1), peak memory per measurement (max_memory_allocated, reset before it),
-per-sequence KV bytes (`state.cache.nbytes() / B`), the largest batch that fits at 128K, routing costs.
+per-sequence KV bytes (the pages a request holds), the largest batch that fits at 128K, routing costs.
 
 Analytical floor (written into the JSON with its parts):
   prefill(r, B, L) = non-attention time measured on the same model with attention replaced by a
@@ -222,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rs", default="0,0.75,1,0.5", help="SA fractions (0, .75, 1 required; others optional)")
     ap.add_argument("--phases", default="", help="comma list of phase names to run (default all); fluxc = all r")
     ap.add_argument("--compiler", default="eager", choices=("eager", "inductor"), help="FluxConfig.compiler")
-    ap.add_argument("--max-graphs", type=int, default=2, help="DecodeEngine max_graphs (each engine is short-lived)")
     ap.add_argument("--b-backend", default=None, help="backend of (b): inductor (mode reduce-overhead; default on "
                                                       "GPU) or eager (smoke default)")
     args = ap.parse_args(argv)

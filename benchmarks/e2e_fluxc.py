@@ -18,7 +18,9 @@ from models import forced_routers
 
 
 def new_engine(run: Run, fm: Any) -> Any:
-    return fluxc.DecodeEngine(fm, cuda_graphs=run.cuda, max_graphs=run.args.max_graphs)
+    spec = run.spec
+    return fluxc.DecodeEngine(fm, cuda_graphs=run.cuda, max_batch=spec.big_batch,
+                              max_len=max(spec.lengths) + spec.new_tokens)
 
 
 def graphs(fm: Any) -> int | None:
@@ -61,9 +63,10 @@ def prefill_series(run: Run, impl: str, r: float | None, fm: Any, engine: Any, r
         if res is None:
             break
         state = res.pop("state")
-        res.update(cache_bytes=state.cache.nbytes(), route_ok=route_ok(state, route))
+        res.update(cache_bytes=engine.state_kv_bytes(state), route_ok=route_ok(state, route))
         runs.append(res)
         if i < reps - 1 or not keep:
+            engine.end(state)
             state = None
     if not runs:
         return None
@@ -92,7 +95,7 @@ def decode_series(run: Run, impl: str, r: float | None, engine: Any, state: Any,
     ok = tokens is not None and bool(((tokens >= 0) & (tokens < spec.vocab)).all())
     run.rec.add(kind="decode", impl=impl, r=r, B=batch, L=length, ms=harness.median(ms_all), ms_all=ms_all,
                 first_call_s=first_ms / 1e3, steps=spec.decode_steps, peak_gib=run.mem.peak(),
-                cache_gib=state.cache.nbytes() / GIB, tokens_in_vocab=ok,
+                cache_gib=engine.state_kv_bytes(state) / GIB, tokens_in_vocab=ok,
                 engine_stats={k: int(v) for k, v in dict(getattr(engine, "stats", {})).items()})
 
 
@@ -103,7 +106,7 @@ def warmups(run: Run, label: str, fm: Any, engine: Any) -> None:
                        lambda b=batch, t=length: timed_prefill(run, engine, fm, run.ids(b, t)))
         if res is None:
             continue
-        res.pop("state")
+        engine.end(res.pop("state"))
         run.rec.add(kind="warm", impl=label, B=batch, L=length, s=res["ms"] / 1e3, recompiled=res["recompiled"])
         if res["recompiled"] and run.spec.est_scale:
             run.trace_s = max(run.trace_s * 0.5, res["ms"] / 1e3)  # calibrate the trace estimate
@@ -194,13 +197,13 @@ def verify_phase(run: Run) -> None:
                 try:
                     state = engine.prefill(run.ids(batch, spec.verify_prompt),
                                            max_new_tokens=long + spec.new_tokens - spec.verify_prompt)
-                    nbytes = state.cache.nbytes()
+                    nbytes = engine.state_kv_bytes(state)
                     if expect == "fits":
                         engine.decode(state, 2)
                     harness.sync(run.cuda)
                     detail = f"route_ok={route_ok(state, route)}"
                     state = None
-                except torch.cuda.OutOfMemoryError as exc:
+                except (torch.cuda.OutOfMemoryError, fluxc.CapacityError) as exc:
                     outcome, detail = "oom", str(exc)[:200]
                 run.rec.add(kind="maxbatch_verify", impl="fluxc", r=r, B=batch, L=long, expected=expect,
                             outcome=outcome, cache_gib=None if nbytes is None else nbytes / GIB,

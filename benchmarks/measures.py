@@ -76,8 +76,24 @@ def training(doc: Doc) -> View:
     return rows, names
 
 
+def requests(doc: Doc) -> View:
+    """Rows as measured (warmup, requests per impl and batch, kv, check); each fluxc `requests` row also gets
+    hf_best_p50_ms / hf_best_p95_ms, the best transformers baseline (dynamic or static cache) at its batch."""
+    rows = [dict(r) for r in doc.get("rows", [])]
+    for row in rows:
+        if row.get("kind") != "requests" or row.get("impl") != "fluxc":
+            continue
+        hf = [r for r in rows if r.get("kind") == "requests" and str(r.get("impl", "")).startswith("hf_")
+              and r.get("B") == row.get("B")]
+        for q in ("p50", "p95"):
+            values = [r[f"{q}_ms"] for r in hf if r.get(f"{q}_ms") is not None]
+            if values:
+                row[f"hf_best_{q}_ms"] = min(values)
+    return rows, {}
+
+
 MEASURES: dict[str, Callable[[Doc], View]] = dict(e2e=e2e, kernels=kernels, router_op=router_op, export=export,
-                                                   training=training)
+                                                   training=training, requests=requests)
 
 
 def targets_for(bench: str, doc: Doc) -> list[dict[str, Any]]:

