@@ -45,9 +45,13 @@ class Fingerprint:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Fingerprint:
         try:
-            return cls(**{k: data[k] for k in ("architecture", "num_layers", "q_heads", "kv_heads", "head_dim")})
+            fp = cls(**{k: data[k] for k in ("architecture", "num_layers", "q_heads", "kv_heads", "head_dim")})
         except (KeyError, TypeError) as exc:
             raise CorruptCheckpointError(f"router checkpoint fingerprint is incomplete: {data!r}") from exc
+        sizes = (fp.num_layers, fp.q_heads, fp.kv_heads, fp.head_dim)
+        if not isinstance(fp.architecture, str) or any(isinstance(v, bool) or not isinstance(v, int) for v in sizes):
+            raise CorruptCheckpointError(f"router checkpoint fingerprint {data!r} is not a name and four sizes")
+        return fp
 
     def mismatches(self, other: Fingerprint, *, check_architecture: bool = True) -> list[str]:
         fields = ["num_layers", "q_heads", "kv_heads", "head_dim"] + (["architecture"] if check_architecture else [])
@@ -101,6 +105,9 @@ class RouterCheckpoint:
                     if file not in handles:
                         handles[file] = safe_open(file, framework="pt")
                     state[name] = handles[file].get_tensor(stored).to(torch.float32)
+                    if not bool(torch.isfinite(state[name]).all()):
+                        raise CorruptCheckpointError(f"router checkpoint {self.path!r}: tensor {stored!r} holds NaN "
+                                                     f"or infinite values; retrain the routers or use another file")
                 router.load_state_dict(state)
                 routers.append(router)
         except KeyError as exc:
@@ -124,20 +131,39 @@ def _read_header(file: str) -> tuple[dict[str, Any], dict[str, Any]]:
             header = json.loads(fh.read(length))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptCheckpointError(f"{file!r}: safetensors header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{file!r}: the safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict):
+        raise CorruptCheckpointError(f"{file!r}: the safetensors metadata is not a JSON object")
     data_size = size - 8 - length
     for name, entry in header.items():
         try:
             begin, end = entry["data_offsets"]
+            shape = [int(d) for d in entry["shape"]]
         except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpointError(f"{file!r}: tensor {name!r} has no valid data_offsets") from exc
-        if not (0 <= begin <= end <= data_size):
+            raise CorruptCheckpointError(f"{file!r}: tensor {name!r} has no valid data_offsets / shape") from exc
+        if not (0 <= begin <= end <= data_size) or any(d < 0 for d in shape):
             raise CorruptCheckpointError(f"{file!r}: tensor {name!r} lies outside the file (truncated?)")
     return header, metadata
 
 
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _check_router_dtypes(path: str, entries: dict[str, tuple[dict, str]]) -> None:
+    """Router weights are floating point: an integer tensor is another file, not routers to cast silently."""
+    for entry, stored in entries.values():
+        if entry.get("dtype") not in _FLOAT_DTYPES:
+            raise CorruptCheckpointError(f"router checkpoint {path!r}: tensor {stored!r} has dtype "
+                                         f"{entry.get('dtype')!r}; router weights are {'/'.join(_FLOAT_DTYPES)}")
+
+
 def read_checkpoint(path: str | os.PathLike) -> RouterCheckpoint:
     """Read a router checkpoint header: a fluxc file, or a released Flux Attention folder / safetensors file."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"router_ckpt={path!r} is not a path; pass the path of a fluxc router file or a "
+                              f"released checkpoint folder (or None with route='full' / 'sparse')")
     path = os.fspath(path)
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -158,6 +184,8 @@ def _fluxc_checkpoint(path: str, file: str, entries: dict, metadata: dict) -> Ro
         info = json.loads(metadata["fluxc"])
     except json.JSONDecodeError as exc:
         raise CorruptCheckpointError(f"{path!r}: fluxc header is not JSON ({exc})") from exc
+    if not isinstance(info, dict):
+        raise CorruptCheckpointError(f"{path!r}: the fluxc header is not a JSON object")
     if info.get("format") != FORMAT:
         raise CorruptCheckpointError(f"{path!r}: format {info.get('format')!r} is not {FORMAT!r}")
     if info.get("format_version") != FORMAT_VERSION:
@@ -167,10 +195,19 @@ def _fluxc_checkpoint(path: str, file: str, entries: dict, metadata: dict) -> Ro
         config = FluxConfig.from_dict(info["config"])
     except (KeyError, ConfigError) as exc:
         raise CorruptCheckpointError(f"{path!r}: bad config in header: {exc}") from exc
+    pattern = re.compile(r"^layers\.\d+\.(" + "|".join(re.escape(n) for n in ROUTER_PARAM_NAMES) + r")$")
+    unknown = sorted(n for n in entries if not pattern.match(n))
+    if unknown:
+        raise CorruptCheckpointError(f"{path!r}: tensors {unknown[:5]} are not router weights "
+                                     f"(layers.<i>.{{feature|head}}.<k>.{{weight|bias}}); is this a fluxc router file?")
+    _check_router_dtypes(path, {n: (e, n) for n, e in entries.items()})
     names = {n: (file, n) for n in entries}
     shapes = {n: tuple(e["shape"]) for n, e in entries.items()}
-    ckpt = RouterCheckpoint(path, [file], "fluxc", Fingerprint.from_dict(info.get("fingerprint") or {}), config,
-                            info.get("provenance", {}), names, shapes)
+    try:
+        fingerprint = Fingerprint.from_dict(info.get("fingerprint") or {})
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(f"{path!r}: {exc}; re-save the routers with fluxc.save_routers") from None
+    ckpt = RouterCheckpoint(path, [file], "fluxc", fingerprint, config, info.get("provenance", {}), names, shapes)
     _check_complete(ckpt)
     return ckpt
 
@@ -190,27 +227,60 @@ def _released_checkpoint(path: str, headers: list) -> RouterCheckpoint:
             ours = f"layers.{layer}.{_RELEASED_PART[m['part']]}.{m['idx']}.{m['kind']}"
             names[ours] = (file, stored)
             shapes[ours] = tuple(entry["shape"])
+            _check_router_dtypes(path, {ours: (entry, stored)})
     if not names:
         raise CheckpointError(f"router_ckpt={path!r} holds neither a fluxc header nor released router tensors "
                               f"(*.mask_allocator.cls_feat_extractor.*)")
+    _check_tensors(path, names)  # the config reads layer 0's shapes
     cfg_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
     model_cfg: dict[str, Any] = {}
     if os.path.isfile(cfg_file):
-        with open(cfg_file) as fh:
-            model_cfg = json.load(fh)
-    config = released_config(model_cfg, shapes)
-    fingerprint = None
-    if {"num_hidden_layers", "num_attention_heads"} <= set(model_cfg):
-        heads = model_cfg["num_attention_heads"]
-        fingerprint = Fingerprint(
-            architecture=(model_cfg.get("architectures") or [model_cfg.get("model_type", "?")])[0],
-            num_layers=model_cfg["num_hidden_layers"], q_heads=heads,
-            kv_heads=model_cfg.get("num_key_value_heads", heads),
-            head_dim=model_cfg.get("head_dim") or model_cfg["hidden_size"] // heads)
+        try:
+            with open(cfg_file) as fh:
+                model_cfg = json.load(fh)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptCheckpointError(f"{cfg_file!r} is not a readable JSON model config ({exc})") from None
+        if not isinstance(model_cfg, dict):
+            raise CorruptCheckpointError(f"{cfg_file!r} is not a JSON object")
+    try:
+        config = released_config(model_cfg, shapes)
+        fingerprint = _released_fingerprint(model_cfg)
+    except CheckpointError as exc:  # a setting fluxc does not run
+        raise type(exc)(f"router_ckpt={path!r}: {exc}") from None
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"router_ckpt={path!r}: {cfg_file!r} does not describe a usable model: {exc}; "
+                                     f"fix config.json or use fluxc's router format") from None
     ckpt = RouterCheckpoint(path, [h[0] for h in headers], "released", fingerprint, config,
                             {"source": "released Flux Attention checkpoint"}, names, shapes)
     _check_complete(ckpt)
     return ckpt
+
+
+def _released_fingerprint(model_cfg: dict[str, Any]) -> Fingerprint | None:
+    if not {"num_hidden_layers", "num_attention_heads"} <= set(model_cfg):
+        return None
+    heads = _positive(model_cfg, "num_attention_heads")
+    head_dim = model_cfg.get("head_dim")
+    architectures = model_cfg.get("architectures") or [model_cfg.get("model_type", "?")]
+    return Fingerprint(
+        architecture=str(architectures[0]) if isinstance(architectures, list) else str(architectures),
+        num_layers=_positive(model_cfg, "num_hidden_layers"), q_heads=heads,
+        kv_heads=_positive(model_cfg, "num_key_value_heads", heads),
+        head_dim=_positive(model_cfg, "head_dim") if head_dim else _positive(model_cfg, "hidden_size") // heads)
+
+
+def _positive(model_cfg: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = model_cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}={value!r} is not a positive int")
+    return value
+
+
+def _int_key(model_cfg: dict[str, Any], key: str, default: int) -> int:
+    value = model_cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key}={value!r} is not an int")
+    return value
 
 
 def _layer_of(prefix: str) -> int:
@@ -223,7 +293,7 @@ def _layer_of(prefix: str) -> int:
 def released_config(model_cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> FluxConfig:
     """FluxConfig from a released checkpoint's config keys (toggle_type, sink_size, local_window_size, ...) and router tensor shapes."""
     toggle = model_cfg.get("toggle_type", "streaming")
-    if toggle not in ("streaming", "triangle"):
+    if not isinstance(toggle, str) or toggle not in ("streaming", "triangle"):
         raise CheckpointError(f"released checkpoint toggle_type={toggle!r} is not supported; fluxc runs "
                               f"'streaming' and 'triangle' sparse patterns")
     if model_cfg.get("retrieval_mode", "full") != "full":
@@ -233,22 +303,27 @@ def released_config(model_cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]
         raise CheckpointError(f"released checkpoint pooling_mode={model_cfg['pooling_mode']!r} is not supported")
     hidden = (shapes["layers.0.feature.0.weight"][0], shapes["layers.0.feature.2.weight"][0],
               shapes["layers.0.head.0.weight"][0], shapes["layers.0.head.2.weight"][0])
-    sink = int(model_cfg.get("sink_size", 128))
-    window = int(model_cfg.get("local_window_size", 2048))
+    sink = _int_key(model_cfg, "sink_size", 128)
+    window = _int_key(model_cfg, "local_window_size", 2048)
     return FluxConfig(pattern=toggle, sink=sink, window=window, block=128,
                       block_exact=sink % 128 == 0 and window % 128 == 0,
-                      n_last=int(model_cfg.get("triangle_n_last", 128)),
-                      pool_size=int(model_cfg.get("pool_size", 150)), router_hidden=hidden)
+                      n_last=_int_key(model_cfg, "triangle_n_last", 128),
+                      pool_size=_int_key(model_cfg, "pool_size", 150), router_hidden=hidden)
 
 
 def _check_complete(ckpt: RouterCheckpoint) -> None:
-    layers = sorted({int(n.split(".")[1]) for n in ckpt.tensor_names})
+    _check_tensors(ckpt.path, ckpt.tensor_names)
+
+
+def _check_tensors(path: str, names: dict[str, Any]) -> None:
+    """Every layer 0..n-1 holds every router tensor."""
+    layers = sorted({int(n.split(".")[1]) for n in names})
     if layers != list(range(len(layers))):
-        raise CorruptCheckpointError(f"{ckpt.path!r}: router layers {layers} are not 0..{len(layers) - 1}")
+        raise CorruptCheckpointError(f"{path!r}: router layers {layers} are not 0..{len(layers) - 1}")
     for i in layers:
-        missing = [n for n in ROUTER_PARAM_NAMES if f"layers.{i}.{n}" not in ckpt.tensor_names]
+        missing = [n for n in ROUTER_PARAM_NAMES if f"layers.{i}.{n}" not in names]
         if missing:
-            raise CorruptCheckpointError(f"{ckpt.path!r}: layer {i} misses router tensors {missing}")
+            raise CorruptCheckpointError(f"{path!r}: layer {i} misses router tensors {missing}")
 
 
 def save_routers(path: str | os.PathLike, routers: nn.ModuleList, config: FluxConfig, fingerprint: Fingerprint,

@@ -9,7 +9,7 @@
 # GGUF_WHEEL          optional: the gguf package as an unpacked wheel folder (pip install --target DIR) or the
 #                     .whl file itself; added to PYTHONPATH (or put it on PYTHONPATH yourself).
 # OUT                 output folder (else the first argument, else runs/smollm2). It receives, as they are made:
-#                     routers.safetensors (+ .state.pt, to resume), train_log.jsonl, eval.json, eval_heatmap.png,
+#                     routers.safetensors (+ .state.safetensors, to resume), train_log.jsonl, eval.json, eval_heatmap.png,
 #                     train_smollm2.log. A run cut short keeps its last checkpoint (every 25 steps) and logs.
 # FLUXC_TIME_LIMIT_S  hard limit of the training + eval process (default 420 s; training itself stops at the
 #                     config's run.time_budget_s, 180 s, and sizes its step count to fit).

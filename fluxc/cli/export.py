@@ -89,7 +89,13 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         return model.eval(), None
     if not (path / "config.json").is_file():
         raise ExportError(f"--model {args.model!r} is neither a config.json nor a folder with one")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, attn_implementation=args.attn)
+    # safetensors weights only: a folder's pytorch_model.bin is a pickle, and fluxc unpickles nothing it is given
+    if not any(path.glob("*.safetensors")):
+        raise ExportError(f"--model {args.model!r} holds no *.safetensors weights; fluxc reads only safetensors (a "
+                          f"pytorch_model.bin is a pickle): convert it, e.g. model.save_pretrained(folder) in a "
+                          f"trusted session")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, attn_implementation=args.attn,
+                                                 use_safetensors=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError):

@@ -54,7 +54,7 @@ class RunSpec:
     """Output, logging, checkpoints, periodic evaluation and the time budget of a training run."""
 
     out: str = "runs/fluxc-train"
-    resume: bool = False  # continue from <out>/routers.safetensors (+ .state.pt)
+    resume: bool = False  # continue from <out>/routers.safetensors (+ .state.safetensors)
     log_every: int = 1
     save_every: int = 50  # 0: only at the end
     eval_every: int = 0  # 0: no periodic evaluation

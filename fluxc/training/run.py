@@ -35,6 +35,8 @@ from .config import RunConfig
 from .data import collate
 from .evaluation import evaluate
 from .models import DTYPES, load_model, resolve_device, smollm2_gguf
+from .state_io import SUFFIX as STATE_SUFFIX
+from .state_io import load_state, refuse_pickled
 from .text_sources import text_corpus
 from .trainer import RouterTrainer, lm_loss, mark_dynamic
 
@@ -139,7 +141,7 @@ def _atomic_save(trainer: RouterTrainer, out: Path, provenance: dict[str, Any]) 
     final = out / ROUTERS
     tmp = out / f".{ROUTERS}.tmp"
     trainer.save(str(tmp), provenance)
-    os.replace(f"{tmp}.state.pt", f"{final}.state.pt")
+    os.replace(f"{tmp}{STATE_SUFFIX}", f"{final}{STATE_SUFFIX}")
     os.replace(tmp, final)
     return final
 
@@ -149,9 +151,10 @@ def _resume(path: Path, model: torch.nn.Module, cfg: RunConfig, trainable: Calla
     if ckpt.config.method_dict() != cfg.flux.method_dict():
         raise ConfigError(f"--resume: {path} was trained with flux {ckpt.config.method_dict()}, but the config asks "
                           f"for {cfg.flux.method_dict()}; use the same [flux] section or start a new run.out")
-    state_step = torch.load(f"{path}.state.pt", weights_only=False)["step"] if os.path.isfile(f"{path}.state.pt") else None
+    refuse_pickled(path)
+    state_step = load_state(f"{path}{STATE_SUFFIX}")["step"] if os.path.isfile(f"{path}{STATE_SUFFIX}") else None
     if state_step is not None and ckpt.provenance.get("step") != state_step:
-        raise ConfigError(f"--resume: {path} is at step {ckpt.provenance.get('step')} but its .state.pt at step "
+        raise ConfigError(f"--resume: {path} is at step {ckpt.provenance.get('step')} but its state file at step "
                           f"{state_step} (an interrupted save); delete both to start over")
     return RouterTrainer.resume(str(path), model, cfg.train, trainable=trainable)
 
@@ -365,7 +368,7 @@ def train(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: An
           echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train routers as `cfg` says; returns a summary (steps, checkpoint path, timings, last stats).
 
-    Checkpoints (`<run.out>/routers.safetensors` and its ``.state.pt``) are written every `run.save_every`
+    Checkpoints (`<run.out>/routers.safetensors` and its ``.state.safetensors``) are written every `run.save_every`
     steps and at the end, so an interrupted run keeps its progress; `run.resume` continues from them."""
     t0 = time.perf_counter()
     out = Path(cfg.run.out)

@@ -19,10 +19,12 @@ from torch import nn
 from fluxc.api import FluxModule, compile_for_training, model_fingerprint
 from fluxc.checkpoint import Fingerprint, read_checkpoint, save_routers
 from fluxc.config import FluxConfig
-from fluxc.errors import ConfigError
+from fluxc.errors import ConfigError, CorruptCheckpointError
 from fluxc.ops.router import RouteRecorder, capture_router_inputs
 from fluxc.training.checkpointing import compile_for_training_checkpointed
 from fluxc.training.data import IGNORE
+from fluxc.training.state_io import SUFFIX as STATE_SUFFIX
+from fluxc.training.state_io import load_state, refuse_pickled, save_state
 from fluxc.version import __version__
 
 
@@ -222,7 +224,7 @@ class RouterTrainer:
 
     # --- checkpoints -------------------------------------------------------------------------------
     def save(self, path: str, provenance: dict[str, Any] | None = None) -> None:
-        """Routers in fluxc's format (with provenance) plus `<path>.state.pt` to resume training."""
+        """Routers in fluxc's format (with provenance) plus `<path>.state.safetensors` to resume training."""
         model = self.module.model
         first = self.module.routers[0]
         fp = model_fingerprint(model) or Fingerprint(type(model).__name__, len(self.module.routers), -1, -1,
@@ -232,11 +234,11 @@ class RouterTrainer:
                                                           for k, v in self.cfg.__dict__.items()},
                 "world_size": self._world(), **(provenance or {})}
         save_routers(path, self.module.routers, self.flux_config, fp, info)
-        torch.save({"step": self.step_index, "router_opt": self._optimizer().state_dict(),
-                    "lambda_opt": self.lambda_opt.state_dict(), "penalty": self.penalty.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None},
-                   path + ".state.pt")
+        save_state(path + STATE_SUFFIX, {
+            "step": self.step_index, "router_opt": self._optimizer().state_dict(),
+            "lambda_opt": self.lambda_opt.state_dict(), "penalty": self.penalty.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None})
 
     @classmethod
     def resume(cls, path: str, model: nn.Module, train_config: TrainConfig | None = None, *,
@@ -245,14 +247,20 @@ class RouterTrainer:
         ckpt = read_checkpoint(path)
         routers = ckpt.load_routers(next(model.parameters()).device)
         trainer = cls(model, ckpt.config, train_config, routers=routers, trainable=trainable)
-        if not os.path.isfile(path + ".state.pt"):
-            raise ConfigError(f"{path}.state.pt is missing: the router file alone cannot resume training")
-        state = torch.load(path + ".state.pt", weights_only=False)
-        trainer.step_index = state["step"]
-        trainer.penalty.load_state_dict(state["penalty"])
-        trainer.lambda_opt.load_state_dict(state["lambda_opt"])
-        trainer._optimizer().load_state_dict(state["router_opt"])
-        torch.set_rng_state(state["rng"])
+        refuse_pickled(path)
+        if not os.path.isfile(path + STATE_SUFFIX):
+            raise ConfigError(f"{path}{STATE_SUFFIX} is missing: the router file alone cannot resume training")
+        state = load_state(path + STATE_SUFFIX)
+        try:
+            trainer.step_index = int(state["step"])
+            trainer.penalty.load_state_dict(state["penalty"])
+            trainer.lambda_opt.load_state_dict(state["lambda_opt"])
+            trainer._optimizer().load_state_dict(state["router_opt"])
+            torch.set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CorruptCheckpointError(f"{path}{STATE_SUFFIX} does not hold this run's training state "
+                                         f"({type(exc).__name__}: {exc}); resume from the run that wrote it or start "
+                                         f"over") from None
         cuda_rng = state.get("cuda_rng")
         if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_rng)  # Gumbel noise on GPUs comes from their generators
