@@ -24,6 +24,7 @@ from fluxc.errors import (
     MaskError,
     NoAttentionError,
     NotTracedError,
+    RecompileLimitError,
     RequestError,
     RouteError,
 )
@@ -49,7 +50,7 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
-    "CapacityError", "CheckpointError", "CheckpointMismatchError", "RequestError", "DecodeEngine", "FluxCache", "SamplingConfig", "ConfigError", "CorruptCheckpointError", "Fingerprint",
+    "CapacityError", "CheckpointError", "CheckpointMismatchError", "RecompileLimitError", "RequestError", "DecodeEngine", "FluxCache", "SamplingConfig", "ConfigError", "CorruptCheckpointError", "Fingerprint",
     "FluxConfig", "FluxError", "FluxModule", "ImplementationError", "MaskError", "NoAttentionError", "NotTracedError",
     "RouteError", "RouteState", "SiteInfo", "compile", "generate", "last_route", "read_checkpoint",
     "save_routers", "sites", "__version__", "ExportError", "export", "export_aoti", "export_onnx",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import torch
@@ -19,7 +20,8 @@ from fluxc.backend import (
 )
 from fluxc.checkpoint import Fingerprint, read_checkpoint
 from fluxc.config import FluxConfig
-from fluxc.errors import ConfigError, FluxError, NotTracedError
+from fluxc.errors import ConfigError, FluxError, NotTracedError, RecompileLimitError
+from fluxc.inputs import canonical_inputs, check_model_inputs
 from fluxc.passes import RouteState, SiteInfo
 
 log = logging.getLogger("fluxc")
@@ -41,7 +43,11 @@ def model_fingerprint(model: nn.Module) -> Fingerprint | None:
 
 
 class FluxModule(nn.Module):
-    """`model` running its Flux-rewritten graph; called exactly like `model`."""
+    """`model` running its Flux-rewritten graph; called exactly like `model`.
+
+    Thread-safe by serialising: a forward, `generate` and the decode engine hold `lock` (an RLock), since the
+    routes a prefill decides live in one shared `route_state`; other threads wait their turn. For throughput,
+    hand many prompts to one `fluxc.generate` call: the engine batches them."""
 
     def __init__(self, model: nn.Module, backend: FluxBackend) -> None:
         super().__init__()
@@ -49,6 +55,7 @@ class FluxModule(nn.Module):
         self.route_state = backend.state
         self.routers: nn.ModuleList | None = None
         self._backend = backend
+        self.lock = threading.RLock()
         backend.on_routers = self._set_routers
         self._compiled = torch.compile(private_forward(model), backend=backend, fullgraph=True)
 
@@ -60,20 +67,32 @@ class FluxModule(nn.Module):
         return self._backend.config
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return self._compiled(*args, **kwargs)
-        except torch._dynamo.exc.BackendCompilerFailed as exc:
-            inner = getattr(exc, "inner_exception", None)
-            if isinstance(inner, FluxError):  # surface fluxc's own error, not Dynamo's wrapper
-                raise inner.with_traceback(None) from None
-            raise
+        check_model_inputs(self.model, args, kwargs)
+        args, kwargs = canonical_inputs(self.model, args, kwargs)
+        with self.lock:
+            try:
+                return self._compiled(*args, **kwargs)
+            except torch._dynamo.exc.BackendCompilerFailed as exc:
+                inner = getattr(exc, "inner_exception", None)
+                if isinstance(inner, FluxError):  # surface fluxc's own error, not Dynamo's wrapper
+                    raise inner.with_traceback(None) from None
+                raise
+            except torch._dynamo.exc.FailOnRecompileLimitHit as exc:
+                limit = torch._dynamo.config.recompile_limit
+                raise RecompileLimitError(
+                    f"{type(self.model).__name__} compiled by fluxc met more than {limit} input layouts (batch of 1 "
+                    f"vs more, mask kinds, dtypes: each traces and compiles again) and Dynamo stopped at its "
+                    f"recompile_limit={limit}; serve prompts with fluxc.generate / DecodeEngine (one compile for every "
+                    f"length and batch), keep one input layout per compiled model, or raise "
+                    f"torch._dynamo.config.recompile_limit") from exc
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' `generate()` running the routed graph with a `fluxc.FluxCache` (see
         `fluxc.serve.cache.hf_generate`); `fluxc.generate` / `DecodeEngine` add a paged cache and CUDA graphs."""
         from fluxc.serve.cache import hf_generate  # transformers loads on first use
 
-        return hf_generate(self, *args, **kwargs)
+        with self.lock:
+            return hf_generate(self, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -32,18 +32,19 @@ OPTION_KEYS = ("router_ckpt", "route", "config", "state", "compiler", "architect
 
 def parse_route(route: RouteSpec) -> str | tuple[bool, ...] | None:
     """None (routers), 'full', 'sparse', or a per-layer tuple (True = full)."""
-    if route is None or route in ("full", "sparse"):
+    if route is None or (isinstance(route, str) and route in ("full", "sparse")):
         return route
-    if isinstance(route, str):
-        raise RouteError(f"route={route!r} is not a route; use None (router), 'full', 'sparse', or a per-layer list")
+    if isinstance(route, str) or not isinstance(route, (list, tuple)):
+        raise RouteError(f"route={route!r} is not a route; use None (router), 'full', 'sparse', or a per-layer list "
+                         f"of 'full' / 'sparse' (or True / False)")
     out = []
     for i, r in enumerate(route):
-        if r in ("full", True):
-            out.append(True)
-        elif r in ("sparse", False):
-            out.append(False)
-        else:
-            raise RouteError(f"route[{i}]={r!r} is not 'full' or 'sparse'")
+        if isinstance(r, bool):
+            out.append(r)
+        elif isinstance(r, str) and r in ("full", "sparse"):
+            out.append(r == "full")
+        else:  # an int 1 / 0 is not a route: `1 in ("full", True)` would have taken it silently
+            raise RouteError(f"route[{i}]={r!r} is not 'full' or 'sparse' (or True / False)")
     return tuple(out)
 
 

@@ -55,14 +55,16 @@ class FluxConfig:
                                   block_exact=self.block_exact, n_last=self.n_last)
         if problem is not None:
             raise ConfigError(f"FluxConfig.{problem}")
+        if not isinstance(self.block_exact, bool):
+            raise ConfigError(f"FluxConfig.block_exact={self.block_exact!r} must be True or False")
         if self.impl not in _IMPLS:
             raise ConfigError(f"FluxConfig.impl={self.impl!r} is unknown; use one of {_IMPLS}")
         if self.compiler not in _COMPILERS:
             raise ConfigError(f"FluxConfig.compiler={self.compiler!r} is unknown; use one of {_COMPILERS}")
         if not isinstance(self.pool_size, int) or isinstance(self.pool_size, bool) or self.pool_size < 1:
             raise ConfigError(f"FluxConfig.pool_size={self.pool_size!r} must be an int >= 1")
-        hidden = tuple(self.router_hidden)
-        if len(hidden) != 4 or any(not isinstance(h, int) or h < 1 for h in hidden):
+        hidden = tuple(self.router_hidden) if isinstance(self.router_hidden, (list, tuple)) else ()
+        if len(hidden) != 4 or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
             raise ConfigError(
                 f"FluxConfig.router_hidden={self.router_hidden!r} must be four positive ints (h1, h2, h3, h4)"
             )

@@ -54,3 +54,7 @@ class CapacityError(FluxError):
 
 class RequestError(FluxError):
     """One request of a batch failed (its own error attached); the batch's other requests are unaffected."""
+
+
+class RecompileLimitError(FluxError):
+    """A compiled model met more input layouts than Dynamo's recompile limit allows."""
