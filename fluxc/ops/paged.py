@@ -76,6 +76,9 @@ def paged_attention_reference(q: Tensor, k_pages: Tensor, v_pages: Tensor, block
     sequence's query attends become the mask (a ring's slots already are the SA keys)."""
     k, v = paged_gather(k_pages, block_table), paged_gather(v_pages, block_table)  # (B, Hkv, S, D)
     valid = paged_valid(seq_lens, route, k.shape[2], **spec.rule)  # (B, S)
+    # a reused page's stale slots may hold another request's NaN: a zero weight times NaN is still NaN
+    k = torch.where(valid[:, None, :, None], k, torch.zeros((), dtype=k.dtype, device=k.device))
+    v = torch.where(valid[:, None, :, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
     batch = q.shape[0]
     qpos = (seq_lens.to(torch.int64) - 1).clamp_min(0).view(batch, 1)  # (B, 1)
     everything = torch.ones(batch, dtype=torch.bool, device=q.device)

@@ -140,6 +140,17 @@ def _(state, route, layer):
     return None
 
 
+@torch.library.custom_op("fluxc::count_nonfinite", mutates_args=("counter",))
+def count_nonfinite(counter: Tensor, logits: Tensor, rows: Tensor) -> None:
+    """counter += the `rows` (B,) bool whose router logits (B, 2) are not finite (those sequences route full)."""
+    counter.add_((~torch.isfinite(logits).all(dim=-1) & rows).sum().to(counter.dtype))
+
+
+@count_nonfinite.register_fake
+def _(counter, logits, rows):
+    return None
+
+
 class RouteRecorder(nn.Module):
     """Training-mode companion of the rewritten graph: holds the Gumbel temperature and receives each
     layer's straight-through sample, so the loss can see per-sequence sparsity."""

@@ -110,6 +110,9 @@ def export_pass(gm: fx.GraphModule, *, step: Literal["prefill", "decode"], fixed
     records = [n for n in graph.nodes if _is_op(n, torch.ops.fluxc.record_route.default)]
     route_of: dict[int, fx.Node] = {}
     dead: list[fx.Node] = []
+    for node in [n for n in graph.nodes if _is_op(n, torch.ops.fluxc.count_nonfinite.default)]:
+        dead.extend(node.all_input_nodes)  # before erasing: erase_node clears the args
+        graph.erase_node(node)  # a serving diagnostic on the route state: a program keeps no state
     for node in records:
         state, route, layer = node.args
         route_of[int(layer)] = route

@@ -52,12 +52,18 @@ class ContentAnalysis:
     def __init__(self, graph: fx.Graph) -> None:
         self.content: set[Node] = set()
         for node in graph.nodes:
-            if node.op in ("call_function", "call_method", "call_module"):
+            if node.op in ("call_function", "call_method", "call_module") and not _is_size(node):
                 if any(n in self.content or is_parameter(n) for n in node.all_input_nodes):
                     self.content.add(node)
 
     def is_content(self, node: object) -> bool:
         return isinstance(node, Node) and node in self.content
+
+
+def _is_size(node: Node) -> bool:
+    # a symbolic size (batch, length) read off the hidden states is not content: with dynamic shapes every view
+    # takes one, and following it would pull the mask and position code into the query's cone
+    return isinstance(meta_value(node), (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
 def _is_projection(node: Node) -> bool:

@@ -49,10 +49,13 @@ class RouteState(nn.Module):
         super().__init__()
         self.max_batch = max_batch
         self.register_buffer("route", torch.full((max_batch, 0), STATE_UNSET, dtype=torch.int8), persistent=False)
+        # sequences whose router gave NaN / inf logits (routed full instead: never a silent wrong route)
+        self.register_buffer("nonfinite", torch.zeros((), dtype=torch.int64), persistent=False)
 
     def ensure(self, num_layers: int, device: torch.device) -> None:
         if self.route.shape[1] != num_layers or self.route.device != device:
             self.route = torch.full((self.max_batch, num_layers), STATE_UNSET, dtype=torch.int8, device=device)
+            self.nonfinite = self.nonfinite.to(device)
 
     def last(self) -> torch.Tensor:
         """bool (batch, layers) of the last prefill (True = full attention)."""
@@ -442,9 +445,14 @@ def _route_node(graph: fx.Graph, options: PassOptions, layer: int, query: QueryI
         first_valid = graph.call_function(operator.getitem, (valid, (slice(None), 0)))  # (B,)
         return graph.call_function(torch.full_like, (first_valid, bool(options.route[layer])))
     logits = _router_logits_node(graph, options, layer, query, valid)
-    routed = graph.call_function(operator.eq, (graph.call_function(torch.argmax, (logits, -1)), 1))  # (B,)
+    finite = graph.call_method("all", (graph.call_function(torch.isfinite, (logits,)), -1))  # (B,)
+    # a router that cannot decide (NaN / inf logits) routes full, counted: never a silent wrong sparse route
+    routed = graph.call_function(operator.or_, (graph.call_function(
+        operator.eq, (graph.call_function(torch.argmax, (logits, -1)), 1)), graph.call_function(operator.invert, (finite,))))
     first_pos = graph.call_method("amin", (graph.call_function(torch.where, (valid, qpos, 2**62)), 1))  # (B,)
     starts = graph.call_function(operator.eq, (first_pos, key_start))  # (B,) this step begins the sequence
+    graph.call_function(torch.ops.fluxc.count_nonfinite.default,
+                        (graph.get_attr("flux_state.nonfinite"), logits, starts))
     batch = graph.call_method("size", (q, 0))
     state = graph.call_method("narrow", (graph.get_attr("flux_state.route"), 0, 0, batch))
     stored = graph.call_method("select", (state, 1, layer))  # (B,) int8: 1 full, 0 sparse, -1 unset

@@ -85,6 +85,13 @@ def _peel_repeat_kv(node: Node) -> tuple[Node, int]:
     return source, exp[2]
 
 
+def _one_query_one_key(q: Node, k: Node, *, time_dim: int) -> bool:
+    """One query over one key (a one-token prompt): causal and bidirectional attention are the same."""
+    q_shape, k_shape = shape_of(q), shape_of(k)
+    return (q_shape is not None and k_shape is not None and len(q_shape) == len(k_shape) == 4
+            and same_size(q_shape[time_dim], 1) and same_size(k_shape[time_dim], 1))
+
+
 def match_sdpa(node: Node) -> SiteMatch | None:
     if not is_target(node, "scaled_dot_product_attention"):
         return None
@@ -108,7 +115,9 @@ def match_sdpa(node: Node) -> SiteMatch | None:
         site.reason = "scale is not a constant"
     if not (is_scalar(dropout) and float(dropout) == 0.0):
         site.reason = f"attention dropout is active (dropout_p={dropout}); the routed op has no dropout"
-    if mask is None and not is_causal:
+    if mask is None and not is_causal and _one_query_one_key(q, k, time_dim=2):
+        site.is_causal = True  # a one-token prompt: transformers drops is_causal for one query, the same attention
+    elif mask is None and not is_causal:
         site.reason = "bidirectional attention (no mask, is_causal=False): not a causal decoder site"
     if mask is not None and is_causal:
         site.reason = "attn_mask together with is_causal=True is not a valid SDPA call"
@@ -255,7 +264,7 @@ def match_eager(softmax: Node) -> SiteMatch | None:
         return None  # something between matmul and softmax we do not understand: not a site
     site = SiteMatch("eager", pv, q, k, v, mask, False, scale, softcap, math="eager",
                      softmax_fp32=softmax_fp32, mask_is_disallow=disallow, reason=reason)
-    if mask is None:
+    if mask is None and not _one_query_one_key(q, k, time_dim=2):
         site.reason = site.reason or "no mask: bidirectional attention is not a causal decoder site"
     k_src, n_rep_k = _peel_repeat_kv(k)
     v_src, n_rep_v = _peel_repeat_kv(v)
