@@ -205,7 +205,7 @@ def test_engine_errors():
         DecodeEngine(engine.model, max_batch=0)
     with pytest.raises(fluxc.CapacityError, match="exceeds max_len=96"):
         engine.generate([torch.ones(90, dtype=torch.long)], 10)
-    with pytest.raises(fluxc.ConfigError, match="1-D integer tensor"):
+    with pytest.raises(fluxc.ConfigError, match="token ids are integers"):
         engine.generate([torch.ones(2, 3)], 2)
     state = engine.prefill(ids, max_new_tokens=2)
     with pytest.raises(fluxc.ConfigError, match="max_new_tokens"):
@@ -279,3 +279,22 @@ def test_hf_generate_with_flux_cache():
         mixed.generate(ids)
     with pytest.raises(fluxc.ConfigError, match="both cache= and past_key_values="):
         mixed.generate(ids, cache=FluxCache(SMALL), past_key_values=FluxCache(SMALL), **kwargs)
+
+
+def test_a_batch_forward_after_the_engine_still_routes(tmp_path):
+    """The engine's prefill compiles with a dynamic length; a later (B, T) forward recompiles with a dynamic batch
+    too: the router input is still found (symbolic sizes are not hidden-state content) and the logits match a
+    fresh compile's."""
+    model = tiny_model("llama", "sdpa")
+    ids, mask = batch(left_pad=3)
+    cfg = SMALL.replace(router_hidden=(32, 16, 16, 8), pool_size=4)
+    routers = _routers_with_mixed_decisions(model, ids, mask, cfg, 16)
+    path = tmp_path / "routers.safetensors"
+    fluxc.save_routers(path, routers, cfg, fluxc.Fingerprint(type(model).__name__, 3, 4, 2, 16), {"test": "mixed"})
+    fm = fluxc.compile(model, str(path), config=cfg)
+    _engine(fm).generate([ids[0], ids[1, 3:]], 3)
+    got = fm(input_ids=ids, attention_mask=mask).logits
+    route = fluxc.last_route(fm)
+    fresh = fluxc.compile(model, str(path), config=cfg)
+    torch.testing.assert_close(got, fresh(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(route, fluxc.last_route(fresh))

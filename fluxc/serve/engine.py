@@ -20,6 +20,7 @@ import collections
 import inspect
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,8 @@ import torch
 from torch import Tensor
 
 from fluxc.backend import flux_backend_of, private_forward
-from fluxc.errors import CapacityError, ConfigError, RouteError
+from fluxc.errors import CapacityError, ConfigError, FluxError, RequestError, RouteError
+from fluxc.inputs import check_attention_mask, check_token_ids, vocab_size
 from fluxc.ops.paged import compact_ring
 from fluxc.patterns import ring_capacity
 from fluxc.serve.cache import check_engine_model
@@ -57,6 +59,8 @@ class _Sequence:
     reserved: int  # pages kept back for its full-attention layers to grow into
     steps: list[tuple[int, int]] = field(default_factory=list)  # (step, row) of each token it produced
     done: bool = False
+    nonfinite: Tensor | None = None  # () bool on the device: its logits were NaN / inf at some step
+    error: RequestError | None = None
 
 
 @dataclass
@@ -79,18 +83,23 @@ class DecodeEngine:
     model's max_position_embeddings). `page_size`: keys per page. `num_pages`: the pool (default: every slot at
     `max_len` in every layer with full attention, capped at 80% of free device memory on CUDA).
     `cuda_graphs`: "auto" (on for CUDA models), True (raise if impossible) or False (the same steps eagerly).
+
+    A request that fails (its pages cannot be allocated, its logits turn NaN / inf) ends with a `RequestError`
+    (`error_of`) while the others run on untouched. One thread at a time drives an engine: its methods hold
+    the compiled model's lock (`FluxModule.lock`), so other threads wait.
     """
 
     def __init__(self, model: FluxModule, *, max_batch: int = 8, max_len: int | None = None, page_size: int = 16,
                  num_pages: int | None = None, cuda_graphs: bool | str = "auto") -> None:
         if flux_backend_of(model) is None:
             raise ConfigError(f"model must be a fluxc.compile(...) result (FluxModule), got {type(model).__name__}")
-        if cuda_graphs not in (True, False, "auto"):
+        if not (isinstance(cuda_graphs, bool) or (isinstance(cuda_graphs, str) and cuda_graphs == "auto")):
             raise ConfigError(f"cuda_graphs={cuda_graphs!r}: use True, False or 'auto'")
         for name, value, low in (("max_batch", max_batch, 1), ("page_size", page_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name}={value!r} must be an int >= {low}")
         self.model = model
+        self.lock: threading.RLock = model.lock  # the route state and the pool are shared: one driver at a time
         self.cuda_graphs = cuda_graphs
         self._cache_kw = check_engine_model(model.model)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.model.forward).parameters
@@ -99,6 +108,7 @@ class DecodeEngine:
         self.kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.max_len = max_len or getattr(text, "max_position_embeddings", None) or 4096
+        self.vocab = vocab_size(model.model)
         self.page_size = page_size
         self.width = math.ceil(self.max_len / page_size)  # block table columns
         self.buckets = tuple(sorted({max(MIN_BUCKET, 1 << (b - 1).bit_length()) for b in range(1, max_batch + 1)}))
@@ -138,6 +148,7 @@ class DecodeEngine:
         self.tokens = torch.zeros((rows, 1), dtype=torch.long, device=device)  # the step's input, then its output
         self.lengths = torch.zeros(rows, dtype=torch.int32, device=device)  # keys per row, 0 = no sequence
         self.routes = torch.ones((rows, self.num_layers), dtype=torch.bool, device=device)
+        self.nonfinite = torch.zeros(rows, dtype=torch.bool, device=device)  # per row: NaN / inf logits seen
         # (B, L, W): a bucket's rows [:B] keep the same strides whatever B (one compile for every bucket)
         self.tables = torch.zeros((rows, self.num_layers, self.width), dtype=torch.int32, device=device)
         self.logits: Tensor | None = None
@@ -162,11 +173,7 @@ class DecodeEngine:
                                       >= self.pages_needed(prompt_len, max_new_tokens)))
 
     def _check_request(self, prompt: Tensor, max_new_tokens: int) -> Tensor:
-        if not isinstance(prompt, Tensor) or prompt.dim() != 1 or prompt.dtype not in (torch.long, torch.int32):
-            raise ConfigError(f"a prompt must be a 1-D integer tensor of token ids, got "
-                              f"{getattr(prompt, 'shape', type(prompt).__name__)}")
-        if prompt.numel() == 0:
-            raise ConfigError("a prompt must hold at least one token")
+        check_token_ids(prompt, name="prompt", dims=1, vocab=self.vocab)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
         if prompt.numel() + max_new_tokens > self.max_len:
@@ -178,6 +185,10 @@ class DecodeEngine:
     def add_request(self, prompt: Tensor, max_new_tokens: int, sampling: SamplingConfig | None = None) -> int:
         """Prefill one prompt (1-D token ids) into a free slot; returns its request id. Raises CapacityError
         when no slot or not enough pages are free (`can_admit` says in advance)."""
+        with self.lock:
+            return self._add_request(prompt, max_new_tokens, sampling)
+
+    def _add_request(self, prompt: Tensor, max_new_tokens: int, sampling: SamplingConfig | None) -> int:
         device = next(self.model.model.parameters()).device
         prompt = self._check_request(prompt, max_new_tokens).to(device)
         if self.pool is None:
@@ -208,7 +219,20 @@ class DecodeEngine:
         assert self.pool is not None
         count = prompt.numel()
         per_layer = math.ceil(count / self.page_size)
-        taken = self.pool.take(self.num_layers * per_layer)
+        request = self._next_request  # an id per admission attempt, failed ones too
+        self._next_request += 1
+        taken = self.pool.take(self.num_layers * per_layer, owner=request)
+        try:
+            return self._prefill_into(request, prompt, max_new_tokens, sampling, taken)
+        except BaseException:  # out of memory, an interrupt: the request never started, its pages go back
+            self.pool.give_back(taken)
+            raise
+
+    def _prefill_into(self, request: int, prompt: Tensor, max_new_tokens: int, sampling: SamplingConfig,
+                      taken: list[int]) -> tuple[Tensor, _Sequence]:
+        assert self.pool is not None
+        count = prompt.numel()
+        per_layer = math.ceil(count / self.page_size)
         pages = [taken[i * per_layer:(i + 1) * per_layer] for i in range(self.num_layers)]
         table = torch.zeros((1, self.num_layers, self.width), dtype=torch.int32)  # (B, L, W)
         for layer, own in enumerate(pages):
@@ -225,12 +249,19 @@ class DecodeEngine:
             torch._dynamo.mark_dynamic(positions, 1, min=2, max=self.max_len)
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
         out = self.model(input_ids=ids, position_ids=positions, use_cache=True, **{self._cache_kw: cache}, **extra)
-        first = select_tokens(out.logits[:, -1], sampling)  # (1, 1)
+        logits = out.logits[:, -1]  # (1, V)
+        first = select_tokens(logits, sampling)  # (1, 1)
         state = self.model.route_state
         if state.route.shape[1] != self.num_layers:
             raise RouteError(f"the model has {state.route.shape[1]} routed attention sites but {self.num_layers} "
                              f"layers; the decode engine needs one routed site per cached layer")
-        routes = tuple(bool(r) for r in state.route[0].tolist())  # the one host read of a request's routes
+        nonfinite_before = self.stats["nonfinite_routes"]
+        *route_row, undecided = torch.cat([state.route[0].to(torch.int64), state.nonfinite.view(1)]).tolist()
+        routes = tuple(bool(r) for r in route_row)  # the one host read of a request's routes
+        self.stats["nonfinite_routes"] = undecided  # the route state counts every sequence since compile
+        if undecided > nonfinite_before:
+            log.warning("fluxc: request %d: the router gave non-finite logits in %d layer(s); they run full "
+                        "attention", request, undecided - nonfinite_before)
         reserved = 0
         ring_pages = math.ceil(min(count, self.ring) / self.page_size)
         for layer, full in enumerate(routes):
@@ -242,8 +273,8 @@ class DecodeEngine:
             pages[layer] = pages[layer][:ring_pages]
             reserved += math.ceil(min(count + max_new_tokens - 1, self.ring) / self.page_size) - ring_pages
         self._reserved += reserved
-        seq = _Sequence(self._next_request, count, max_new_tokens - 1, pages, routes, reserved)
-        self._next_request += 1
+        seq = _Sequence(request, count, max_new_tokens - 1, pages, routes, reserved,
+                        nonfinite=~torch.isfinite(logits).all())
         return first, seq
 
     def _write_row(self, slot: int, seq: _Sequence) -> None:
@@ -253,6 +284,7 @@ class DecodeEngine:
             row[layer, :len(own)] = torch.tensor(own, dtype=torch.int32)
         self.tables[slot].copy_(row, non_blocking=True)
         self.lengths[slot] = seq.length
+        self.nonfinite[slot] = False
         self.routes[slot].copy_(torch.tensor(seq.routes), non_blocking=True)
 
     # --- decode
@@ -261,18 +293,23 @@ class DecodeEngine:
         boundary takes a page (host bookkeeping, one small copy to the device, no sync)."""
         assert self.pool is not None
         updates: list[tuple[int, int, int, int]] = []
-        for slot, seq in enumerate(self._slots):
+        for slot, seq in enumerate(list(self._slots)):
             if seq is None or seq.done:
                 continue
             position = seq.length  # the key this step writes
-            for layer, full in enumerate(seq.routes):
-                index = (position if full else min(position, self.ring - 1)) // self.page_size
-                if index >= len(seq.pages[layer]):
-                    page = self.pool.take(1)[0]
-                    seq.pages[layer].append(page)
-                    seq.reserved -= 1
-                    self._reserved -= 1
-                    updates.append((layer, slot, index, page))
+            try:
+                for layer, full in enumerate(seq.routes):
+                    index = (position if full else min(position, self.ring - 1)) // self.page_size
+                    if index >= len(seq.pages[layer]):
+                        page = self.pool.take(1, owner=seq.request)[0]
+                        seq.pages[layer].append(page)
+                        seq.reserved -= 1
+                        self._reserved -= 1
+                        updates.append((layer, slot, index, page))
+            except CapacityError as exc:  # this request alone ends; the step runs on for the others
+                updates = [u for u in updates if u[1] != slot]
+                self._fail(seq, f"no page for its key {position}", exc)
+                continue
             seq.length += 1
         if updates:
             layer, slot, index, page = (torch.tensor(col) for col in zip(*updates))
@@ -301,10 +338,12 @@ class DecodeEngine:
         if self.logits is None:  # the first (warm-up) step allocates it, before any capture
             self.logits = torch.empty((self.max_batch, logits.shape[-1]), dtype=torch.float32, device=logits.device)
         self.logits[:bucket].copy_(logits)
+        # read at check points, not every step; rows without a sequence (lengths 0) compute on scratch
+        self.nonfinite[:bucket] |= ~torch.isfinite(logits).all(dim=-1) & (lengths > 0)
         tokens.copy_(select_tokens(logits, sampling))
 
     def _capture(self, bucket: int, sampling: SamplingConfig) -> Any:
-        saved = self.tokens.clone(), self.lengths.clone()
+        saved = self.tokens.clone(), self.lengths.clone(), self.nonfinite.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up (traces, compiles, autotunes) off the capture
@@ -317,6 +356,7 @@ class DecodeEngine:
             self._step(bucket, sampling)
         self.tokens.copy_(saved[0])
         self.lengths.copy_(saved[1])
+        self.nonfinite.copy_(saved[2])
         self.stats["graphs_captured"] += 1
         return graph
 
@@ -324,11 +364,16 @@ class DecodeEngine:
     def step(self, sampling: SamplingConfig | None = None) -> list[int]:
         """One decode step of every live request; returns the requests that finished with it (their pages are
         back in the pool, their tokens in `tokens_of`)."""
-        sampling = sampling or SamplingConfig()
+        with self.lock:
+            return self._step_all(sampling or SamplingConfig())
+
+    def _step_all(self, sampling: SamplingConfig) -> list[int]:
         live = [s for s in self._slots if s is not None and not s.done]
         if not live:
             return []
         self._grow()
+        if not any(s is not None and not s.done for s in self._slots):
+            return []  # every live request failed to grow
         bucket = self._bucket()
         if self._use_graphs(self.tokens.device):
             key = (bucket, sampling)
@@ -356,9 +401,7 @@ class DecodeEngine:
     def finish(self, request: int) -> None:
         """End a request now (done, stopped at EOS or cancelled): its pages go back to the pool and its slot frees.
         Its tokens so far stay readable with `tokens_of`."""
-        seq = self._requests.get(request)
-        if seq is None:
-            raise ConfigError(f"request {request} is not known to this engine")
+        seq = self._known(request)
         if seq.done:
             return
         assert self.pool is not None
@@ -370,8 +413,81 @@ class DecodeEngine:
         seq.reserved = 0
         slot = next(i for i, s in enumerate(self._slots) if s is seq)
         self._slots[slot] = None
+        seq.nonfinite = self.nonfinite[slot] | seq.nonfinite if seq.nonfinite is not None else self.nonfinite[slot].clone()
+        self.nonfinite[slot] = False
         self.tables[slot].zero_()  # the row writes to the scratch page from now on
         self.lengths[slot] = 0
+
+    def cancel(self, request: int) -> None:
+        """Stop a request (the client went away): its pages return to the pool now; `error_of` says cancelled."""
+        with self.lock:
+            seq = self._known(request)
+            if not seq.done:
+                seq.error = RequestError(f"request {request} was cancelled after {len(seq.steps)} tokens")
+                self.stats["cancelled"] += 1
+                self.finish(request)
+
+    def _fail(self, seq: _Sequence, why: str, cause: BaseException | None = None) -> None:
+        error = RequestError(f"request {seq.request} failed after {len(seq.steps)} tokens: {why}; the batch's other "
+                             f"requests are unaffected")
+        error.__cause__ = cause
+        seq.error = error
+        self.stats["failed"] += 1
+        log.warning("fluxc: %s", error)
+        self.finish(seq.request)
+
+    def check_faults(self) -> list[int]:
+        """Fail the live requests whose logits turned NaN / inf (one host read); returns them."""
+        with self.lock:
+            live = [(slot, s) for slot, s in enumerate(self._slots) if s is not None and not s.done]
+            if not live:
+                return []
+            flags = self.nonfinite.tolist()
+            failed = []
+            for slot, seq in live:
+                if flags[slot] or bool(seq.nonfinite):
+                    self._fail(seq, "its logits became NaN / inf (check the model's weights and this prompt)")
+                    failed.append(seq.request)
+            return failed
+
+    def error_of(self, request: int) -> RequestError | None:
+        """Why a request ended early (failed or cancelled), or None when it produced every token it was asked
+        for with finite logits (a finished request's flag is read here: one host read)."""
+        seq = self._known(request)
+        if seq.error is None and seq.done and seq.nonfinite is not None and bool(seq.nonfinite):
+            self._fail(seq, "its logits became NaN / inf (check the model's weights and this prompt)")
+        return seq.error
+
+    def finished(self, request: int) -> bool:
+        """Whether a request ended (all its tokens, EOS, cancelled or failed): its pages are back in the pool."""
+        return self._known(request).done
+
+    def collect(self, request: int) -> Tensor | RequestError:
+        """A finished request's new tokens (or its RequestError); the engine then forgets it (a server's loop:
+        `step`, then `collect` what `step` returned)."""
+        with self.lock:
+            seq = self._known(request)
+            if not seq.done:
+                raise ConfigError(f"request {request} is still running; collect it once step() returned it "
+                                  f"(or cancel it)")
+            error = self.error_of(request)
+            out = error if error is not None else self.tokens_of(request)
+            del self._requests[request]
+            if not self._requests:
+                self._outputs.clear()
+            return out
+
+    def _known(self, request: int) -> _Sequence:
+        seq = self._requests.get(request)
+        if seq is None:
+            raise ConfigError(f"request {request!r} is not known to this engine (finished requests are forgotten by "
+                              f"release() and generate())")
+        return seq
+
+    @property
+    def next_request_id(self) -> int:
+        """The id the next admission attempt gets (ids count up from 0, failed admissions included)."""
+        return self._next_request
 
     def tokens_of(self, request: int) -> Tensor:
         """(new,) the tokens a request produced so far, on the device."""
@@ -395,6 +511,11 @@ class DecodeEngine:
     def routes_of(self, request: int) -> tuple[bool, ...]:
         """Per layer, True where the request runs full attention (decided at its prefill)."""
         return self._requests[request].routes
+
+    @property
+    def reserved_pages(self) -> int:
+        """Pages kept back for admitted requests' full-attention layers to grow into."""
+        return self._reserved
 
     def pages_in_use(self) -> int:
         return 0 if self.pool is None else self.pool.num_pages - 1 - self.pool.free
@@ -460,49 +581,105 @@ class DecodeEngine:
     @torch.no_grad()
     def generate(self, prompts: Tensor | list[Tensor], max_new_tokens: int, *, attention_mask: Tensor | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 eos_token_id: int | None = None, check_every: int = 16) -> Tensor | list[Tensor]:
+                 eos_token_id: int | None = None, check_every: int = 16,
+                 errors: str = "raise") -> Tensor | list[Tensor] | list[Tensor | RequestError]:
         """Prompts in, prompts + answers out. A list of 1-D prompts of any lengths gives a list of 1-D tensors
         (continuous batching: each joins as a slot and pages free up); a left-padded (B, T) batch gives
-        (B, T + new). With `eos_token_id`, every `check_every` steps one host read finds the finished requests
-        (their pages return at once); tokens after EOS are EOS."""
+        (B, T + new). Every `check_every` steps one host read finds the requests that hit `eos_token_id` (their
+        pages return at once; tokens after EOS are EOS) or whose logits turned NaN / inf.
+
+        `errors="raise"`: a bad prompt raises before any work, a request that fails raises `RequestError` once
+        the others finished. `errors="return"` (a list of prompts): a failed or invalid request's place in the
+        result holds its `RequestError`; the others are their answers."""
+        if not isinstance(errors, str) or errors not in ("raise", "return"):
+            raise ConfigError(f"errors={errors!r}: use 'raise' or 'return'")
+        if errors == "return" and isinstance(prompts, Tensor):
+            raise ConfigError("errors='return' needs a list of prompts (a failed row has no place in a (B, T) tensor); "
+                              "pass list(input_ids) or errors='raise'")
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+            raise ConfigError(f"check_every={check_every!r} must be an int >= 1")
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
         batch = isinstance(prompts, Tensor)
         items = split_prompts(prompts, attention_mask) if batch else list(prompts)
+        if not batch and attention_mask is not None:
+            raise ConfigError("attention_mask is for a left-padded (batch, length) tensor; a list of prompts has no "
+                              "padding: drop attention_mask")
         if not items:
             return prompts if batch else []
-        for prompt in items:
-            self._check_request(prompt, max_new_tokens)
-        waiting = collections.deque(enumerate(items))
-        request_of: dict[int, int] = {}
-        since_check = 0
-        while waiting or any(s is not None for s in self._slots):
-            while waiting and (self.pool is None or self.can_admit(waiting[0][1].numel(), max_new_tokens)):
-                index, prompt = waiting.popleft()
-                request_of[index] = self.add_request(prompt, max_new_tokens, sampling)
-            if waiting and not any(s is not None for s in self._slots):
-                raise CapacityError(f"a prompt of {waiting[0][1].numel()} tokens + {max_new_tokens} new ones needs "
-                                    f"{self.pages_needed(waiting[0][1].numel(), max_new_tokens)} pages, more than the "
-                                    f"pool's {self.pool.num_pages - 1 if self.pool else 0}; give DecodeEngine more pages")
-            self.step(sampling)
-            since_check += 1
-            if eos_token_id is not None and since_check >= check_every:
-                since_check = 0
-                self._stop_at_eos(eos_token_id)
-        outs = []
+        rejected: dict[int, RequestError] = {}
         for index, prompt in enumerate(items):
-            new = self.tokens_of(request_of[index])
-            if eos_token_id is not None:
-                after = (new == eos_token_id).cumsum(0) - (new == eos_token_id).long() > 0
-                new = new.masked_fill(after, eos_token_id)
-                new = torch.cat([new, new.new_full((max_new_tokens - new.numel(),), eos_token_id)])
-            outs.append(torch.cat([prompt.to(new.device), new]))
-        for request in request_of.values():
-            del self._requests[request]
-        if not self._requests:
-            self._outputs.clear()
+            try:
+                self._check_request(prompt, max_new_tokens)
+            except FluxError as exc:
+                if errors == "raise":
+                    raise
+                rejected[index] = request_error(index, exc)
+        with self.lock:
+            request_of = self._run(items, max_new_tokens, sampling, eos_token_id, check_every, rejected, errors)
+            seqs = {index: self._requests[request] for index, request in request_of.items()}
+            unread = [seq for seq in seqs.values() if seq.error is None and seq.nonfinite is not None]
+            if unread:  # one host read for every request's NaN / inf flag
+                for seq, bad in zip(unread, torch.stack([seq.nonfinite for seq in unread]).tolist()):
+                    if bad:
+                        self._fail(seq, "its logits became NaN / inf (check the model's weights and this prompt)")
+            failures = {index: seq.error for index, seq in seqs.items() if seq.error is not None}
+            outs: list[Tensor | RequestError] = []
+            for index, prompt in enumerate(items):
+                if index in rejected or index in failures:
+                    outs.append(rejected.get(index) or failures[index])
+                    continue
+                new = self.tokens_of(request_of[index])
+                if eos_token_id is not None:
+                    after = (new == eos_token_id).cumsum(0) - (new == eos_token_id).long() > 0
+                    new = new.masked_fill(after, eos_token_id)
+                    new = torch.cat([new, new.new_full((max_new_tokens - new.numel(),), eos_token_id)])
+                outs.append(torch.cat([prompt.to(new.device), new]))
+            for request in request_of.values():
+                del self._requests[request]
+            if not self._requests:
+                self._outputs.clear()
+        if failures and errors == "raise":
+            index, error = next(iter(failures.items()))
+            raise RequestError(f"{len(failures)} of {len(items)} requests failed; the first, prompt {index}: {error} "
+                               f"(errors='return' gives the others' answers)") from error
         if not batch:
             return outs
         return torch.cat([prompts.to(outs[0].device), torch.stack([o[-max_new_tokens:] for o in outs])], dim=1)
+
+    def _run(self, items: list[Tensor], max_new_tokens: int, sampling: SamplingConfig, eos_token_id: int | None,
+             check_every: int, rejected: dict[int, RequestError], errors: str) -> dict[int, int]:
+        """Admit and decode `items` (but the rejected) until every one finished; returns index -> request id."""
+        waiting = collections.deque((i, p) for i, p in enumerate(items) if i not in rejected)
+        request_of: dict[int, int] = {}
+        since_check = 0
+        try:
+            while waiting or any(s is not None for s in self._slots):
+                while waiting and (self.pool is None or self.can_admit(waiting[0][1].numel(), max_new_tokens)):
+                    index, prompt = waiting.popleft()
+                    try:
+                        request_of[index] = self.add_request(prompt, max_new_tokens, sampling)
+                    except (FluxError, torch.OutOfMemoryError) as exc:  # this prompt alone; the batch runs on
+                        if errors == "raise":
+                            raise
+                        rejected[index] = request_error(index, exc)
+                if waiting and not any(s is not None for s in self._slots):
+                    raise CapacityError(f"a prompt of {waiting[0][1].numel()} tokens + {max_new_tokens} new ones "
+                                        f"needs {self.pages_needed(waiting[0][1].numel(), max_new_tokens)} pages, "
+                                        f"more than the pool's {self.pool.num_pages - 1 if self.pool else 0}; give "
+                                        f"DecodeEngine more pages")
+                self.step(sampling)
+                since_check += 1
+                if since_check >= check_every:
+                    since_check = 0
+                    self.check_faults()
+                    if eos_token_id is not None:
+                        self._stop_at_eos(eos_token_id)
+        except BaseException:  # leave no request of this call holding pages
+            for request in request_of.values():
+                self.finish(request)
+                del self._requests[request]
+            raise
+        return request_of
 
     def _stop_at_eos(self, eos_token_id: int) -> None:
         for seq in [s for s in self._slots if s is not None and not s.done]:
@@ -510,15 +687,22 @@ class DecodeEngine:
                 self.finish(seq.request)
 
 
+def request_error(index: int, cause: BaseException) -> RequestError:
+    """The RequestError of prompt `index` that was not served (`errors="return"`)."""
+    error = RequestError(f"prompt {index} was not served: {cause}")
+    error.__cause__ = cause
+    return error
+
+
 def split_prompts(input_ids: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
     """The rows of a left-padded (B, T) batch without their padding."""
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-        raise ConfigError(f"input_ids must be (batch, length), got shape {tuple(getattr(input_ids, 'shape', ()))}")
+    check_token_ids(input_ids, values=False)
     if attention_mask is None:
         return list(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ConfigError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                          f"{tuple(input_ids.shape)}")
+    check_attention_mask(attention_mask, *input_ids.shape)
+    if attention_mask.dim() != 2:
+        raise ConfigError(f"attention_mask.shape={tuple(attention_mask.shape)}: generation takes a (batch, length) "
+                          f"padding mask")
     mask = attention_mask.to(torch.bool).cpu()
     t = mask.shape[1]
     n_real = mask.sum(dim=1)

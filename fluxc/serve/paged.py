@@ -47,7 +47,8 @@ class PagePool:
         """Bytes of one page of K and V."""
         return (self.k[0].numel() * self.k.element_size()) + (self.v[0].numel() * self.v.element_size())
 
-    def take(self, count: int) -> list[int]:
+    def take(self, count: int, owner: int | None = None) -> list[int]:
+        """`count` free page ids for request `owner` (None: the engine's own). Raises CapacityError."""
         if count > len(self._free):
             raise CapacityError(f"the KV pool has {len(self._free)} free pages of {self.page_size} keys, a request "
                                 f"needs {count}; give DecodeEngine more pages (num_pages=) or fewer concurrent "
