@@ -92,8 +92,17 @@ def requests(doc: Doc) -> View:
     return rows, {}
 
 
+def soak(doc: Doc) -> View:
+    """Rows as measured (warmup, soak); the soak row also gets memory_delta_mib."""
+    rows = [dict(r) for r in doc.get("rows", [])]
+    for row in rows:
+        if row.get("memory_delta_bytes") is not None:
+            row["memory_delta_mib"] = row["memory_delta_bytes"] / 2**20
+    return rows, {}
+
+
 MEASURES: dict[str, Callable[[Doc], View]] = dict(e2e=e2e, kernels=kernels, router_op=router_op, export=export,
-                                                   training=training, requests=requests)
+                                                   training=training, requests=requests, soak=soak)
 
 
 def targets_for(bench: str, doc: Doc) -> list[dict[str, Any]]:

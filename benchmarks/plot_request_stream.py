@@ -1,6 +1,6 @@
-"""Plot benchmarks/requests.py results: p50 and p95 request latency per implementation, batch 1 and batch 8.
+"""Plot benchmarks/request_stream.py results: p50 and p95 request latency per implementation, batch 1 and batch 8.
 
-    python benchmarks/plot_requests.py requests.json requests.png
+    python benchmarks/plot_request_stream.py requests.json requests.png
 """
 
 from __future__ import annotations

