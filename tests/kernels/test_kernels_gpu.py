@@ -21,6 +21,7 @@ from _kernel_harness import (  # noqa: E402
     poison_range,
     random_prefill_case,
     run_decode_case,
+    run_paged_case,
     run_prefill_case,
     run_ring_case,
     run_skip_case,
@@ -31,7 +32,8 @@ from _kernel_harness import (  # noqa: E402
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-RUN = {"prefill": run_prefill_case, "decode": run_decode_case, "varlen": run_varlen_case, "ring": run_ring_case}
+RUN = {"prefill": run_prefill_case, "decode": run_decode_case, "varlen": run_varlen_case, "ring": run_ring_case,
+       "paged": run_paged_case}
 
 
 def gpu_cases() -> dict[str, dict]:
@@ -111,6 +113,18 @@ def gpu_cases() -> dict[str, dict]:
         out[f"ring-{dtype}-d{D}-g{group}-{'block' if be else 'token'}-n{max(n)}-s{splits}"] = dict(
             kind="ring", seed=seed, dtype=dtype, D=D, group=group, Hkv=Hkv, sink=128, window=2048, block=128,
             block_exact=be, n=n, num_splits=splits, softcap=softcap)
+    # paged decode at the released pattern on the engine's page size: mixed routes in one launch, the ring
+    # wrapping many times, sequences shorter than the sinks, up to 64K keys
+    paged = [  # dtype, D, group, Hkv, block_exact, page, n, route, num_splits
+        ("bf16", 128, 4, 2, True, 16, [1, 130, 2177, 9_000, 65_536, 40_001], [0, 1, 0, 1, 1, 0], None),
+        ("bf16", 64, 8, 1, False, 64, [128 * 40 + 1, 3, 2176, 20_000], [0, 0, 1, 1], 5),
+        ("fp16", 128, 1, 4, True, 256, [5000, 2305, 70], [1, 0, 0], None),
+    ]
+    for dtype, D, group, Hkv, be, page, n, route, splits in paged:
+        seed += 1
+        out[f"paged-{dtype}-d{D}-g{group}-{'block' if be else 'token'}-page{page}-n{max(n)}"] = dict(
+            kind="paged", seed=seed, dtype=dtype, D=D, group=group, Hkv=Hkv, sink=128, window=2048, block=128,
+            block_exact=be, page=page, n=n, route=route, num_splits=splits)
     return out
 
 
