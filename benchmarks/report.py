@@ -12,7 +12,7 @@ A file names the regions it wants between markers; --write rewrites what lies be
     python benchmarks/report.py --check README.md                    # exit 1 when a region is stale
     python benchmarks/report.py --source e2e=/tmp/out/e2e_h100.json --write REPORT.md   # another run's file
 
-Regions: e2e, export, training, kernels-prefill, kernels-decode, targets. Result files from before the
+Regions: e2e, export, training, kernels-prefill, kernels-decode, reliability, serving, targets. Result files from before the
 shared harness lack some provenance (commit, command): they read "not recorded".
 """
 
@@ -43,7 +43,9 @@ SOURCES: dict[str, tuple[str, str]] = {
     "kernels": ("kernels", "kernels_h100.json"),
     "kernels_decode": ("kernels", "kernels_h100_decode.json"),
     "kernels_ring": ("kernels", "kernels_h100_ring_decode.json"),
+    "requests": ("requests", "requests/requests_h200_partial.json"),
     "soak_gpu": ("soak", "soak/soak_h200.json"),
+    "soak_gpu_faults": ("soak", "soak/soak_h200_faults.json"),
     "soak_cpu": ("soak", "soak/soak_cpu_smoke.json"),
 }
 NOT_RECORDED = "not recorded"
@@ -212,7 +214,8 @@ def export_region(sources: Mapping[str, Source]) -> str:
 
 def reliability_region(sources: Mapping[str, Source]) -> str:
     """The soak runs side by side: requests, faults injected, requests lost, pages leaked, compiles after warm-up."""
-    runs = [(label, sources[name]) for label, name in (("GPU soak", "soak_gpu"), ("CPU smoke", "soak_cpu"))]
+    runs = [(label, sources[name]) for label, name in (("GPU soak", "soak_gpu"), ("GPU, 20% failures", "soak_gpu_faults"),
+                                                       ("CPU smoke", "soak_cpu"))]
     rows_of = {label: next((r for r in (src.doc or {}).get("rows", []) if r.get("kind") == "soak"), None)
                for label, src in runs}
 
@@ -238,6 +241,38 @@ def reliability_region(sources: Mapping[str, Source]) -> str:
     lines = [table(["", *(label for label, _ in runs)], body), ""]
     lines += [provenance_line(src) if src.doc is not None else missing(src) for _, src in runs]
     return "\n".join(lines)
+
+
+def serving_region(sources: Mapping[str, Source]) -> str:
+    """The request stream: fluxc's engine beside transformers' generate, latency, throughput, warm-up, compiles."""
+    src = sources["requests"]
+    if src.doc is None:
+        return missing(src)
+    rows = src.doc.get("rows", [])
+    runs = [r for r in rows if r.get("kind") == "requests"]
+    body = []
+    for r in runs:
+        impl = r["impl"].replace("hf_", "transformers generate, ").replace("fluxc", "fluxc engine")
+        after = (f"{r['compiles_after_warmup']} / {r['captures_after_warmup']}"
+                 if "compiles_after_warmup" in r else "")
+        body.append([impl, str(r["B"]), num(r["p50_ms"], ".0f"), num(r["p95_ms"], ".0f"),
+                     num(r["tokens_per_s"], ".0f"), after])
+    warm = {r["impl"]: r["s"] for r in rows if r.get("kind") == "warmup"}
+    kv = next((r for r in rows if r.get("kind") == "kv"), None)
+    check = next((r for r in rows if r.get("kind") == "check"), None)
+    first_run = runs[0] if runs else {}
+    notes = [f"{first_run.get('requests')} prompts of {first_run.get('new')} greedy tokens each; warm-up (every "
+             f"compile and capture): " + ", ".join(f"{k.replace('hf_', 'transformers ')} {v:.0f} s" for k, v in warm.items()) + "."]
+    if kv is not None:
+        notes.append(f"KV bytes a request holds: {kv['fraction_of_dense']:.2f} of its dense size (the router's "
+                     f"sparse layers keep sink + window pages).")
+    notes.append("Checks (full routes equal the untouched model; the engine equals the plain loop): "
+                 + (f"{check['full_equals_untouched']}/{check['prompts']} and "
+                    f"{check['router_equals_dynamic_loop']}/{check['prompts']}." if check else "not recorded."))
+    if not any(r["impl"] == "hf_static" for r in runs):
+        notes.append("transformers' static cache + compile: not recorded.")
+    header = ["", "batch", "p50 (ms)", "p95 (ms)", "tokens/s", "compiles / captures after warm-up"]
+    return "\n".join([table(header, body), "", " ".join(notes), "", provenance_line(src)])
 
 
 def training_region(sources: Mapping[str, Source]) -> str:
@@ -356,6 +391,7 @@ REGIONS: dict[str, tuple[str, Callable[[Mapping[str, Source]], str]]] = {  # nam
     "kernels-prefill": ("Kernels: prefill", kernels_prefill_region),
     "kernels-decode": ("Kernels: decode", kernels_decode_region),
     "reliability": ("Reliability: the soak", reliability_region),
+    "serving": ("Serving: a request stream", serving_region),
     "targets": ("Targets met / missed (benchmarks/targets.toml)", targets_region),
 }
 
