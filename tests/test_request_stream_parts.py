@@ -1,0 +1,51 @@
+"""benchmarks/request_stream.py in parts (`--append`): a part's rows replace only its own earlier rows, at the batch
+sizes it ran, and a document of other prompts is refused."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+from test_e2e_smoke import ROOT, _module
+
+STREAM = dict(requests=200, new=32, min_len=1024, max_len=8000, seed=0, check=16, router="r.safetensors")
+ROWS = [
+    dict(kind="warmup", impl="fluxc", s=80.0),
+    dict(kind="requests", impl="fluxc", B=1, p50_ms=1.0),
+    dict(kind="requests", impl="fluxc", B=8, p50_ms=2.0),
+    dict(kind="kv", impl="fluxc", fraction_of_dense=0.6),
+    dict(kind="check", full_equals_untouched=16, router_equals_dynamic_loop=16, prompts=16),
+    dict(kind="warmup", impl="hf_dynamic", s=5.0),
+    dict(kind="requests", impl="hf_dynamic", B=1, p50_ms=3.0),
+    dict(kind="requests", impl="hf_dynamic", B=8, p50_ms=4.0),
+]
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return _module("request_stream", ROOT / "benchmarks" / "request_stream.py")
+
+
+def _kept(stream, parts, batches):
+    args = argparse.Namespace(parts=parts, batches=batches)
+    return [(r["kind"], r.get("impl"), r.get("B")) for r in ROWS if not stream.replaced(r, args)]
+
+
+def test_a_part_replaces_only_its_rows_at_its_batches(stream):
+    assert _kept(stream, ["hf_dynamic"], [8]) == [
+        ("warmup", "fluxc", None), ("requests", "fluxc", 1), ("requests", "fluxc", 8), ("kv", "fluxc", None),
+        ("check", None, None), ("requests", "hf_dynamic", 1)]
+    assert _kept(stream, ["fluxc", "checks"], [1, 8]) == [
+        ("warmup", "hf_dynamic", None), ("requests", "hf_dynamic", 1), ("requests", "hf_dynamic", 8)]
+    assert len(_kept(stream, ["hf_static"], [1, 8])) == len(ROWS)
+
+
+def test_append_needs_the_same_prompts(stream, tmp_path):
+    path = tmp_path / "r.json"
+    with pytest.raises(SystemExit, match="does not exist"):
+        stream.earlier_run(str(path), STREAM)
+    path.write_text(json.dumps(dict(meta={}, rows=ROWS, stream=STREAM, parts={})))
+    assert stream.earlier_run(str(path), dict(STREAM))["rows"] == ROWS
+    with pytest.raises(SystemExit, match="another request stream"):
+        stream.earlier_run(str(path), {**STREAM, "requests": 40})
