@@ -63,6 +63,17 @@ class FluxModule(nn.Module):
         self.routers = routers
 
     @property
+    def threshold(self) -> float:
+        """The router's probability of full attention above which a layer runs full (0.5: its argmax)."""
+        return self.route_state.threshold
+
+    def set_threshold(self, threshold: float) -> None:
+        """Move the operating point: higher runs more layers sparse. Takes effect at the next prefill, with no
+        recompile and no CUDA-graph capture (the compiled graphs read it from device memory)."""
+        with self.lock:
+            self.route_state.set_threshold(threshold)
+
+    @property
     def flux_config(self) -> FluxConfig:
         return self._backend.config
 
@@ -102,11 +113,13 @@ class FluxModule(nn.Module):
 
 
 def compile(model: nn.Module, router_ckpt: str | None = None, *, config: FluxConfig | dict | None = None,
-            route: RouteSpec = None) -> FluxModule:
+            route: RouteSpec = None, threshold: float = 0.5) -> FluxModule:
     """Return `model` with every attention site routed between full and sparse attention.
 
     `route=None` uses the routers of `router_ckpt`; `"full"`, `"sparse"` or one `"full"`/`"sparse"` per layer
-    forces the branches. The graph is traced on the first call (like `torch.compile`).
+    forces the branches. `threshold`: the router's probability of full attention above which a layer runs full
+    (0.5, its argmax; higher is sparser; `FluxModule.set_threshold` moves it later without recompiling). The
+    graph is traced on the first call (like `torch.compile`).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -122,6 +135,7 @@ def compile(model: nn.Module, router_ckpt: str | None = None, *, config: FluxCon
         ckpt.check_model(fingerprint)  # fail before any tensor is touched
     backend = FluxBackend(config, checkpoint=ckpt, route=route, architecture=type(model).__name__,
                           require_sites=True)
+    backend.state.set_threshold(threshold)  # validates it before anything is traced
     return FluxModule(model, backend)
 
 

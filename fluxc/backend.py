@@ -27,7 +27,7 @@ log = logging.getLogger("fluxc")
 _ids = itertools.count()
 
 RouteSpec = str | Sequence[str] | Sequence[bool] | None
-OPTION_KEYS = ("router_ckpt", "route", "config", "state", "compiler", "architecture")
+OPTION_KEYS = ("router_ckpt", "route", "config", "state", "compiler", "architecture", "threshold")
 
 
 def parse_route(route: RouteSpec) -> str | tuple[bool, ...] | None:
@@ -168,6 +168,8 @@ def backend_from_options(options: dict[str, Any] | None) -> FluxBackend:
         config = config.replace(compiler=options["compiler"])
     backend = FluxBackend(config, checkpoint=ckpt, route=options.get("route"), state=options.get("state"),
                           architecture=options.get("architecture"))
+    if "threshold" in options:
+        backend.state.set_threshold(options["threshold"])
     _BACKENDS[key] = (options, backend)
     return backend
 
@@ -192,7 +194,8 @@ def flux_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
 
     Options: ``router_ckpt`` (path), ``route`` (None | 'full' | 'sparse' | per-layer list), ``config``
     (FluxConfig or dict), ``state`` (a `RouteState` to read decisions from), ``compiler``
-    ('inductor' | 'eager'), ``architecture`` (name checked against the checkpoint).
+    ('inductor' | 'eager'), ``architecture`` (name checked against the checkpoint), ``threshold`` (the
+    operating point, see `fluxc.compile`).
     """
     if mode is not None:
         raise ConfigError(f"mode={mode!r} is not supported by the flux backend; leave mode unset")

@@ -3,7 +3,8 @@
 Per routable site, the rewrite inserts (before the site):
   positions = fluxc::positions(q, k, mask, is_causal)            # once per distinct mask; a causal + padding
                                                                  # mask read as structure: causal_positions
-  route     = forced constant | argmax(fluxc::router_logits(q_pre_rope, valid, W_l)) == FULL for sequences
+  route     = forced constant | (logit_full - logit_sparse of fluxc::router_logits(q_pre_rope, valid, W_l))
+              > state.full_bias (the operating point; 0 = argmax) for sequences
               whose step starts at their first token; later steps reuse the route stored at prefill
   fluxc::record_route(state, route, l)                           # keeps the decision with the model
   out       = fluxc::routed_attention(q, k, v, mask, route, qpos, key_start, spec)  (a SiteSpec's text)
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -51,11 +53,25 @@ class RouteState(nn.Module):
         self.register_buffer("route", torch.full((max_batch, 0), STATE_UNSET, dtype=torch.int8), persistent=False)
         # sequences whose router gave NaN / inf logits (routed full instead: never a silent wrong route)
         self.register_buffer("nonfinite", torch.zeros((), dtype=torch.int64), persistent=False)
+        # the operating point: a layer runs full attention when logit_full - logit_sparse > full_bias
+        self.register_buffer("full_bias", torch.zeros((), dtype=torch.float32), persistent=False)
+        self.threshold = 0.5
 
     def ensure(self, num_layers: int, device: torch.device) -> None:
         if self.route.shape[1] != num_layers or self.route.device != device:
             self.route = torch.full((self.max_batch, num_layers), STATE_UNSET, dtype=torch.int8, device=device)
             self.nonfinite = self.nonfinite.to(device)
+            self.full_bias = self.full_bias.to(device)
+
+    def set_threshold(self, threshold: float) -> None:
+        """Route a layer to full attention when the router's probability of full exceeds `threshold` (0.5: the
+        router's own argmax). Written in place: compiled graphs read this tensor, so nothing recompiles."""
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+            raise ConfigError(f"threshold={threshold!r} must be a number strictly between 0 and 1 (the router's "
+                              f"probability of full attention above which a layer runs full; 0.5 is its argmax); "
+                              f"to force routes use route='full' / 'sparse'")
+        self.threshold = float(threshold)
+        self.full_bias.fill_(math.log(threshold / (1.0 - threshold)))
 
     def last(self) -> torch.Tensor:
         """bool (batch, layers) of the last prefill (True = full attention)."""
@@ -446,9 +462,12 @@ def _route_node(graph: fx.Graph, options: PassOptions, layer: int, query: QueryI
         return graph.call_function(torch.full_like, (first_valid, bool(options.route[layer])))
     logits = _router_logits_node(graph, options, layer, query, valid)
     finite = graph.call_method("all", (graph.call_function(torch.isfinite, (logits,)), -1))  # (B,)
-    # a router that cannot decide (NaN / inf logits) routes full, counted: never a silent wrong sparse route
-    routed = graph.call_function(operator.or_, (graph.call_function(
-        operator.eq, (graph.call_function(torch.argmax, (logits, -1)), 1)), graph.call_function(operator.invert, (finite,))))
+    margin = graph.call_function(operator.sub, (graph.call_function(operator.getitem, (logits, (slice(None), 1))),
+                                                graph.call_function(operator.getitem, (logits, (slice(None), 0)))))
+    # full when the margin beats the operating point (bias 0: the argmax); a router that cannot decide (NaN /
+    # inf logits) routes full, counted: never a silent wrong sparse route
+    chosen = graph.call_function(operator.gt, (margin, graph.get_attr("flux_state.full_bias")))  # (B,)
+    routed = graph.call_function(operator.or_, (chosen, graph.call_function(operator.invert, (finite,))))
     first_pos = graph.call_method("amin", (graph.call_function(torch.where, (valid, qpos, 2**62)), 1))  # (B,)
     starts = graph.call_function(operator.eq, (first_pos, key_start))  # (B,) this step begins the sequence
     graph.call_function(torch.ops.fluxc.count_nonfinite.default,
