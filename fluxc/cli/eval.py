@@ -1,5 +1,6 @@
 """`fluxc eval`: per task family, full attention vs all-sparse vs the router on held-out examples
-(see `fluxc.training.evaluate`); writes eval.json and eval_heatmap.png."""
+(see `fluxc.training.evaluate`); writes eval.json and eval_heatmap.png, and with --thresholds the Pareto view
+(pareto.json, pareto.png)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--examples", type=int, help="eval.examples per family")
     parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], help="eval.lengths, e.g. 2048,4096")
     parser.add_argument("--modes", type=lambda s: s.split(","), help="eval.modes, e.g. full,sparse,router")
+    parser.add_argument("--threshold", type=float, help="eval.threshold: the router's operating point (0.5)")
+    parser.add_argument("--thresholds", type=lambda s: [float(x) for x in s.split(",")],
+                        help="eval.thresholds: sweep the operating point, e.g. 0.1,0.3,0.5,0.7,0.9 (pareto.json/.png)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
 
     from fluxc.training import evaluate, load_run_config
 
-    extra = {"eval.examples": args.examples, "eval.lengths": args.lengths, "eval.modes": args.modes}
+    extra = {"eval.examples": args.examples, "eval.lengths": args.lengths, "eval.modes": args.modes,
+             "eval.threshold": args.threshold, "eval.thresholds": args.thresholds}
     cfg = load_run_config(args.config, overrides(args, extra))
     router = args.router
     if router is None and "router" in cfg.eval.modes:

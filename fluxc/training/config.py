@@ -78,6 +78,8 @@ class EvalSpec:
     batch_size: int = 16
     max_new_tokens: int = 12
     modes: tuple[str, ...] = ("full", "sparse", "router")
+    threshold: float = 0.5  # the router's operating point in mode "router" (fluxc.compile's threshold)
+    thresholds: tuple[float, ...] = ()  # a sweep of operating points: the Pareto view (pareto.json / .png)
     capable_threshold: float = 0.5  # a family counts as one the model can do when full attention scores this
     out: str = ""  # folder of eval.json and the heatmap; empty: run.out
 
@@ -161,6 +163,14 @@ class RunConfig:
         bad_modes = [m for m in self.eval.modes if m not in MODES]
         if bad_modes or not self.eval.modes:
             raise ConfigError(f"eval.modes={list(self.eval.modes)} must be a non-empty subset of {list(MODES)}")
+        for name, points in (("eval.threshold", (self.eval.threshold,)), ("eval.thresholds", self.eval.thresholds)):
+            if any(isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0 for t in points):
+                shown = self.eval.threshold if name == "eval.threshold" else list(points)
+                raise ConfigError(f"{name}={shown!r}: operating points are probabilities strictly between 0 and 1 "
+                                  f"(e.g. eval.thresholds=[0.1, 0.3, 0.5, 0.7, 0.9])")
+        if self.eval.thresholds and "router" not in self.eval.modes:
+            raise ConfigError(f"eval.thresholds={list(self.eval.thresholds)} sweeps the router, but eval.modes="
+                              f"{list(self.eval.modes)} has no 'router'; add it or drop the sweep")
         if self.flux.compiler != "eager":
             log.info("fluxc: flux.compiler=%r is used for evaluation; training always runs the graph eagerly",
                      self.flux.compiler)

@@ -9,9 +9,12 @@ and seeds that training never sees):
 - per mode: the fraction of layers routed to SA, per layer too, and the prefill attention work saved
   (`fluxc.stats.attention_work`).
 
-"full" is the untouched model; "sparse" and "router" run the rewritten graph. Writes ``eval.json`` (every
-number, the done-criteria of a router (separation, holistic quality, retrieval) and a Markdown table) and ``eval_heatmap.png`` (layers x families, the
-router's SA fraction).
+"full" is the untouched model; "sparse" and "router" run the rewritten graph. Every accuracy has a 95% Wilson
+interval, every perplexity a delta-method one over examples, and each mode a paired comparison with full
+attention on the same examples. `eval.thresholds` sweeps the router's operating point on one compiled model
+("router@t" modes). Writes ``eval.json`` (every number, the done-criteria of a router and a Markdown table),
+``eval_heatmap.png`` (layers x families, the router's SA fraction) and, with a sweep, ``pareto.json`` /
+``pareto.png`` (quality against SA fraction per family: how users pick an operating point).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ log = logging.getLogger("fluxc")
 
 EVAL_JSON = "eval.json"
 HEATMAP = "eval_heatmap.png"
+PARETO_JSON = "pareto.json"
+PARETO_PNG = "pareto.png"
 CLEARLY_WORSE = 0.10  # all-sparse retrieval accuracy at least this far below full attention
 
 
@@ -97,9 +102,10 @@ def _answers(runner: Any, examples: list[Example], pad: int, eos: int | None, ma
 
 
 @torch.no_grad()
-def _continuation_nll(runner: Any, examples: list[Example], pad: int, device: torch.device) -> tuple[float, int]:
-    """Sum of the target tokens' negative log-likelihood and their count; the prompt is one prefill (routes
-    decided there), the targets a second chunk that reuses the routes."""
+def _continuation_nll(runner: Any, examples: list[Example], pad: int,
+                      device: torch.device) -> tuple[list[float], list[int]]:
+    """Per example: the sum of its target tokens' negative log-likelihood, and their count. The prompt is one
+    prefill (routes decided there), the targets a second chunk that reuses the routes."""
     from transformers import DynamicCache
 
     ids, mask = _left_pad([e.prompt_ids for e in examples], pad, device)
@@ -125,7 +131,61 @@ def _continuation_nll(runner: Any, examples: list[Example], pad: int, device: to
     logits = torch.cat([first.logits[:, -1:], second.logits[:, :-1]], dim=1).float()  # (B, S, V) predicts tgt
     logp = torch.log_softmax(logits, dim=-1).gather(-1, tgt[..., None])[..., 0]  # (B, S)
     keep = tmask.bool()
-    return float(-logp[keep].sum()), int(keep.sum())
+    return (-logp.masked_fill(~keep, 0.0)).sum(dim=1).tolist(), keep.sum(dim=1).tolist()
+
+
+# ---------------------------------------------------------------------------------------- statistics
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson(correct: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion `correct / n` (sound near 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p, z2 = correct / n, Z95 * Z95
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))  # contains p despite rounding
+
+
+def mean_ci(values: list[float]) -> tuple[float, float, float]:
+    """Mean of per-example values (paired differences) and its 95% normal interval."""
+    n = len(values)
+    if n == 0:
+        return (math.nan, math.nan, math.nan)
+    mean = sum(values) / n
+    if n == 1:
+        return (mean, -math.inf, math.inf)
+    half = Z95 * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    return (mean, mean - half, mean + half)
+
+
+def ratio_ci(sums: list[float], counts: list[int]) -> tuple[float, float, float]:
+    """Pooled ratio sum(sums) / sum(counts) (e.g. NLL per token over examples) and its 95% interval, by the
+    delta method over examples (the examples are the sampled units, not the tokens)."""
+    n, total = len(sums), sum(counts)
+    if n == 0 or total == 0:
+        return (math.nan, math.nan, math.nan)
+    ratio = sum(sums) / total
+    if n == 1:
+        return (ratio, -math.inf, math.inf)
+    mean_count = total / n
+    spread = sum((s - ratio * c) ** 2 for s, c in zip(sums, counts)) / (n - 1)
+    half = Z95 * math.sqrt(spread / n) / mean_count
+    return (ratio, ratio - half, ratio + half)
+
+
+def versus_full(full: dict[str, Any], other: dict[str, Any]) -> dict[str, Any] | None:
+    """`other` against full attention on the same examples (paired): accuracy difference in points, or the
+    perplexity ratio, each with its 95% interval."""
+    if "outcomes" in full and "outcomes" in other and len(full["outcomes"]) == len(other["outcomes"]):
+        diff, low, high = mean_ci([b - a for a, b in zip(full["outcomes"], other["outcomes"])])
+        return {"accuracy_diff": diff, "ci95": [low, high]}
+    if "nll" in full and "nll" in other and full["target_tokens"] == other["target_tokens"]:
+        per_token, low, high = ratio_ci([b - a for a, b in zip(full["nll"], other["nll"])], full["target_tokens"])
+        return {"perplexity_ratio": math.exp(per_token), "ci95": [math.exp(low), math.exp(high)]}
+    return None
 
 
 def _balanced(items: list[Example], size: int) -> list[list[Example]]:
@@ -157,6 +217,18 @@ def _runner(mode: str, model: Any, router: str | None, flux: FluxConfig) -> Any:
     if router is None:
         raise ConfigError("eval mode 'router' needs a router checkpoint (--router PATH)")
     return flux_compile(model, router, config=flux)
+
+
+def operating_points(spec: Any) -> list[tuple[str, float | None]]:
+    """(mode name, router threshold) in the order evaluated: the modes of `spec` ("router" at spec.threshold),
+    then "router@t" for each point of the sweep."""
+    points: list[tuple[str, float | None]] = [(m, spec.threshold if m == "router" else None) for m in spec.modes]
+    done = {spec.threshold} if "router" in spec.modes else set()
+    for t in spec.thresholds:
+        if t not in done:
+            points.append((f"router@{t:g}", t))
+            done.add(t)
+    return points
 
 
 def evaluate(cfg: RunConfig, router: str | None, *, model: Any = None, tokenizer: Any = None,
@@ -198,16 +270,25 @@ def evaluate(cfg: RunConfig, router: str | None, *, model: Any = None, tokenizer
         _run_modes(spec, model, router, flux, tokenizer, data, pad, eos, layers, device, families, samples, timings,
                    out, echo)
     summary, criteria = _summarise(families, spec.capable_threshold)
+    front = pareto(families)
     result = {"complete": True, "families": families, "summary": summary, "criteria": criteria, "samples": samples,
-              "table": markdown_table(families), "config": cfg.to_dict(), "flux": flux.to_dict(),
+              "table": markdown_table(families), "pareto": front, "config": cfg.to_dict(), "flux": flux.to_dict(),
               "router": router, "router_provenance": read_checkpoint(router).provenance if router else None,
               "lengths": list(spec.lengths), "layers": layers, "timings": timings}
     (out / EVAL_JSON).write_text(json.dumps(result, indent=1, default=str))
+    wrote = [out / EVAL_JSON]
     if "router" in spec.modes:
         heatmap(families, out / HEATMAP, layers)
+        wrote.append(out / HEATMAP)
+    if spec.thresholds:
+        keep = ("router", "router_provenance", "lengths", "config")
+        (out / PARETO_JSON).write_text(json.dumps({"families": front, **{k: result[k] for k in keep}}, indent=1,
+                                                  default=str))
+        pareto_plot(front, out / PARETO_PNG)
+        wrote += [out / PARETO_JSON, out / PARETO_PNG]
     echo(result["table"])
     echo("criteria: " + json.dumps(criteria))
-    echo(f"wrote {out / EVAL_JSON}" + (f" and {out / HEATMAP}" if "router" in spec.modes else ""))
+    echo("wrote " + ", ".join(str(w) for w in wrote))
     return result
 
 
@@ -215,25 +296,34 @@ def _run_modes(spec: Any, model: Any, router: str | None, flux: FluxConfig, toke
                pad: int, eos: int | None, layers: int, device: torch.device, families: dict[str, dict[str, Any]],
                samples: dict[str, list[dict[str, Any]]], timings: dict[str, float], out: Path,
                echo: Callable[[str], None]) -> None:
-    """Every (mode, family) of `spec`, filling `families` and `samples`; eval.json is rewritten after each."""
-    for mode in spec.modes:
+    """Every (mode, family) of `spec`, filling `families` and `samples`; eval.json is rewritten after each. The
+    router's operating points share one compiled runner: a threshold is data, not a recompile."""
+    routed = None
+    for mode, threshold in operating_points(spec):
         t = time.perf_counter()
-        runner = _runner(mode, model, router, flux)
+        if threshold is None:
+            runner = _runner(mode, model, router, flux)
+        else:
+            routed = routed if routed is not None else _runner("router", model, router, flux)
+            routed.set_threshold(threshold)
+            runner = routed
         for task in spec.tasks:
             chosen = [e for e in data if e.task == task]
             families[task]["examples"] = len(chosen)
-            correct, nll, tokens = 0, 0.0, 0
+            outcomes: list[int] = []
+            nll: list[float] = []
+            tokens: list[int] = []
             routes: list[torch.Tensor] = []
             lens: list[int] = []
             for chunk in _balanced(chosen, spec.batch_size):
                 if task in PERPLEXITY_TASKS:
-                    s, n = _continuation_nll(runner, chunk, pad, device)
-                    nll, tokens = nll + s, tokens + n
+                    sums, counts = _continuation_nll(runner, chunk, pad, device)
+                    nll, tokens = nll + sums, tokens + counts
                 else:
                     for e, ids in zip(chunk, _answers(runner, chunk, pad, eos, spec.max_new_tokens, device)):
                         text = tokenizer.decode(ids, skip_special_tokens=True)
                         ok = is_correct(text, e.answer)
-                        correct += ok
+                        outcomes.append(int(ok))
                         shown = samples.setdefault(f"{task}/{mode}", [])
                         if len(shown) < 3:
                             shown.append({"answer": e.answer, "generated": text.strip()[:80], "correct": ok})
@@ -242,14 +332,18 @@ def _run_modes(spec: Any, model: Any, router: str | None, flux: FluxConfig, toke
             route = torch.cat(routes) if routes else torch.ones(0, layers, dtype=torch.bool)
             work = attention_work(route, lens, flux)
             row: dict[str, Any] = {
+                "threshold": threshold,
                 "sa_fraction": float((~route).float().mean()) if len(route) else 0.0,
                 "sa_fraction_per_layer": (~route).float().mean(dim=0).tolist() if len(route) else [],
                 "work_saved": float(work["skipped"].mean()) if len(route) else 0.0,
             }
             if task in PERPLEXITY_TASKS:
-                row.update(nll_per_token=nll / max(1, tokens), perplexity=math.exp(nll / max(1, tokens)), tokens=tokens)
+                per_token, low, high = ratio_ci(nll, tokens)
+                row.update(nll_per_token=per_token, perplexity=math.exp(per_token), tokens=sum(tokens),
+                           ci95=[math.exp(low), math.exp(high)], nll=nll, target_tokens=tokens)
             else:
-                row.update(accuracy=correct / max(1, len(chosen)), correct=correct)
+                row.update(accuracy=sum(outcomes) / max(1, len(outcomes)), correct=sum(outcomes),
+                           ci95=list(wilson(sum(outcomes), len(outcomes))), outcomes=outcomes)
             families[task]["modes"][mode] = row
             shown = f"ppl {row['perplexity']:.3f}" if task in PERPLEXITY_TASKS else f"acc {row['accuracy']:.1%}"
             echo(f"eval {mode:<6} {task:<18} {shown}  SA {row['sa_fraction']:.2f}  saved {row['work_saved']:.1%}")
@@ -257,6 +351,7 @@ def _run_modes(spec: Any, model: Any, router: str | None, flux: FluxConfig, toke
             (out / EVAL_JSON).write_text(json.dumps(partial, indent=1, default=str))  # kept if the run is cut short
         timings[f"{mode}_s"] = time.perf_counter() - t
         del runner
+    del routed
 
 
 def _num_layers(model: Any) -> int:
@@ -269,11 +364,24 @@ def _num_layers(model: Any) -> int:
     return int(layers)
 
 
+RETRIEVAL_MAX_LOSS = 0.03  # routed accuracy within 3 points of full attention, at the CI's far end
+HOLISTIC_MIN_SA = 0.7
+HOLISTIC_MAX_LOSS = 0.02  # accuracy points, or relative perplexity
+MIN_SA_GAP = 0.4
+
+
 def _summarise(families: dict[str, dict[str, Any]], threshold: float) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Pooled numbers per kind and the done-criteria checks (SA-fraction gap, holistic quality, retrieval)."""
+    """Pooled numbers per kind, each mode against full attention (paired, with CIs), and the done-criteria of a
+    router: retrieval within 3 points of full at the CI's far end; holistic SA fraction >= 0.7 at quality within
+    2 points (or 2% perplexity); SA-fraction gap between the kinds >= 0.4."""
     def mode_of(task: str, mode: str) -> dict[str, Any] | None:
         return families[task]["modes"].get(mode)
 
+    for f in families.values():
+        full = f["modes"].get("full")
+        for mode, row in f["modes"].items():
+            if full is not None and mode != "full":
+                row["vs_full"] = versus_full(full, row)
     capable = {t for t, f in families.items()
                if f["metric"] == "perplexity" or (mode_of(t, "full") or {}).get("accuracy", 1.0) >= threshold}
     summary: dict[str, Any] = {"capable_families": sorted(capable),
@@ -291,45 +399,112 @@ def _summarise(families: dict[str, dict[str, Any]], threshold: float) -> tuple[d
             exact = [(t, r) for t, r in zip(tasks, rows) if "accuracy" in r]
             if exact:
                 n = sum(families[t]["examples"] for t, _ in exact)
-                summary[f"{kind}_{mode}_accuracy"] = sum(r["correct"] for _, r in exact) / max(1, n)
-    have = all(k in summary for k in ("retrieval_full_accuracy", "retrieval_sparse_accuracy", "retrieval_router_accuracy"))
-    if have:
-        full, sparse, routed = (summary[f"retrieval_{m}_accuracy"] for m in ("full", "sparse", "router"))
-        criteria["retrieval_router_within_2_points"] = routed >= full - 0.02
-        criteria["retrieval_sparse_clearly_worse"] = sparse <= full - CLEARLY_WORSE
+                k = sum(r["correct"] for _, r in exact)
+                summary[f"{kind}_{mode}_accuracy"] = k / max(1, n)
+                summary[f"{kind}_{mode}_accuracy_ci95"] = list(wilson(k, n))
+    retrieval_ok = {}
+    for t in retrieval:
+        versus = (mode_of(t, "router") or {}).get("vs_full")
+        if versus is not None and "accuracy_diff" in versus:
+            retrieval_ok[t] = versus["ci95"][0] >= -RETRIEVAL_MAX_LOSS
+    if retrieval_ok:
+        criteria["retrieval_within_3_points_at_ci_end"] = all(retrieval_ok.values())
+        criteria["retrieval_by_family"] = retrieval_ok
+    if "retrieval_sparse_accuracy" in summary and "retrieval_full_accuracy" in summary:
+        criteria["retrieval_sparse_clearly_worse"] = (summary["retrieval_sparse_accuracy"]
+                                                      <= summary["retrieval_full_accuracy"] - CLEARLY_WORSE)
     if "retrieval_router_sa_fraction" in summary and "holistic_router_sa_fraction" in summary:
         gap = summary["holistic_router_sa_fraction"] - summary["retrieval_router_sa_fraction"]
         summary["sa_fraction_gap"] = gap
-        criteria["sa_gap_at_least_0.3"] = gap >= 0.3
-    quality = {}
+        criteria["sa_gap_at_least_0.4"] = gap >= MIN_SA_GAP
+    holistic_ok = {}
     for t in holistic:
-        full, routed = mode_of(t, "full"), mode_of(t, "router")
-        if full is None or routed is None:
+        routed = mode_of(t, "router")
+        versus = (routed or {}).get("vs_full")
+        if routed is None or versus is None:
             continue
-        if "perplexity" in full:
-            quality[t] = routed["perplexity"] <= full["perplexity"] * 1.02
-        else:
-            quality[t] = routed["accuracy"] >= full["accuracy"] * 0.98
-    if quality:
-        criteria["holistic_quality_within_2_percent"] = all(quality.values())
-        criteria["holistic_quality_by_family"] = quality
+        quality = (versus["accuracy_diff"] >= -HOLISTIC_MAX_LOSS if "accuracy_diff" in versus
+                   else versus["perplexity_ratio"] <= 1 + HOLISTIC_MAX_LOSS)
+        holistic_ok[t] = {"sa_fraction_at_least_0.7": routed["sa_fraction"] >= HOLISTIC_MIN_SA,
+                          "quality_within_2_points": quality}
+    if holistic_ok:
+        criteria["holistic_sparse_at_full_quality"] = all(all(v.values()) for v in holistic_ok.values())
+        criteria["holistic_by_family"] = holistic_ok
     return summary, criteria
 
 
+def pareto(families: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per family: every evaluated operating point (forced full and sparse, the router at each threshold) as
+    (SA fraction, metric with its CI), the router's points ordered by threshold."""
+    out: dict[str, Any] = {}
+    for task, f in families.items():
+        metric = "perplexity" if f["metric"] == "perplexity" else "accuracy"
+        points = [{"mode": mode, "threshold": row.get("threshold"), "sa_fraction": row["sa_fraction"],
+                   "work_saved": row["work_saved"], metric: row[metric], "ci95": row.get("ci95"),
+                   "vs_full": row.get("vs_full")} for mode, row in f["modes"].items()]
+        points.sort(key=lambda p: (p["threshold"] is not None, p["threshold"] or 0.0, p["mode"]))
+        out[task] = {"kind": f["kind"], "metric": metric, "examples": f["examples"], "points": points}
+    return out
+
+
+def pareto_plot(front: dict[str, Any], path: Path) -> None:
+    """PNG: per family, quality against SA fraction along the router's thresholds, with forced full and
+    all-sparse beside it and 95% CIs as error bars."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = list(front)
+    cols = min(3, len(tasks))
+    rows = -(-len(tasks) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * rows))
+    FigureCanvasAgg(fig)
+    for i, task in enumerate(tasks):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        f = front[task]
+        metric = f["metric"]
+        for label, pick, style in (("router (thresholds)", lambda p: p["threshold"] is not None, "o-"),
+                                   ("full", lambda p: p["mode"] == "full", "s"),
+                                   ("all-sparse", lambda p: p["mode"] == "sparse", "^")):
+            chosen = [p for p in f["points"] if pick(p)]
+            if not chosen:
+                continue
+            xs = [p["sa_fraction"] for p in chosen]
+            ys = [p[metric] for p in chosen]
+            err = [[max(0.0, y - (p["ci95"] or [y, y])[0]) for p, y in zip(chosen, ys)],
+                   [max(0.0, (p["ci95"] or [y, y])[1] - y) for p, y in zip(chosen, ys)]]
+            ax.errorbar(xs, ys, yerr=err, fmt=style, capsize=3, label=label, markersize=5)
+            if label.startswith("router"):
+                for p, x, y in zip(chosen, xs, ys):
+                    ax.annotate(f"{p['threshold']:g}", (x, y), textcoords="offset points", xytext=(3, 4), fontsize=7)
+        ax.set_title(f"{task} ({f['kind']}, n={f['examples']})", fontsize=9)
+        ax.set_xlabel("SA fraction (layers sparse)")
+        ax.set_ylabel(metric)
+        ax.set_xlim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=7)
+    fig.suptitle("quality against sparsity: the router's operating points (labels: threshold)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def markdown_table(families: dict[str, dict[str, Any]]) -> str:
-    """The README table: quality per mode, the router's SA fraction and the attention work it saves."""
+    """The README table: quality per mode with its 95% CI, the router's SA fraction and the attention work it
+    saves."""
     lines = ["| family | kind | metric | full | all-sparse | router | router SA fraction | work saved (router) |",
              "|---|---|---|---|---|---|---|---|"]
     for task, f in families.items():
         cells = []
         for mode in ("full", "sparse", "router"):
             r = f["modes"].get(mode)
+            ci = (r or {}).get("ci95")
             if r is None:
                 cells.append("-")
             elif f["metric"] == "perplexity":
-                cells.append(f"{r['perplexity']:.3f}")
+                cells.append(f"{r['perplexity']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
             else:
-                cells.append(f"{r['accuracy']:.1%} ({r['correct']}/{f['examples']})")
+                cells.append(f"{r['accuracy']:.1%} ({r['correct']}/{f['examples']})"
+                             + (f" [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else ""))
         routed = f["modes"].get("router")
         sa = f"{routed['sa_fraction']:.2f}" if routed else "-"
         saved = f"{routed['work_saved']:.1%}" if routed else "-"
