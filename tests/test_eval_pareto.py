@@ -96,6 +96,9 @@ def test_eval_sweep_writes_the_pareto_view(tmp_path):
         assert {p["mode"] for p in points[:2]} == {"full", "sparse"}
         # far operating points: near-all full at 0.05, near-all sparse at 0.95 (random routers are not that sure)
         assert modes["router@0.05"]["sa_fraction"] <= modes["router@0.95"]["sa_fraction"]
+    passkey = result["families"]["passkey"]["modes"]["full"]["breakdown"]
+    assert sum(d["examples"] for d in passkey["domain"].values()) == 4
+    assert set(passkey["template"]) <= {"passkey/3", "passkey/4"}  # evaluation's own phrasings
     lm = result["families"]["lm"]["modes"]
     assert lm["sparse"]["vs_full"]["perplexity_ratio"] == pytest.approx(lm["sparse"]["perplexity"]
                                                                         / lm["full"]["perplexity"])

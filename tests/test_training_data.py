@@ -176,3 +176,31 @@ def test_is_correct():
     assert is_correct("12345", "12345")
     assert not is_correct("The identifier a7fa46 has 54321.", "12345")
     assert not is_correct("123456", "12345") and not is_correct("no idea", "12345")
+
+
+def test_evaluation_phrasings_and_domain_are_held_out(tok):
+    from fluxc.training.data import EVAL_ONLY_TEMPLATES, TEMPLATES, corpus
+    from fluxc.training.text_sources import HELD_OUT_SOURCE, heldout_domain_corpus
+
+    tasks = ["passkey", "kv_lookup", "var_tracking", "last_paragraph_qa", "continue_recent"]
+    train = make_dataset(tok, tasks, 12, [384], seed=0, split="train")
+    evals = make_dataset(tok, [*tasks, "lm"], 12, [384], seed=0, split="eval")
+    for task in tasks:
+        count = len(TEMPLATES[task])
+        seen = {e.template for e in train if e.task == task}
+        held = {e.template for e in evals if e.task == task}
+        assert seen <= {f"{task}/{i}" for i in range(count - EVAL_ONLY_TEMPLATES)} and len(seen) >= 2
+        assert held <= {f"{task}/{i}" for i in range(count - EVAL_ONLY_TEMPLATES, count)} and len(held) == 2
+    for e in train + evals:  # the phrasing is really in the prompt
+        if e.template:
+            t = TEMPLATES[e.task][int(e.template.split("/")[1])]
+            assert t.intro in tok.decode(e.prompt_ids)
+    # the held-out domain: never in training, about half of evaluation, and its text is the reference's
+    assert {e.domain for e in train} == {"docstrings"}
+    share = sum(e.domain == HELD_OUT_SOURCE for e in evals) / len(evals)
+    assert 0.3 < share < 0.7
+    text, reference = corpus(), set(heldout_domain_corpus())
+    train_text = set(text[: max(e.filler_start for e in train) + 1])
+    assert not reference & train_text
+    for e in evals:
+        assert (text[e.filler_start] in reference) == (e.domain == HELD_OUT_SOURCE)

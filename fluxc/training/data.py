@@ -17,8 +17,10 @@ ships with Python and its packages). Answers are short digit strings checked by 
 ``continue_recent`` and ``lm`` which are scored by perplexity.
 
 Train and eval splits never share an example: they draw their text from disjoint parts of the corpus
-(the last `EVAL_FRACTION` of its paragraphs is eval-only), their numbers from disjoint sets (a CRC
-check), and their random streams from different seeds.
+(the last `EVAL_FRACTION` of its paragraphs is eval-only, and half the eval examples come from a text domain
+training never reads, `text_sources.HELD_OUT_SOURCE`), their numbers from disjoint sets (a CRC check), their
+phrasings from disjoint `TEMPLATES` (the last `EVAL_ONLY_TEMPLATES` of each family are eval-only), and their
+random streams from different seeds.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .text_sources import _split_sentences, text_corpus
+from .text_sources import HELD_OUT_SOURCE, _split_sentences, heldout_domain_corpus, text_corpus
 
 TASKS: dict[str, str] = {
     "passkey": "retrieval",
@@ -64,8 +66,8 @@ _VAR_NAMES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "
 @dataclass(frozen=True)
 class Example:
     """One example: `input_ids` = prompt + answer tokens; `labels` is -100 except on the answer tokens
-    (unshifted, as Hugging Face causal LMs expect). `filler_start` is the corpus index of the first
-    paragraph of its text."""
+    (unshifted, as Hugging Face causal LMs expect). `filler_start` is the index of the first paragraph of its
+    text in `corpus()`."""
 
     task: str
     kind: str
@@ -74,6 +76,8 @@ class Example:
     answer: str
     prompt_len: int
     filler_start: int = -1
+    template: str = ""  # "<task>/<index>" of `TEMPLATES`; empty for lm
+    domain: str = "docstrings"  # where its text comes from: "docstrings", or the held-out `HELD_OUT_SOURCE`
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -104,19 +108,34 @@ def _encode_cached(tokenizer: Any, text: str) -> list[int]:
     return cache[text]
 
 
-def _region(split: str) -> tuple[list[str], int, int]:
+_CORPUS: list[list[str]] = []
+
+
+def corpus() -> list[str]:
+    """The text examples draw from: the docstring corpus (`text_corpus`) then the held-out domain
+    (`heldout_domain_corpus`), one list so that `Example.filler_start` orders the regions."""
+    if not _CORPUS:
+        _CORPUS.append(text_corpus() + heldout_domain_corpus())
+    return _CORPUS[0]
+
+
+def _region(split: str, domain: str = "docstrings") -> tuple[list[str], int, int]:
+    """(corpus, lo, hi): training reads the docstrings' first 1 - `EVAL_FRACTION`; evaluation their last
+    `EVAL_FRACTION`, or (domain=`HELD_OUT_SOURCE`) the domain training never reads."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
-    corpus = text_corpus()
-    cut = int(len(corpus) * (1 - EVAL_FRACTION))
-    return (corpus, 0, cut) if split == "train" else (corpus, cut, len(corpus))
+    text, main = corpus(), len(text_corpus())
+    cut = int(main * (1 - EVAL_FRACTION))
+    if split == "train":
+        return text, 0, cut
+    return (text, main, len(text)) if domain == HELD_OUT_SOURCE else (text, cut, main)
 
 
-def _fill(tokenizer: Any, split: str, end: int, budget: int) -> tuple[int, list[str]]:
-    """Contiguous paragraphs ending just before corpus index `end`, about `budget` tokens in all
+def _fill(tokenizer: Any, region: tuple[list[str], int, int], end: int, budget: int) -> tuple[int, list[str]]:
+    """Contiguous paragraphs of `region` ending just before index `end`, about `budget` tokens in all
     (paragraph separators counted as one token); the first one is cut to a suffix to fit.
     Returns (index of the first paragraph, paragraphs)."""
-    corpus, lo, hi = _region(split)
+    corpus, lo, hi = region
     paras: list[str] = []
     left = budget
     idx = end
@@ -134,7 +153,7 @@ def _fill(tokenizer: Any, split: str, end: int, budget: int) -> tuple[int, list[
         paras.append(tail[:1].upper() + tail[1:])
         left = 0
     else:
-        raise ValueError(f"the {split} text region is too small for {budget} tokens")
+        raise ValueError(f"the text region [{lo}, {hi}) is too small for {budget} tokens")
     paras.reverse()
     return idx, paras
 
@@ -200,6 +219,99 @@ def _answer_ids(tokenizer: Any, answer: str, chat: bool) -> list[int]:
     return ids + ([end] if end is not None else [])
 
 
+@dataclass(frozen=True)
+class Template:
+    """One phrasing of a family: the instruction before the text, the needle sentence (and var_tracking's
+    link sentence), the question. Fields are `str.format` patterns over the example's names and numbers."""
+
+    intro: str
+    needle: str
+    question: str
+    link: str = ""
+
+
+# Several phrasings per family; the last `EVAL_ONLY_TEMPLATES` of each are evaluation's alone, so held-out
+# accuracy measures phrasings training never saw. Each was checked to be one SmolLM2-135M-Instruct answers
+# with full attention at 1K tokens (3-6 of 4-6 examples on CPU): a phrasing the model cannot do tests nothing.
+TEMPLATES: dict[str, tuple[Template, ...]] = {
+    "passkey": (
+        Template("There is a pass key hidden inside a lot of irrelevant text. Find it and remember it; you will be "
+                 "asked for it.", "The pass key is {key}. Remember it. {key} is the pass key.",
+                 "What is the pass key? Answer with the number only."),
+        Template("Somewhere in the document below is a secret code. Memorize it.",
+                 "The secret code is {key}. Keep it in mind: {key}.",
+                 "What was the secret code? Reply with just the number."),
+        Template("A long passage follows. One line in it gives an access number.",
+                 "Access number: {key}. Write it down, the access number is {key}.",
+                 "Which access number was given in the passage? Give only the digits."),
+        Template("Below is a lengthy excerpt with a secret number tucked away inside. You will need it at the end.",
+                 "The secret number is {key}. Remember the secret number: {key}.",
+                 "What is the secret number? Answer with the digits only."),
+        Template("Read carefully; a verification PIN appears once in the following material.",
+                 "Your verification PIN is {key}.", "What is the verification PIN? Respond with the number alone."),
+    ),
+    "kv_lookup": (
+        Template("The text below contains records that map an identifier to a number, scattered among irrelevant "
+                 "paragraphs. Remember them; you will be asked for one.",
+                 "Record: the identifier {key} has the number {value}.",
+                 "What is the number recorded for the identifier {key}? Answer with the number only."),
+        Template("Scores are listed here and there in the text below.", "The score of {key} is {value}.",
+                 "What is the score of {key}? Answer with the number only."),
+        Template("Some notes in the following text give a number for a name. Keep track of them.",
+                 "The number for {key} is {value}.", "What is the number for {key}? Reply with the number only."),
+        Template("Account balances are mentioned here and there in the material below.",
+                 "The account labelled {key} holds a balance of {value}.",
+                 "What balance does the account labelled {key} hold? Digits only."),
+        Template("Keys and their values have been hidden in this document.", "Key {key} has value {value}.",
+                 "What is the value of key {key}? Give just the number."),
+    ),
+    "var_tracking": (
+        Template("The text below contains variable assignments hidden among irrelevant paragraphs. Follow the "
+                 "assignments; you will be asked for the value of a variable.", "The value of {a} is {value}.",
+                 "What is the value of {b}? Answer with the number only.",
+                 "The value of {b} is the same as the value of {a}."),
+        Template("Numbers are given to names in the following text, some by reference to others.",
+                 "The number of {a} is {value}.", "What is the number of {b}? Answer with the number only.",
+                 "The number of {b} equals the number of {a}."),
+        Template("Named storage slots are described in the document below.", "{a} stores the number {value}.",
+                 "What number does {b} store? Reply with the number only.", "{b} stores whatever {a} stores."),
+        Template("Values are given to names in this text, some copied from others.", "{a} has the value {value}.",
+                 "What value does {b} have? Digits only.", "{b} has the same value as {a}."),
+        Template("Some code words stand for numbers in the material below.", "The number {a} stands for is {value}.",
+                 "Which number does {b} stand for? Give only the number.", "{b} stands for the same number as {a}."),
+    ),
+    "last_paragraph_qa": (
+        Template("Read the text below.", "The number of this paragraph is {value}.",
+                 "What is the number of the last paragraph? Answer with the number only."),
+        Template("Read the following document.", "This closing section is tagged {value}.",
+                 "What tag does the closing section carry? Answer with the number only."),
+        Template("Here is a passage.", "(Reference code for this paragraph: {value}.)",
+                 "What reference code does the final paragraph give? Reply with the number only."),
+        Template("Go through the material below.", "The final figure quoted here is {value}.",
+                 "What figure is quoted in the very last paragraph? Digits only."),
+        Template("Look over this text.", "Paragraph ID: {value}.",
+                 "What is the ID of the final paragraph? Give just the number."),
+    ),
+    "continue_recent": (
+        Template("Continue the following text with its next sentence.", "", ""),
+        Template("Write the sentence that comes next in this text.", "", ""),
+        Template("What is the next sentence? Continue the passage.", "", ""),
+        Template("Carry on writing from where the text stops, with one sentence.", "", ""),
+        Template("Complete the passage with the sentence that follows.", "", ""),
+    ),
+}
+EVAL_ONLY_TEMPLATES = 2
+HELD_OUT_DOMAIN_SHARE = 0.5  # of evaluation examples, drawn from the domain training never reads
+
+
+def _template(task: str, rng: random.Random, split: str) -> tuple[str, Template]:
+    """A phrasing of `task`: the training ones for "train", the evaluation-only ones for "eval"."""
+    options = TEMPLATES[task]
+    cut = len(options) - EVAL_ONLY_TEMPLATES
+    index = rng.randrange(cut) if split == "train" else rng.randrange(cut, len(options))
+    return f"{task}/{index}", options[index]
+
+
 @dataclass
 class _Spec:
     """Everything random about one example, drawn before the text is fitted to the length."""
@@ -209,20 +321,29 @@ class _Spec:
     answer: str
     needles: list[tuple[float, str]]
     end: int  # corpus index after the last filler paragraph
+    region: tuple[list[str], int, int]
+    template: str
+    domain: str
     tail: str = ""  # text after the filler (continue_recent's cut paragraph)
 
 
+def _domain(rng: random.Random, split: str) -> str:
+    return HELD_OUT_SOURCE if split == "eval" and rng.random() < HELD_OUT_DOMAIN_SHARE else "docstrings"
+
+
 def _spec(task: str, rng: random.Random, split: str) -> _Spec:
-    corpus, lo, hi = _region(split)
+    domain = _domain(rng, split)
+    region = _region(split, domain)
+    corpus, lo, hi = region
     end = rng.randrange(lo, hi)
+    name, t = _template(task, rng, split)
+
+    def spec(question: str, answer: str, needles: list[tuple[float, str]], tail: str = "") -> _Spec:
+        return _Spec(t.intro, question, answer, needles, end, region, name, domain, tail)
+
     if task == "passkey":
         key = _number(rng, split)
-        depth = rng.uniform(*DEPTH)
-        return _Spec(
-            "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it; "
-            "you will be asked for it.",
-            "What is the pass key? Answer with the number only.", str(key),
-            [(depth, f"The pass key is {key}. Remember it. {key} is the pass key.")], end)
+        return spec(t.question, str(key), [(rng.uniform(*DEPTH), t.needle.format(key=key))])
     if task == "kv_lookup":
         keys: list[str] = []
         while len(keys) < KV_PAIRS:
@@ -232,35 +353,23 @@ def _spec(task: str, rng: random.Random, split: str) -> _Spec:
         values = [_number(rng, split) for _ in keys]
         depths = sorted(rng.uniform(*DEPTH) for _ in keys)
         ask = rng.randrange(len(keys))
-        return _Spec(
-            "The text below contains records that map an identifier to a number, scattered among "
-            "irrelevant paragraphs. Remember them; you will be asked for one.",
-            f"What is the number recorded for the identifier {keys[ask]}? Answer with the number only.",
-            str(values[ask]),
-            [(d, f"Record: the identifier {k} has the number {v}.") for d, k, v in zip(depths, keys, values)],
-            end)
+        return spec(t.question.format(key=keys[ask]), str(values[ask]),
+                    [(d, t.needle.format(key=k, value=v)) for d, k, v in zip(depths, keys, values)])
     if task == "var_tracking":
         # Plain-English assignments: SmolLM2-135M answers "VAR B = VAR A" chains with "1" but follows these.
         names = rng.sample(_VAR_NAMES, VAR_HOPS + 1)
         value = _number(rng, split)
         depths = sorted(rng.uniform(*DEPTH) for _ in names)
-        needles = [(depths[0], f"The value of {names[0]} is {value}.")]
-        needles += [(d, f"The value of {b} is the same as the value of {a}.")
-                    for d, a, b in zip(depths[1:], names, names[1:])]
-        return _Spec(
-            "The text below contains variable assignments hidden among irrelevant paragraphs. "
-            "Follow the assignments; you will be asked for the value of a variable.",
-            f"What is the value of {names[-1]}? Answer with the number only.", str(value), needles, end)
+        needles = [(depths[0], t.needle.format(a=names[0], value=value))]
+        needles += [(d, t.link.format(a=a, b=b)) for d, a, b in zip(depths[1:], names, names[1:])]
+        return spec(t.question.format(b=names[-1]), str(value), needles)
     if task == "last_paragraph_qa":
         # The final paragraph states a number; optionally earlier paragraphs state other numbers the same
         # way (off by default: decoys cut SmolLM2-135M's full-attention accuracy).
         value = _number(rng, split)
-        decoys = [(rng.uniform(*DEPTH), f"The number of this paragraph is {_number(rng, split)}.")
+        decoys = [(rng.uniform(*DEPTH), t.needle.format(value=_number(rng, split)))
                   for _ in range(rng.randint(0, LAST_PARAGRAPH_DECOYS))]
-        return _Spec(
-            "Read the text below.",
-            "What is the number of the last paragraph? Answer with the number only.", str(value),
-            decoys + [(1.0, f"The number of this paragraph is {value}.")], end)
+        return spec(t.question, str(value), decoys + [(1.0, t.needle.format(value=value))])
     if task == "continue_recent":
         # The filler ends inside a paragraph of at least two sentences; the answer is its next sentence.
         for _ in range(hi - lo):
@@ -269,14 +378,12 @@ def _spec(task: str, rng: random.Random, split: str) -> _Spec:
                 break
             end = end + 1 if end + 1 < hi else lo
         cut = rng.randrange(1, len(sentences))
-        return _Spec(
-            "Continue the following text with its next sentence.", "", sentences[cut], [], end,
-            tail=" ".join(sentences[:cut]))
+        return spec("", sentences[cut], [], tail=" ".join(sentences[:cut]))
     raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
 
 
-def _build(tokenizer: Any, spec: _Spec, chat: bool, split: str, budget: int) -> tuple[list[int], list[int], int]:
-    start, paras = _fill(tokenizer, split, spec.end, budget)
+def _build(tokenizer: Any, spec: _Spec, chat: bool, budget: int) -> tuple[list[int], list[int], int]:
+    start, paras = _fill(tokenizer, spec.region, spec.end, budget)
     paras = _insert(paras, [n for n in spec.needles if n[0] < 1.0])
     if spec.tail:
         paras.append(spec.tail)
@@ -296,13 +403,14 @@ def _build(tokenizer: Any, spec: _Spec, chat: bool, split: str, budget: int) -> 
 
 
 def _lm_example(tokenizer: Any, length: int, rng: random.Random, split: str) -> Example:
-    _, lo, hi = _region(split)
-    start, paras = _fill(tokenizer, split, rng.randrange(lo, hi), length + 16)
+    domain = _domain(rng, split)
+    region = _region(split, domain)
+    start, paras = _fill(tokenizer, region, rng.randrange(region[1], region[2]), length + 16)
     ids = _encode(tokenizer, "\n\n".join(paras))[-length:]
     target = min(LM_TARGET, max(1, length // 4))
     prompt_len = len(ids) - target
     return Example("lm", "holistic", ids, [IGNORE] * prompt_len + ids[prompt_len:],
-                   tokenizer.decode(ids[prompt_len:]), prompt_len, start)
+                   tokenizer.decode(ids[prompt_len:]), prompt_len, start, domain=domain)
 
 
 def make_example(task: str, tokenizer: Any, length: int, rng: random.Random, chat: bool = True,
@@ -317,19 +425,19 @@ def make_example(task: str, tokenizer: Any, length: int, rng: random.Random, cha
     if task == "lm":
         return _lm_example(tokenizer, length, rng, split)
     spec = _spec(task, rng, split)
-    empty_prompt, answer_ids, _ = _build(tokenizer, spec, chat, split, 0)
+    empty_prompt, answer_ids, _ = _build(tokenizer, spec, chat, 0)
     budget = length - len(empty_prompt) - len(answer_ids) - 2 * len(spec.needles)
     if budget < 16:
         raise ValueError(f"length {length} is too short for a {task} example")
     for _ in range(4):  # fit: paragraph token counts are close to, not exactly, the joined count
-        prompt_ids, answer_ids, start = _build(tokenizer, spec, chat, split, budget)
+        prompt_ids, answer_ids, start = _build(tokenizer, spec, chat, budget)
         total = len(prompt_ids) + len(answer_ids)
         if abs(total - length) <= max(2, length // 100):
             break
         budget += length - total
     ids = prompt_ids + answer_ids
     labels = [IGNORE] * len(prompt_ids) + answer_ids
-    return Example(task, TASKS[task], ids, labels, spec.answer, len(prompt_ids), start)
+    return Example(task, TASKS[task], ids, labels, spec.answer, len(prompt_ids), start, spec.template, spec.domain)
 
 
 def make_dataset(tokenizer: Any, tasks: list[str] | tuple[str, ...] | None, n_per_task: int,

@@ -337,6 +337,7 @@ def _run_modes(spec: Any, model: Any, router: str | None, flux: FluxConfig, toke
                 "sa_fraction_per_layer": (~route).float().mean(dim=0).tolist() if len(route) else [],
                 "work_saved": float(work["skipped"].mean()) if len(route) else 0.0,
             }
+            row["breakdown"] = _breakdown(chosen, outcomes, nll, tokens)
             if task in PERPLEXITY_TASKS:
                 per_token, low, high = ratio_ci(nll, tokens)
                 row.update(nll_per_token=per_token, perplexity=math.exp(per_token), tokens=sum(tokens),
@@ -352,6 +353,25 @@ def _run_modes(spec: Any, model: Any, router: str | None, flux: FluxConfig, toke
         timings[f"{mode}_s"] = time.perf_counter() - t
         del runner
     del routed
+
+
+def _breakdown(examples: list[Example], outcomes: list[int], nll: list[float],
+               tokens: list[int]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Quality per text domain and per phrasing (template) of the examples: accuracy with its Wilson interval,
+    or perplexity, and the example count; shows whether held-out domains and phrasings cost accuracy."""
+    out: dict[str, dict[str, dict[str, Any]]] = {"domain": {}, "template": {}}
+    for key in out:
+        groups: dict[str, list[int]] = {}
+        for i, e in enumerate(examples):
+            groups.setdefault(getattr(e, key) or "-", []).append(i)
+        for name, rows in sorted(groups.items()):
+            if outcomes:
+                k = sum(outcomes[i] for i in rows)
+                out[key][name] = {"examples": len(rows), "accuracy": k / len(rows), "ci95": list(wilson(k, len(rows)))}
+            elif nll:
+                per_token = sum(nll[i] for i in rows) / max(1, sum(tokens[i] for i in rows))
+                out[key][name] = {"examples": len(rows), "perplexity": math.exp(per_token)}
+    return out
 
 
 def _num_layers(model: Any) -> int:

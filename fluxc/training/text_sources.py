@@ -3,7 +3,8 @@
 The training data of `fluxc.training.data` hides needles in, and asks questions about, real text rather
 than random tokens. The text comes from three local sources, in this order of preference:
 
-1. the Python Language Reference topics that ship with the interpreter (``pydoc_data.topics``);
+1. the Python Language Reference topics that ship with the interpreter (``pydoc_data.topics``): the held-out
+   domain, for evaluation only (`heldout_domain_corpus`);
 2. docstrings of the standard library (``sys.stdlib_module_names``), read from the source files, so no
    module is imported and none can run side effects (GUI, network, ``antigravity``);
 3. docstrings of installed packages (numpy, torch, transformers, ...), read the same way, only as far
@@ -199,13 +200,26 @@ def _source(source: str) -> list[tuple[str, list[str]]]:
     return docs
 
 
-def text_corpus(min_chars: int = 2_000_000, seed: int = 0) -> list[str]:
-    """Paragraphs (200-1200 characters) of real English prose from the locally installed documentation.
+# The text domain training never reads: the Python Language Reference (specification prose), against the
+# docstrings (API prose) that training draws from. Evaluation draws from it too, to measure a domain shift.
+HELD_OUT_SOURCE = "reference"
 
-    Sources are read in a fixed order (language reference, stdlib docstrings, then `PACKAGES`) until
-    `min_chars` characters of unique paragraphs are gathered. Documents are shuffled with
-    `random.Random(seed)`; the paragraphs of one document stay consecutive and in order. Deterministic
-    for a given (min_chars, seed) on a given installation; cached in memory.
+
+def heldout_domain_corpus(seed: int = 0) -> list[str]:
+    """Paragraphs of `HELD_OUT_SOURCE`, documents shuffled with `random.Random(seed)` (in order within one)."""
+    docs = sorted(_source(HELD_OUT_SOURCE))
+    random.Random(seed).shuffle(docs)
+    return [p for _, paras in docs for p in paras]
+
+
+def text_corpus(min_chars: int = 2_000_000, seed: int = 0) -> list[str]:
+    """Paragraphs (200-1200 characters) of real English prose from the locally installed documentation,
+    without the held-out domain (`heldout_domain_corpus`).
+
+    Sources are read in a fixed order (stdlib docstrings, then `PACKAGES`) until `min_chars` characters of
+    unique paragraphs are gathered. Documents are shuffled with `random.Random(seed)`; the paragraphs of one
+    document stay consecutive and in order. Deterministic for a given (min_chars, seed) on a given
+    installation; cached in memory.
     """
     key = (min_chars, seed)
     if key in _CORPUS:
@@ -213,7 +227,7 @@ def text_corpus(min_chars: int = 2_000_000, seed: int = 0) -> list[str]:
     seen: set[str] = set()
     docs: list[tuple[str, list[str]]] = []
     total = 0
-    for source in ("reference", "stdlib", *PACKAGES):
+    for source in ("stdlib", *PACKAGES):
         if total >= min_chars:
             break
         for name, paras in _source(source):
