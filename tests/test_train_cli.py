@@ -106,10 +106,11 @@ def test_heldout_split_never_meets_training_batches():
     exact = lambda data: {e.answer for e in data if e.task != "lm"}  # noqa: E731
     assert not exact(train) & exact(held)  # disjoint number sets
     assert not {tuple(e.input_ids) for e in train} & {tuple(e.input_ids) for e in held}
-    # batches are a function of (step, rank): a resumed or restarted run sees the same ones
+    # batches are a function of (step, rank): a resumed or restarted run sees the same ones; processes hold
+    # different rows of the global batch (data.batch_size=3 over 3 processes: one row each)
     assert training_batch(cfg, tok, 5)["input_ids"].equal(training_batch(cfg, tok, 5)["input_ids"])
-    assert not torch.equal(training_batch(cfg, tok, 5, rank=0, world=2)["input_ids"],
-                           training_batch(cfg, tok, 5, rank=1, world=2)["input_ids"])
+    assert not torch.equal(training_batch(cfg, tok, 5, rank=0, world=3)["input_ids"],
+                           training_batch(cfg, tok, 5, rank=1, world=3)["input_ids"])
 
 
 def test_eval_batches_avoid_a_lone_example():

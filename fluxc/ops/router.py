@@ -161,10 +161,14 @@ class RouteRecorder(nn.Module):
         self.records: dict[int, tuple[Tensor, Tensor]] = {}
         # (B, T) bool: the tokens the routers pool (the prompt, as at inference); None: every real token
         self.router_tokens: Tensor | None = None
+        # (B, L, 2) uniform draws of the Gumbel samples, set per step by the trainer so that a sample is a function
+        # of (seed, step, example) whatever the number of processes; None: drawn from torch's generator
+        self.noise: Tensor | None = None
 
     def clear(self) -> None:
         self.records = {}
         self.router_tokens = None
+        self.noise = None
 
     def samples(self) -> Tensor:
         """(B, L) float straight-through samples of the last forward (1 = full attention)."""
@@ -175,9 +179,14 @@ class RouteRecorder(nn.Module):
         return torch.stack([self.records[i][1] for i in sorted(self.records)], dim=1)
 
 
-def gumbel_route(logits: Tensor, tau: Tensor) -> Tensor:
-    """Hard 0/1 sample (B,) of 'full attention' with a straight-through Gumbel-softmax gradient."""
-    uniform = torch.rand_like(logits).clamp_(1e-10, 1.0 - 1e-7)
+def gumbel_route(logits: Tensor, tau: Tensor, recorder: RouteRecorder | None = None, layer: int = 0) -> Tensor:
+    """Hard 0/1 sample (B,) of 'full attention' with a straight-through Gumbel-softmax gradient; its uniform draws
+    are `recorder.noise[:, layer]` when the trainer set them."""
+    noise = recorder.noise if recorder is not None else None
+    if noise is not None:
+        uniform = noise[:, layer].to(device=logits.device, dtype=logits.dtype).clamp(1e-10, 1.0 - 1e-7)  # (B, 2)
+    else:
+        uniform = torch.rand_like(logits).clamp_(1e-10, 1.0 - 1e-7)
     soft = torch.softmax((logits - torch.log(-torch.log(uniform))) / tau, dim=-1)  # (B, 2)
     hard = torch.nn.functional.one_hot(soft.argmax(dim=-1), 2).to(soft.dtype)
     return (hard + soft - soft.detach())[:, 1]  # (B,) forward value exactly 0 or 1

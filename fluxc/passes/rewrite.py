@@ -401,7 +401,8 @@ def _mixed_branches(graph: fx.Graph, options: PassOptions, layer: int, query: Qu
     # the routers pool the prompt only, as they do at inference (the recorder holds the batch's prompt tokens)
     router_tokens = graph.call_function(router_valid, (graph.get_attr("flux_recorder"), valid))
     logits = _router_logits_node(graph, options, layer, query, router_tokens)
-    sample = graph.call_function(gumbel_route, (logits, graph.get_attr("flux_recorder.tau")))  # (B,)
+    sample = graph.call_function(gumbel_route, (logits, graph.get_attr("flux_recorder.tau"),
+                                                graph.get_attr("flux_recorder"), layer))  # (B,)
     sample = graph.call_function(record_sample, (graph.get_attr("flux_recorder"), layer, sample, logits))
     graph.call_function(torch.ops.fluxc.record_route.default, (state, graph.call_function(operator.gt, (sample, 0.5)), layer))
     first_valid = graph.call_function(operator.getitem, (valid, (slice(None), 0)))

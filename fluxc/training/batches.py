@@ -17,11 +17,21 @@ from .config import RunConfig
 from .data import Example, collate, end_of_turn_id, make_dataset, make_example
 
 
+def per_process_batch(cfg: RunConfig, world: int) -> int:
+    """Rows of the global batch (`data.batch_size`) each of `world` processes holds."""
+    if cfg.data.batch_size % world:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is the global batch and must split evenly over "
+                          f"{world} processes; use a multiple of {world} (the same global batch on any number of "
+                          f"processes trains the same routers)")
+    return cfg.data.batch_size // world
+
+
 def training_example(cfg: RunConfig, tokenizer: Any, step: int, slot: int, rank: int = 0, world: int = 1) -> Example:
-    """Example `slot` of process `rank`'s batch at `step`: a pure function of its global index, drawn from the
-    "train" split (the eval split's text and numbers never occur)."""
+    """Example `slot` of process `rank`'s rows of the global batch at `step`: a pure function of its index in
+    the global batch, so any number of processes sees the same examples; drawn from the "train" split (the eval
+    split's text and numbers never occur)."""
     data = cfg.data
-    index = (step * world + rank) * data.batch_size + slot
+    index = step * data.batch_size + rank * per_process_batch(cfg, world) + slot
     task = data.tasks[index % len(data.tasks)]
     length = data.lengths[step % len(data.lengths)]
     rng = random.Random(f"fluxc-train/{data.seed}/{index}")
@@ -38,9 +48,9 @@ def pad_id(tokenizer: Any) -> int:
 
 
 def training_batch(cfg: RunConfig, tokenizer: Any, step: int, rank: int = 0, world: int = 1) -> dict[str, Any]:
-    """The collated batch of `step` for process `rank`; ``task`` holds each example's target key,
+    """Process `rank`'s rows of the global batch of `step`, collated; ``task`` holds each example's target key,
     ``family`` its family."""
-    examples = [training_example(cfg, tokenizer, step, i, rank, world) for i in range(cfg.data.batch_size)]
+    examples = [training_example(cfg, tokenizer, step, i, rank, world) for i in range(per_process_batch(cfg, world))]
     batch = collate(examples, pad_id(tokenizer))
     batch["family"] = batch["task"]
     batch["task"] = [cfg.target_key(t) for t in batch["family"]]

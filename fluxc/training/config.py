@@ -44,7 +44,7 @@ class DataSpec:
 
     tasks: tuple[str, ...] = tuple(TASKS)
     lengths: tuple[int, ...] = (1024, 2048)  # one per step in turn; every example of a batch has that length
-    batch_size: int = 8  # per process
+    batch_size: int = 8  # the global batch: every process holds batch_size / world of its rows
     seed: int = 0
     chat: bool = True  # use the tokenizer's chat template when it has one
 
@@ -64,7 +64,8 @@ class RunSpec:
     warmup_steps: int = 5
     preflight: bool = True  # one forward+backward on a short batch before training (checks the set-up)
     final_eval: bool = False  # run the `eval` section on the trained routers at the end (same process)
-    seed: int = 0  # torch seed: router initialisation and Gumbel noise
+    seed: int = 0  # torch seed: router initialisation (the Gumbel noise follows train.seed)
+    collective_timeout_s: float = 600.0  # several processes: a collective waiting longer fails the run, no hang
 
 
 @dataclass(frozen=True)

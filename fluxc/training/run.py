@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
 import logging
@@ -63,8 +64,9 @@ class Processes:
         return self.rank == 0
 
 
-def setup_processes(device_spec: str) -> Processes:
-    """Join the process group that ``torchrun`` describes (RANK / WORLD_SIZE / LOCAL_RANK), if any."""
+def setup_processes(device_spec: str, timeout_s: float = 600.0) -> Processes:
+    """Join the process group that ``torchrun`` describes (RANK / WORLD_SIZE / LOCAL_RANK), if any. A collective
+    that waits more than `timeout_s` (a process that died or hangs) raises instead of hanging the others."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_spec, local)
@@ -72,7 +74,8 @@ def setup_processes(device_spec: str) -> Processes:
         return Processes(0, 1, device, False)
     initialised = False
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
         initialised = True
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -378,7 +381,7 @@ def train(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: An
     if not cfg.run.resume and ckpt_path.exists():
         raise ConfigError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out "
                           f"(or delete it) to start a new one")
-    procs = setup_processes(cfg.model.device)
+    procs = setup_processes(cfg.model.device, cfg.run.collective_timeout_s)
     timings: dict[str, float] = {}
     say = echo if procs.main else (lambda _text: None)
     try:

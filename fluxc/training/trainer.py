@@ -47,6 +47,7 @@ class TrainConfig:
     router_on_prompt: bool = True  # routers pool the prompt only (labels == -100), as at inference
     # batches of a calibration pass that standardises each router's input (mean/std folded into its first layer)
     calibrate_batches: int = 0
+    seed: int = 0  # the Gumbel noise: a function of (seed, step, example in the global batch)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -80,17 +81,24 @@ class SparsityLagrangian(nn.Module):
         self.lambda2 = nn.Parameter(torch.zeros(len(self.tasks)))
 
     def forward(self, sparsity: torch.Tensor, task_of_sample: Sequence[str]) -> torch.Tensor:
+        """The penalty of the global batch: with several processes the per-class means are over every process's
+        samples (its value is the same on all of them; each one's gradient reaches its own samples)."""
         unknown = set(task_of_sample) - set(self.tasks)
         if unknown:
             raise ConfigError(f"task class(es) {sorted(unknown)} have no sparsity target; targets: {self.tasks}")
-        terms = []
-        for i, task in enumerate(self.tasks):
-            chosen = [j for j, t in enumerate(task_of_sample) if t == task]
-            if not chosen:
-                continue
-            gap = sparsity[chosen].mean() - self.targets[i]
-            terms.append(self.lambda1[i] * gap.abs() + self.lambda2[i] * gap.square())
-        return torch.stack(terms).mean()
+        rows = torch.zeros(len(self.tasks), len(task_of_sample), dtype=sparsity.dtype, device=sparsity.device)
+        for j, t in enumerate(task_of_sample):
+            rows[self.tasks.index(t), j] = 1.0
+        sums, counts = rows @ sparsity, rows.sum(dim=1)  # (C,) per class: local sum of sparsity, local count
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            totals = torch.stack([sums.detach(), counts])
+            dist.all_reduce(totals)
+            sums = sums + (totals[0] - sums.detach())  # the global sum's value, the local samples' gradient
+            counts = totals[1]
+        present = counts > 0
+        gap = sums[present] / counts[present] - self.targets.to(sums.device)[present]
+        terms = self.lambda1[present] * gap.abs() + self.lambda2[present] * gap.square()
+        return terms.mean()
 
 
 def mark_dynamic(*tensors: torch.Tensor, dims: tuple[int, ...] = (0, 1)) -> None:
@@ -104,17 +112,24 @@ def mark_dynamic(*tensors: torch.Tensor, dims: tuple[int, ...] = (0, 1)) -> None
                 torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, average: str = "token") -> torch.Tensor:
-    """Next-token cross-entropy; labels -100 are ignored. ``average="example"`` takes each example's mean over its
-    label tokens, then the mean over examples (a 64-token target weighs as much as a 5-token answer)."""
-    if average == "token":
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+def lm_terms(logits: torch.Tensor, labels: torch.Tensor, average: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
+    """(total, count) of the LM loss: summed token cross-entropy and label tokens ("token"), or summed per-example
+    means and examples with labels ("example"); the loss is total / count, over one process or all of them."""
     target = labels[:, 1:]  # (B, T-1)
     per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target, ignore_index=IGNORE,
                                 reduction="none")  # (B, T-1)
     counts = (target != IGNORE).sum(dim=1)  # (B,)
+    if average == "token":
+        return per_token.sum(), counts.sum().to(per_token.dtype)
     per_example = per_token.sum(dim=1) / counts.clamp_min(1)  # (B,)
-    return per_example[counts > 0].mean()
+    return per_example[counts > 0].sum(), (counts > 0).sum().to(per_token.dtype)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, average: str = "token") -> torch.Tensor:
+    """Next-token cross-entropy; labels -100 are ignored. ``average="example"`` takes each example's mean over its
+    label tokens, then the mean over examples (a 64-token target weighs as much as a 5-token answer)."""
+    total, count = lm_terms(logits, labels, average)
+    return total / count
 
 
 class RouterTrainer:
@@ -190,16 +205,43 @@ class RouterTrainer:
             summary.append((float(mean.abs().mean()), float(std.mean())))
         return summary
 
+    def _noise(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
+        """(B, L, 2) uniform draws of this step's Gumbel samples: rows of the global batch's draws, which depend on
+        (seed, step) alone, so a run on any number of processes samples each example alike. None for a model
+        without a layer count (torch's generator then)."""
+        text = getattr(getattr(self.module.model, "config", None), "get_text_config", lambda: None)()
+        layers = getattr(text, "num_hidden_layers", None)
+        if layers is None:
+            return None
+        world = self._world()
+        rank = dist.get_rank() if world > 1 else 0
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step_index)
+        draws = torch.rand(batch_size * world, int(layers), 2, generator=g)  # every process holds B rows
+        return draws[rank * batch_size:(rank + 1) * batch_size].to(device)
+
     def step(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """One update. `batch`: input_ids, attention_mask, labels (B, T) and task (list of task classes)."""
+        """One update. `batch`: input_ids, attention_mask, labels (B, T) and task (list of task classes). With
+        several processes, each holds B rows of the global batch and the loss is the global batch's."""
         self.recorder.tau.fill_(temperature(self.step_index, self.cfg))
         self.recorder.clear()
         self.set_router_tokens(batch)
+        self.recorder.noise = self._noise(batch["input_ids"].shape[0], batch["input_ids"].device)
         mark_dynamic(batch["input_ids"], batch["attention_mask"])
         out = self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = out.logits if hasattr(out, "logits") else out
-        lm = lm_loss(logits, batch["labels"], self.cfg.loss_average)
+        total, count = lm_terms(logits, batch["labels"], self.cfg.loss_average)
+        world = self._world()
+        if world > 1:
+            sums = torch.stack([total.detach(), count])
+            dist.all_reduce(sums)
+            # averaged gradients (below) then equal the global batch's: world x this process's share
+            lm = total * world / sums[1]
+            lm_value = sums[0] / sums[1]
+        else:
+            lm = lm_value = total / count
         sparsity = 1.0 - self.recorder.samples().mean(dim=1)  # (B,) fraction of layers routed sparse
+        if world > 1:  # the routers' share of the global penalty, scaled like the LM term; the multipliers' not
+            sparsity = sparsity * world - (sparsity * (world - 1)).detach()
         penalty = self.penalty(sparsity, batch["task"])
         loss = lm + penalty
         opt = self._optimizer()
@@ -216,8 +258,8 @@ class RouterTrainer:
         self.step_index += 1
         per_task = {t: float(sparsity.detach()[[i for i, x in enumerate(batch["task"]) if x == t]].mean())
                     for t in sorted(set(batch["task"]))}
-        return {"step": self.step_index, "loss": float(loss.detach()), "lm": float(lm.detach()),
-            "penalty": float(penalty.detach()),
+        return {"step": self.step_index, "loss": float(lm_value.detach() + penalty.detach()),
+                "lm": float(lm_value.detach()), "penalty": float(penalty.detach()),
                 "tau": float(self.recorder.tau), "sparsity": per_task,
                 "lambda1": dict(zip(self.penalty.tasks, self.penalty.lambda1.detach().tolist())),
                 "lambda2": dict(zip(self.penalty.tasks, self.penalty.lambda2.detach().tolist()))}
