@@ -47,6 +47,20 @@ def tiny_model(arch: str, impl: str, layers: int = 3, seed: int = 0, **overrides
     return model
 
 
+def random_router_file(path, config, seed: int, layers: int = 3, head_dim: int = 16, std: float = 1.0):
+    """Routers with N(0, std) weights for `tiny_model("llama", ...)` saved at `path`; returns (path, routers).
+    Large weights make their decisions differ between prompts."""
+    import fluxc
+
+    torch.manual_seed(seed)
+    routers = torch.nn.ModuleList(fluxc.ops.LayerRouter(head_dim, config.router_hidden) for _ in range(layers))
+    with torch.no_grad():
+        for p in routers.parameters():
+            p.normal_(0, std)
+    fluxc.save_routers(path, routers, config, fluxc.Fingerprint("LlamaForCausalLM", layers, 4, 2, head_dim))
+    return str(path), routers
+
+
 def batch(seq: int = 12, left_pad: int = 3, vocab: int = 128, size: int = 2, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab, (size, seq), generator=g)

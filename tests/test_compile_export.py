@@ -12,7 +12,7 @@ from fluxc.ops.attention import routed_attention
 from fluxc.ops.router import router_logits
 from fluxc.spec import SiteSpec
 
-from hf_models import batch, tiny_model
+from hf_models import batch, random_router_file, tiny_model
 
 CFG = fluxc.FluxConfig(sink=2, window=4, block=2, block_exact=True)
 
@@ -61,15 +61,8 @@ def _decode(module, ids, steps):
 
 def test_prefill_routes_are_kept_for_decode_steps(tmp_path):
     model = tiny_model("llama", "sdpa", layers=3)
-    torch.manual_seed(3)
-    cfg = CFG.replace(router_hidden=(8, 8, 8, 8), compiler="eager", sink=2, window=2, block=1)
-    routers = torch.nn.ModuleList(fluxc.ops.LayerRouter(16, cfg.router_hidden) for _ in range(3))
-    with torch.no_grad():
-        for p in routers.parameters():
-            p.normal_(0, 1.0)
-    path = tmp_path / "r.safetensors"
-    fluxc.save_routers(path, routers, cfg, fluxc.Fingerprint("LlamaForCausalLM", 3, 4, 2, 16))
-    fm = fluxc.compile(model, str(path), config=cfg)
+    path, cfg = _router_module(tmp_path, model)
+    fm = fluxc.compile(model, path, config=cfg)
     ids, _ = batch(left_pad=0)
     with torch.no_grad():
         tokens, logits = _decode(fm, ids, steps=4)
@@ -99,15 +92,9 @@ def test_custom_ops_pass_opcheck():
 
 
 def _router_module(tmp_path, model, seed=3):
-    torch.manual_seed(seed)
     cfg = CFG.replace(router_hidden=(8, 8, 8, 8), compiler="eager", sink=2, window=2, block=1)
-    routers = torch.nn.ModuleList(fluxc.ops.LayerRouter(16, cfg.router_hidden) for _ in range(3))
-    with torch.no_grad():
-        for p in routers.parameters():
-            p.normal_(0, 1.0)
-    path = tmp_path / f"r{seed}.safetensors"
-    fluxc.save_routers(path, routers, cfg, fluxc.Fingerprint("LlamaForCausalLM", 3, 4, 2, 16))
-    return str(path), cfg
+    path, _ = random_router_file(tmp_path / f"r{seed}.safetensors", cfg, seed=seed)
+    return path, cfg
 
 
 def test_fresh_one_token_prompt_is_routed_not_given_a_stale_route(tmp_path):

@@ -93,16 +93,22 @@ def test_memory_follows_the_routes():
     assert pages[("full", "sparse", "sparse")] == 40 // PAGE + 2 * ring
 
 
-def test_one_compile_serves_every_length_and_routing_mask(tmp_path):
-    """Prompts of many lengths whose routers pick different masks: after the first prompt (one prefill compile,
-    one decode compile), nothing traces or compiles again; the masks seen differ."""
+def _mixed_router_setup(tmp_path):
+    """A tiny Llama, a left-padded batch, and a router file whose routers route that batch's sequences apart."""
     model = tiny_model("llama", "sdpa")
     ids, mask = batch(left_pad=3)
     cfg = SMALL.replace(router_hidden=(32, 16, 16, 8), pool_size=4)
     routers = _routers_with_mixed_decisions(model, ids, mask, cfg, 16)
     path = tmp_path / "routers.safetensors"
     fluxc.save_routers(path, routers, cfg, fluxc.Fingerprint(type(model).__name__, 3, 4, 2, 16), {"test": "mixed"})
-    fm = fluxc.compile(model, str(path), config=cfg)
+    return model, ids, mask, cfg, str(path)
+
+
+def test_one_compile_serves_every_length_and_routing_mask(tmp_path):
+    """Prompts of many lengths whose routers pick different masks: after the first prompt (one prefill compile,
+    one decode compile), nothing traces or compiles again; the masks seen differ."""
+    model, ids, mask, cfg, path = _mixed_router_setup(tmp_path)
+    fm = fluxc.compile(model, path, config=cfg)
     engine = _engine(fm)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(1, 128, (n,), generator=g) for n in (7, 12, 19, 26, 33, 9, 41, 15)]
@@ -121,13 +127,8 @@ def test_one_compile_serves_every_length_and_routing_mask(tmp_path):
 def test_prompts_of_different_lengths_share_decode_steps_and_free_their_pages(tmp_path):
     """More prompts than slots: each joins when a slot frees (continuous batching); every answer equals the
     prompt's alone; the pool ends empty."""
-    model = tiny_model("llama", "sdpa")
-    ids, mask = batch(left_pad=3)
-    cfg = SMALL.replace(router_hidden=(32, 16, 16, 8), pool_size=4)
-    routers = _routers_with_mixed_decisions(model, ids, mask, cfg, 16)
-    path = tmp_path / "routers.safetensors"
-    fluxc.save_routers(path, routers, cfg, fluxc.Fingerprint(type(model).__name__, 3, 4, 2, 16), {"test": "mixed"})
-    fm = fluxc.compile(model, str(path), config=cfg)
+    model, ids, mask, cfg, path = _mixed_router_setup(tmp_path)
+    fm = fluxc.compile(model, path, config=cfg)
     engine = _engine(fm, max_batch=2)
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(1, 128, (n,), generator=g) for n in (9, 23, 14, 30, 6)]
@@ -143,13 +144,8 @@ def test_prompts_of_different_lengths_share_decode_steps_and_free_their_pages(tm
 
 
 def test_mixed_routes_in_one_batch_give_each_sequence_its_own_tokens(tmp_path):
-    model = tiny_model("llama", "sdpa")
-    ids, mask = batch(left_pad=3)
-    cfg = SMALL.replace(router_hidden=(32, 16, 16, 8), pool_size=4)
-    routers = _routers_with_mixed_decisions(model, ids, mask, cfg, 16)
-    path = tmp_path / "routers.safetensors"
-    fluxc.save_routers(path, routers, cfg, fluxc.Fingerprint(type(model).__name__, 3, 4, 2, 16), {"test": "mixed"})
-    engine = _engine(fluxc.compile(model, str(path), config=cfg))
+    model, ids, mask, cfg, path = _mixed_router_setup(tmp_path)
+    engine = _engine(fluxc.compile(model, path, config=cfg))
     state = engine.prefill(ids, attention_mask=mask, max_new_tokens=8)
     assert engine.routes_of(state.requests[0]) != engine.routes_of(state.requests[1]), \
         "the two sequences should take different routes"
@@ -285,16 +281,11 @@ def test_a_batch_forward_after_the_engine_still_routes(tmp_path):
     """The engine's prefill compiles with a dynamic length; a later (B, T) forward recompiles with a dynamic batch
     too: the router input is still found (symbolic sizes are not hidden-state content) and the logits match a
     fresh compile's."""
-    model = tiny_model("llama", "sdpa")
-    ids, mask = batch(left_pad=3)
-    cfg = SMALL.replace(router_hidden=(32, 16, 16, 8), pool_size=4)
-    routers = _routers_with_mixed_decisions(model, ids, mask, cfg, 16)
-    path = tmp_path / "routers.safetensors"
-    fluxc.save_routers(path, routers, cfg, fluxc.Fingerprint(type(model).__name__, 3, 4, 2, 16), {"test": "mixed"})
-    fm = fluxc.compile(model, str(path), config=cfg)
+    model, ids, mask, cfg, path = _mixed_router_setup(tmp_path)
+    fm = fluxc.compile(model, path, config=cfg)
     _engine(fm).generate([ids[0], ids[1, 3:]], 3)
     got = fm(input_ids=ids, attention_mask=mask).logits
     route = fluxc.last_route(fm)
-    fresh = fluxc.compile(model, str(path), config=cfg)
+    fresh = fluxc.compile(model, path, config=cfg)
     torch.testing.assert_close(got, fresh(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(route, fluxc.last_route(fresh))

@@ -13,20 +13,13 @@ from transformers import DynamicCache
 import fluxc
 from fluxc.ops.router import capture_router_inputs
 
-from hf_models import batch, tiny_model
+from hf_models import batch, random_router_file, tiny_model
 
 CFG = fluxc.FluxConfig(sink=2, window=2, block=1, block_exact=False, router_hidden=(8, 8, 8, 8), compiler="eager")
 
 
 def _routers(tmp_path):
-    torch.manual_seed(11)
-    routers = torch.nn.ModuleList(fluxc.ops.LayerRouter(16, CFG.router_hidden) for _ in range(3))
-    with torch.no_grad():
-        for p in routers.parameters():
-            p.normal_(0, 1.0)
-    path = tmp_path / "routers.safetensors"
-    fluxc.save_routers(path, routers, CFG, fluxc.Fingerprint("LlamaForCausalLM", 3, 4, 2, 16))
-    return str(path), routers
+    return random_router_file(tmp_path / "routers.safetensors", CFG, seed=11)
 
 
 def _prefill(fm, ids, mask):
