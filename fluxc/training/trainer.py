@@ -116,8 +116,8 @@ def lm_terms(logits: torch.Tensor, labels: torch.Tensor, average: str = "token")
     """(total, count) of the LM loss: summed token cross-entropy and label tokens ("token"), or summed per-example
     means and examples with labels ("example"); the loss is total / count, over one process or all of them."""
     target = labels[:, 1:]  # (B, T-1)
-    per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target, ignore_index=IGNORE,
-                                reduction="none")  # (B, T-1)
+    per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE,
+                                reduction="none").view(target.shape)  # (B, T-1); one float copy of the logits
     counts = (target != IGNORE).sum(dim=1)  # (B,)
     if average == "token":
         return per_token.sum(), counts.sum().to(per_token.dtype)
