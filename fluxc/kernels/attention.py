@@ -304,6 +304,16 @@ def _check_splits(num_splits) -> int:
     return num_splits
 
 
+def _split_partials(out: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-split outputs (B, Hq, S, D) and log-sum-exps (B, Hq, S) in float32 for the combine kernel; with one
+    split the kernel writes `out` directly and these are placeholders."""
+    if num_splits == 1:
+        return out, out
+    B, Hq, _, D = out.shape
+    return (torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=out.device),
+            torch.empty((B, Hq, num_splits), dtype=torch.float32, device=out.device))
+
+
 def _launch_decode(q, k, v, route_arg, lens, pat: Pattern, scale: float, num_splits: int, cfg: dict, *,
                    route_mode: int, ring_c: int, kv_start=None) -> torch.Tensor:
     """Split kernel + combine kernel (one launch when num_splits == 1); allocations depend on shapes
@@ -317,11 +327,7 @@ def _launch_decode(q, k, v, route_arg, lens, pat: Pattern, scale: float, num_spl
     group = Hq // Hkv
     block_g = max(16, 1 << (group - 1).bit_length())
     direct = num_splits == 1
-    if direct:
-        part_o = part_lse = out  # unused
-    else:
-        part_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)  # (B, Hq, S, D)
-        part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)  # (B, Hq, S)
+    part_o, part_lse = _split_partials(out, num_splits)
     tk = _kernels()
     tk._decode_kernel[(num_splits, B * Hkv)](
         q, k, v, part_o, part_lse, out, route_arg, lens, lens if kv_start is None else kv_start.contiguous(),
@@ -470,11 +476,7 @@ def routed_decode_paged(q, k_pages, v_pages, block_table, seq_lens, route, *, sc
     group = Hq // Hkv
     block_g = max(16, 1 << (group - 1).bit_length())
     direct = num_splits == 1
-    if direct:
-        part_o = part_lse = out  # unused
-    else:
-        part_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)  # (B, Hq, S, D)
-        part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)  # (B, Hq, S)
+    part_o, part_lse = _split_partials(out, num_splits)
     args = _pattern_args(pat, scale)
     del args["nw"]
     tk = _kernels()
