@@ -127,27 +127,34 @@ def hf_runs(args: argparse.Namespace, model: Any, prompts: list[torch.Tensor], p
     static cache, which generate compiles)."""
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
+    def padded(group: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        width = max(p.numel() for p in group)
+        ids = torch.full((len(group), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(group):
+            ids[row, width - p.numel():] = p
+            mask[row, width - p.numel():] = 1
+        return dict(input_ids=ids.to(device), attention_mask=mask.to(device))
+
     for cache in caches:
         kwargs = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=pad)
         if cache == "static":
-            kwargs.update(cache_implementation="static")
+            # Its best setting: one cache size for every prompt, so generate compiles its decode once per batch
+            # size instead of once per prompt length.
+            kwargs.update(cache_implementation="static", max_cache_len=args.max_len + args.new)
         start = time.perf_counter()
-        for prompt in prompts[:2]:  # warm-up: transformers compiles its static-cache decode on first use
-            model.generate(prompt[None].to(device), **kwargs)
+        for batch in args.batches:  # warm-up: the static cache's decode compiles per batch size on first use
+            for _ in range(2):
+                model.generate(**padded(prompts[:batch]), **kwargs)
         harness.sync(cuda)
         results.add(kind="warmup", impl=f"hf_{cache}", s=time.perf_counter() - start)
         for batch in args.batches:
             latency, start = [], time.perf_counter()
             for i in range(0, len(prompts), batch):
                 group = prompts[i:i + batch]
-                width = max(p.numel() for p in group)
-                ids = torch.full((len(group), width), pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for row, p in enumerate(group):
-                    ids[row, width - p.numel():] = p
-                    mask[row, width - p.numel():] = 1
+                inputs = padded(group)
                 t0 = time.perf_counter()
-                model.generate(ids.to(device), attention_mask=mask.to(device), **kwargs)
+                model.generate(**inputs, **kwargs)
                 harness.sync(cuda)
                 latency += [(time.perf_counter() - t0) * 1e3] * len(group)
             wall = time.perf_counter() - start
