@@ -100,7 +100,8 @@ class FluxBackend:
         if self.route is not None:
             return None
         if self.routers is None and self.checkpoint is None:  # fresh routers (training from scratch)
-            self.routers = nn.ModuleList(LayerRouter(s.head_dim, self.config.router_hidden) for s in sites).to(device)
+            self.routers = nn.ModuleList(LayerRouter(s.head_dim, self.config.router_hidden)
+                                         for s in sites if s.routed).to(device)
             if self.on_routers is not None:
                 self.on_routers(self.routers)
         if self.routers is None:
@@ -115,7 +116,7 @@ class FluxBackend:
         return self.routers
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        _, infos, _ = analyse(gm.graph)
+        _, infos, _ = analyse(gm.graph, self.config)
         if not infos:
             if self.require_sites:
                 raise NoAttentionError("no attention site found in the traced model (looked for SDPA, "
@@ -130,6 +131,11 @@ class FluxBackend:
         routers = self._routers_for(infos, q_device)
         result = flux_pass(gm, PassOptions(self.config, route, routers, self.state, recorder=self.recorder,
                                                  structural_masks=self.structural_masks))
+        if self.sites is None:
+            local = [info.layer for info in result.sites if info.local_window]
+            if local:  # an automatic choice: said once per model
+                log.info("fluxc: layers %s keep the model's own sliding window (%s keys, no wider than the sparse "
+                         "window) and are not routed", local, sorted({i.local_window for i in result.sites if i.local_window}))
         if result.prefill or self.sites is None:
             self.sites = result.sites
         self.graphs += 1

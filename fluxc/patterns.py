@@ -38,6 +38,12 @@ def window_start(q, window, block, BLOCK_EXACT):
     return q - window + 1
 
 
+def window_reach(window: int, block: int, block_exact: bool) -> int:
+    """Keys back from a query (itself included) that the SA window keeps for every query position: a model's
+    own sliding window no wider than this is unchanged by the sparse branch."""
+    return (window // block - 1) * block + 1 if block_exact else window
+
+
 def keeps(k, sink, start):
     """True where the SA branch keeps key k: an attention sink, or at or after the window's `start`."""
     return (k < sink) | (k >= start)

@@ -198,7 +198,7 @@ def test_structural_mask_programs_match_module(exported, tmp_path):
     key mask, so each routed site stays one op that chooses per sequence (no torch.cond, no (Tq, Tk) mask; the
     Triton kernels' input on a GPU). Prefill at both lengths: the program within 1e-5 of the module, onnxruntime
     within 1e-4, the AOTInductor package within 1e-5; three chained decode steps within 1e-5, one in onnxruntime.
-    A sliding-window model's masks are not causal + per-key: it keeps its choices."""
+    A sliding-window model's masks are read the same way (causal + per-key + its window) and match too."""
     fm, _, _ = exported("llama")
     ids, mask, pos = _prompts()[0]
     example = dict(input_ids=ids, attention_mask=mask, position_ids=pos)
@@ -219,9 +219,13 @@ def test_structural_mask_programs_match_module(exported, tmp_path):
     assert dsig.structural_masks and _targets(decode, "cond") == 0 and _targets(decode, "causal_positions") == 1
     _check_chained_decode(fm, program, decode, dsig, tmp_path)
 
-    sliding, _, _ = exported("mistral")
-    program, sig = export_with_signature(sliding, _prompts()[0][0], structural_masks=True)
-    assert not sig.structural_masks and _targets(program, "cond") == 2 and _targets(program, "causal_positions") == 0
+    sliding, _, _ = exported("mistral")  # a sliding window is structure too: positions + the window, in ONNX as well
+    program, sig = export_with_signature(sliding, example, structural_masks=True)
+    assert sig.structural_masks and _targets(program, "cond") == 0 and _targets(program, "causal_positions") == 1
+    fluxc.export_onnx(program, None, tmp_path / "sliding.onnx", optimize=False)
+    session = ort.InferenceSession(str(tmp_path / "sliding.onnx"))
+    for ids, mask, pos in _prompts():
+        _check_prefill(sliding, program, session, ids, mask, pos)
 
 
 def _gpu_prompts() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -17,7 +17,7 @@ from fluxc.spec import SiteSpec
 from hf_models import Reference, batch, run_reference, tiny_model
 
 CFG = fluxc.FluxConfig(sink=2, window=4, block=2, block_exact=True, compiler="eager")
-ARCHS = ["llama", "qwen3", "phi3"]  # full-attention SDPA decoders (sliding-window masks keep their tensor)
+ARCHS = ["llama", "qwen3", "phi3"]  # full-attention SDPA decoders (sliding windows: test_local_layers.py)
 
 
 def _compile(model, route, structural: bool, cfg=CFG):
@@ -116,16 +116,6 @@ def test_causal_positions_match_mask_positions_and_refuse_holes():
     with pytest.raises(fluxc.MaskError, match=r"zeros between real tokens of sequence\(s\) \[0\].*impl='reference'"):
         torch.ops.fluxc.causal_positions(q, q, index, index, holes[:, None, None, :], True)
     torch.ops.fluxc.causal_positions(q, q, index, index, holes[:, None, None, :], False)  # reference: exact
-
-
-def test_materialised_sliding_window_mask_is_not_read():
-    model = tiny_model("mistral", "sdpa")  # sliding_window=5 < 12 tokens: the mask has a window term
-    ids, mask = _padded("left")
-    counters.clear()
-    fm = _compile(model, "sparse", True)
-    with torch.no_grad():
-        fm(input_ids=ids, attention_mask=mask)
-    assert counters["structural_masks"] == 0 and counters["sites_rewritten"] == model.config.num_hidden_layers
 
 
 def test_key_mask_dispatch():

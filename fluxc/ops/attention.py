@@ -29,8 +29,9 @@ def routed_attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tenso
     """Plain-PyTorch routed attention. q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), route (B,) bool.
 
     The model's mask is `attn_mask` (bool or additive, broadcast to (B, H', Tq, Tk)), or `is_causal` alone, or
-    both: `is_causal` with a bool key mask (B, 1, 1, Tk) means key j is visible to query i iff j <= qpos[b, i] and
-    the key mask holds (a structural mask, `fluxc::causal_positions`)."""
+    both: `is_causal` with a bool key mask (B, 1, 1, Tk) means key j is visible to query i iff j <= qpos[b, i],
+    qpos[b, i] - j < native_window (when the spec has one) and the key mask holds (a structural mask,
+    `fluxc::causal_positions`)."""
     batch, q_heads, q_len, _ = q.shape
     kv_len = k.shape[2]
     is_causal = spec.is_causal
@@ -38,8 +39,11 @@ def routed_attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tenso
                         **spec.rule)  # (B, Tq, Tk)
     keep = (route.view(batch, 1, 1) | sa).unsqueeze(1)  # (B, 1, Tq, Tk): full rows keep everything
     if attn_mask is not None and is_causal:  # a structural mask: causal by query position AND a key mask
-        keys = torch.arange(kv_len, device=q.device)  # (Tk,)
-        attn_mask = (keys <= qpos[:, :, None]).unsqueeze(1) & attn_mask  # (B, 1, Tq, Tk)
+        back = qpos[:, :, None] - torch.arange(kv_len, device=q.device)  # (B, Tq, Tk) keys behind each query
+        causal = back >= 0
+        if spec.native_window > 0:  # the model's own sliding window, read off its mask
+            causal = causal & (back < spec.native_window)
+        attn_mask = causal.unsqueeze(1) & attn_mask  # (B, 1, Tq, Tk)
         is_causal = False
     if spec.math == "sdpa" and spec.softcap == 0.0:  # SDPA has no softcap: softcapped sites compute eagerly
         if attn_mask is None:

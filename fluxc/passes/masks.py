@@ -3,11 +3,11 @@
 HF models traced by Dynamo build a bool (B, 1, Tq, Tk) mask from index vectors (transformers skips the mask and
 passes `is_causal` only outside tracing): `kv_idx <= q_idx` with `q_idx = arange(Tq) + offset` and
 `kv_idx = arange(Tk) + offset`, AND a padding term `attention_mask[b, kv_idx]` of shape (B, 1, 1, Tk), then
-`expand`. At 128K tokens that mask is 16 GiB and the kernels cannot take it. When the mask node is an AND of
+`expand`; a sliding-window layer ANDs `kv_idx > q_idx - W` too (the model's own window of W keys). At 128K tokens that mask is 16 GiB and the kernels cannot take it. When the mask node is an AND of
 exactly such terms, the rewrite passes the index vectors and the per-key factors to `fluxc::causal_positions`
 instead, so the (Tq, Tk) tensor is never built and the kernels get `is_causal` + per-sequence key ranges.
 
-Anything else (sliding windows, bidirectional blocks, unknown ops) is not read: the site keeps its mask.
+Anything else (chunked or bidirectional blocks, unknown ops) is not read: the site keeps its mask.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ _PASS_THROUGH = ("expand", "contiguous", "clone", "expand_as")
 
 @dataclass(frozen=True)
 class CausalKeyMask:
-    """mask[b, 0, i, j] == (k_index[j] <= q_index[i]) and all(f[b, 0, 0, j] for f in key_factors)."""
+    """mask[b, 0, i, j] == (k_index[j] <= q_index[i]) and (window == 0 or q_index[i] - k_index[j] < window)
+    and all(f[b, 0, 0, j] for f in key_factors)."""
 
     q_index: Node  # (Tq,) integer positions of the queries, arange + offset
     k_index: Node  # (Tk,) integer positions of the keys, arange + offset
     key_factors: tuple[Node, ...]  # bool, each broadcastable to (B, 1, 1, Tk)
+    window: int = 0  # the model's own sliding window (keys per query, itself included); 0: none
 
 
 def _same_dtype_source(node: Node) -> Node | None:
@@ -133,6 +135,22 @@ def _index_vector(node: object, axis: int) -> Node | None:
     return None
 
 
+def _window_term(term: Node) -> tuple[Node, Node, int] | None:
+    """(q_index, k_index, W) of `kv_idx > q_idx - W` (or `q_idx - W < kv_idx`) with W a positive int, else None."""
+    if not (is_target(term, "gt", "lt", "__gt__", "__lt__") and len(term.args) == 2):
+        return None
+    key, shifted = term.args if is_target(term, "gt", "__gt__") else term.args[::-1]
+    if not (isinstance(shifted, Node) and is_target(shifted, "sub", "__sub__") and len(shifted.args) == 2):
+        return None
+    query, window = shifted.args
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        return None
+    k_index, q_index = _index_vector(key, 3), _index_vector(query, 2)
+    if k_index is None or q_index is None:
+        return None
+    return q_index, k_index, window
+
+
 def read_causal_key_mask(mask: Node, q_len: object, kv_len: object) -> CausalKeyMask | None:
     """The structure of a bool site mask (B', 1, Tq, Tk), or None when it is not causal AND per-key terms."""
     value = meta_value(mask)
@@ -144,12 +162,17 @@ def read_causal_key_mask(mask: Node, q_len: object, kv_len: object) -> CausalKey
     terms: list[object] = []
     _and_terms(mask, terms)
     causal: tuple[Node, Node] | None = None
+    windows: list[tuple[Node, Node, int]] = []
     factors: list[Node] = []
     for term in terms:
         if _is_true_constant(term):
             continue
         if not isinstance(term, Node):
             return None
+        window = _window_term(term)
+        if window is not None:
+            windows.append(window)
+            continue
         if is_target(term, "le", "ge", "__le__", "__ge__") and len(term.args) == 2 and causal is None:
             low, high = term.args if is_target(term, "le", "__le__") else term.args[::-1]
             k_index, q_index = _index_vector(low, 3), _index_vector(high, 2)
@@ -166,9 +189,30 @@ def read_causal_key_mask(mask: Node, q_len: object, kv_len: object) -> CausalKey
             factors.append(term)  # depends on (batch, key) only: a per-key factor, whatever computes it
             continue
         return None
-    if causal is None:
-        return None
-    return CausalKeyMask(causal[0], causal[1], tuple(factors))
+    if causal is None or len(windows) > 1 or any((q, k) != causal for q, k, _ in windows):
+        return None  # a window over other index vectors than the causal term's is not this structure
+    return CausalKeyMask(causal[0], causal[1], tuple(factors), windows[0][2] if windows else 0)
 
 
-__all__ = ["CausalKeyMask", "read_causal_key_mask"]
+def _allowed(mask: Node) -> Node:
+    """The bool "may attend" mask behind an additive one built as `where(allowed, 0, very negative)` (eager
+    attention's mask), else `mask` itself."""
+    if is_target(mask, "where") and len(mask.args) == 3 and isinstance(mask.args[0], Node):
+        zero, fill = mask.args[1], mask.args[2]
+        zero_ok = (isinstance(zero, (int, float)) and zero == 0) or (
+            isinstance(zero, Node) and is_target(zero, "zeros", "zeros_like", "new_zeros"))
+        if zero_ok and isinstance(fill, (int, float)) and fill < -1e30:
+            return mask.args[0]
+    return mask
+
+
+def native_window(mask: Node | None, q_len: object, kv_len: object) -> int:
+    """The model's own sliding window read off a site's "may attend" mask (bool, or eager's additive
+    `where(allowed, 0, min)`), 0 when the mask has none or is not causal AND per-key terms AND a window."""
+    if mask is None:
+        return 0
+    structure = read_causal_key_mask(_allowed(mask), q_len, kv_len)
+    return structure.window if structure is not None else 0
+
+
+__all__ = ["CausalKeyMask", "native_window", "read_causal_key_mask"]

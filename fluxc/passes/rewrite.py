@@ -9,6 +9,10 @@ Per routable site, the rewrite inserts (before the site):
   fluxc::record_route(state, route, l)                           # keeps the decision with the model
   out       = fluxc::routed_attention(q, k, v, mask, route, qpos, key_start, spec)  (a SiteSpec's text)
 and replaces every use of the site's output with `out`.
+
+A site with the model's own sliding window no wider than the sparse branch's window (a local layer: Gemma 3's
+512 keys against SA's 2048) is rewritten with the route fixed to its own attention and gets no router: the sparse
+branch would not change it, so only the global layers are routed. A wider native window stays routed.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ from fluxc.ops.dispatch import interpreting
 from fluxc.ops.router import ROUTER_PARAM_NAMES, gumbel_route, record_sample, router_valid
 from fluxc.passes.flex import flex_positions, routed_score_mod
 from fluxc.passes.graph import layer_number, meta_value, module_path, shape_of
-from fluxc.passes.masks import read_causal_key_mask
+from fluxc.passes.masks import native_window, read_causal_key_mask
 from fluxc.passes.query import ContentAnalysis, QueryInput, locate_query
 from fluxc.passes.sites import SiteMatch, find_sites
+from fluxc.patterns import window_reach
 from fluxc.spec import SiteSpec
 
 log = logging.getLogger("fluxc")
@@ -97,9 +102,18 @@ class SiteInfo:
     kept: tuple[str, ...]
     router_input: str | None
     router_reason: str | None = None
+    local_window: int = 0  # the model's own sliding window (keys): a local layer, not routed; 0: a global layer
+
+    @property
+    def routed(self) -> bool:
+        """Whether a router decides this site's branch (routable and not one of the model's local layers)."""
+        return self.routable and not self.local_window
 
     def __str__(self) -> str:
-        status = "routed" if self.routable else f"kept as-is: {self.reason}"
+        if self.local_window:
+            status = f"local (own window of {self.local_window} keys), not routed"
+        else:
+            status = "routed" if self.routable else f"kept as-is: {self.reason}"
         return (f"layer {self.layer:>3} {self.module or '?':<28} {self.kind:<10} q{self.q_heads}/kv{self.kv_heads} "
                 f"d{self.head_dim} scale {self.scale:.4g} mask {self.mask:<9} {status}")
 
@@ -133,8 +147,10 @@ def _mask_kind(site: SiteMatch) -> str:
     return "bool" if value is not None and value.dtype == torch.bool else "additive"
 
 
-def analyse(graph: fx.Graph) -> tuple[list[SiteMatch], list[SiteInfo], list[QueryInput | None]]:
-    """Find the sites of a graph and their router inputs, without changing the graph."""
+def analyse(graph: fx.Graph, config: FluxConfig) -> tuple[list[SiteMatch], list[SiteInfo], list[QueryInput | None]]:
+    """Find the sites of a graph and their router inputs, without changing the graph. `config`'s SA window decides
+    which native-window sites are local (not routed)."""
+    reach = window_reach(config.window, config.block, config.block_exact)
     matches = find_sites(graph)
     content = ContentAnalysis(graph)
     infos: list[SiteInfo] = []
@@ -148,9 +164,15 @@ def analyse(graph: fx.Graph) -> tuple[list[SiteMatch], list[SiteInfo], list[Quer
             q_heads, kv_heads, head_dim = q_shape[2], k_shape[2], q_shape[3]
         else:
             q_heads, kv_heads, head_dim = q_shape[1], k_shape[1], q_shape[3]
+        if match.kind in ("sdpa", "eager") and match.mask is not None and not match.mask_is_disallow \
+                and not match.native_window:
+            match.native_window = native_window(match.mask, q_shape[2], k_shape[2])
+            if match.native_window:
+                match.kept.append(f"native window {match.native_window}")
+        local = match.routable and 0 < match.native_window <= reach
         query: QueryInput | None = None
         router_reason = None
-        if match.routable:
+        if match.routable and not local:
             found = locate_query(match.q, content, q_heads, head_dim)
             if isinstance(found, str):
                 router_reason = found  # forced routes still work; routing by a router does not
@@ -161,8 +183,14 @@ def analyse(graph: fx.Graph) -> tuple[list[SiteMatch], list[SiteInfo], list[Quer
             layer=numbers[ordinal] if use_numbers else ordinal, module=path, kind=match.kind, q_heads=q_heads,
             kv_heads=kv_heads, head_dim=head_dim, scale=match.scale, mask=_mask_kind(match), softcap=match.softcap,
             routable=match.routable, reason=match.reason, kept=tuple(match.kept),
-            router_input=None if query is None else query.node.name, router_reason=router_reason))
+            router_input=None if query is None else query.node.name, router_reason=router_reason,
+            local_window=match.native_window if local else 0))
     return matches, infos, queries
+
+
+def router_layers(infos: list[SiteInfo]) -> list[int]:
+    """Site ordinals that have a router, in order: router j routes site `router_layers(infos)[j]`."""
+    return [i for i, info in enumerate(infos) if info.routed]
 
 
 def check_route(route: tuple[bool, ...] | None, infos: list[SiteInfo], use_routers: bool) -> None:
@@ -171,7 +199,7 @@ def check_route(route: tuple[bool, ...] | None, infos: list[SiteInfo], use_route
         raise RouteError(f"route has {len(route)} entries but the model has {len(infos)} attention sites; "
                          f"give one 'full'/'sparse' per layer, or 'full'/'sparse' for all")
     for i, info in enumerate(infos):
-        if info.routable and use_routers and info.router_input is None:
+        if info.routed and use_routers and info.router_input is None:
             raise RouteError(f"layer {info.layer} ({info.module}): the router input (pre-RoPE query) was not found "
                              f"({info.router_reason}); route this model with route='full'/'sparse'/per-layer")
         if info.routable:
@@ -187,7 +215,7 @@ def check_route(route: tuple[bool, ...] | None, infos: list[SiteInfo], use_route
 def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
     """Rewrite `gm` in place. Returns the sites found (routed and kept)."""
     graph = gm.graph
-    matches, infos, queries = analyse(graph)
+    matches, infos, queries = analyse(graph, options.config)
     counters["graphs"] += 1
     counters["sites_found"] += len(matches)
     if not matches:
@@ -220,10 +248,14 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
         if options.routers is None:
             raise ConfigError("route=None asks for routers but no router checkpoint was given; pass router_ckpt "
                               "or a route ('full', 'sparse', or one per layer)")
-        if len(options.routers) != len(matches):
+    routed = router_layers(infos)
+    if use_routers:
+        if len(options.routers) != len(routed):
+            local = len(matches) - len(routed)
             raise ConfigError(f"the router checkpoint has {len(options.routers)} layer routers but the model has "
-                              f"{len(matches)} attention sites")
-        for info, router in zip(infos, options.routers):
+                              f"{len(routed)} routed attention sites" + (f" ({local} more are the model's own local "
+                                                                        f"layers, which are not routed)" if local else ""))
+        for info, router in zip([infos[i] for i in routed], options.routers):
             if router.head_dim != info.head_dim:
                 raise ConfigError(f"layer {info.layer}: router input dim {router.head_dim} != head dim {info.head_dim}")
     device = meta_value(matches[0].q).device
@@ -250,6 +282,7 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
     # the Triton interpreter runs the kernels on CPU tensors (tests of the production path)
     kernels_possible = cfg.impl != "reference" and (device.type == "cuda" or (cfg.impl == "triton" and interpreting()))
     structural = kernels_possible if options.structural_masks is None else options.structural_masks
+    router_of = {layer: j for j, layer in enumerate(routed)}
     for layer, (match, _info, query) in enumerate(zip(matches, infos, queries)):
         if not match.routable:
             counters["sites_kept"] += 1
@@ -257,11 +290,12 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
         q_len = shape_of(match.q)[1 if match.layout == "bthd" else 2]
         site_prefill = not (isinstance(q_len, int) and q_len == 1)
         prefill = prefill and site_prefill
+        router = router_of.get(layer)  # None: a local layer (its own attention, no router)
         if match.kind == "flex":
-            _rewrite_flex(graph, gm, options, layer, match, query, site_prefill)
+            _rewrite_flex(graph, gm, options, layer, router, match, query, site_prefill)
             counters["sites_rewritten"] += 1
             counters["rewrite_flex"] += 1
-            counters["routers_inserted"] += int(use_routers)
+            counters["routers_inserted"] += int(use_routers and router is not None)
             continue
         with graph.inserting_before(match.anchor):
             q, k, v = match.q, match.k, match.v
@@ -301,20 +335,21 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
                                        math=match.math, softmax_fp32=match.softmax_fp32,
                                        bottom_right=match.bottom_right, native_window=match.native_window).encode()
             state = graph.get_attr("flux_state.route")
-            if options.recorder is None:
-                route = _route_node(graph, options, layer, query, valid, qpos, key_start, q)
+            if options.recorder is None or router is None:
+                route = _route_node(graph, options, layer, router, query, valid, qpos, key_start, q)
                 graph.call_function(torch.ops.fluxc.record_route.default, (state, route, layer))
                 out = graph.call_function(torch.ops.fluxc.routed_attention.default,
                                           (q, k, v, mask, route, qpos, key_start, spec))
             else:
-                out = _mixed_branches(graph, options, layer, query, valid, q, k, v, mask, qpos, key_start, spec, state)
+                out = _mixed_branches(graph, options, layer, router, query, valid, q, k, v, mask, qpos, key_start,
+                                      spec, state)
             if match.layout == "bthd":
                 out = graph.call_method("transpose", (out, 1, 2))
         match.anchor.replace_all_uses_with(out)
         _erase_dead_site(graph, match.anchor)
         counters["sites_rewritten"] += 1
         counters[f"rewrite_{match.kind}"] += 1
-        if use_routers:
+        if use_routers and router is not None:
             counters["routers_inserted"] += 1
     if cache_writes:
         layers = sorted({int(w.args[5]) for w in cache_writes.values()})
@@ -371,8 +406,8 @@ def _rewrite_paged_site(graph: fx.Graph, match: SiteMatch, k_view: fx.Node, v_vi
     _erase_dead_site(graph, match.anchor)
 
 
-def _rewrite_flex(graph: fx.Graph, gm: fx.GraphModule, options: PassOptions, layer: int, match: SiteMatch,
-                  query: QueryInput | None, prefill: bool) -> None:
+def _rewrite_flex(graph: fx.Graph, gm: fx.GraphModule, options: PassOptions, layer: int, router: int | None,
+                  match: SiteMatch, query: QueryInput | None, prefill: bool) -> None:
     """Route a FlexAttention site in place: positions from its mask_mod, a routed score_mod."""
     node = match.anchor
     args = list(node.args)
@@ -382,7 +417,7 @@ def _rewrite_flex(graph: fx.Graph, gm: fx.GraphModule, options: PassOptions, lay
     with graph.inserting_before(node):
         pos = graph.call_function(flex_positions, (mask_mod, match.q, match.k, *mask_buffers))
         qpos, valid, key_start, last = (graph.call_function(operator.getitem, (pos, i)) for i in range(4))
-        route = _route_node(graph, options, layer, query, valid, qpos, key_start, match.q)
+        route = _route_node(graph, options, layer, router, query, valid, qpos, key_start, match.q)
         graph.call_function(torch.ops.fluxc.record_route.default, (graph.get_attr("flux_state.route"), route, layer))
         name = f"flux_score_mod_{layer}"
         gm.add_submodule(name, routed_score_mod(getattr(gm, score_attr.target), len(score_buffers), options.config,
@@ -394,16 +429,17 @@ def _rewrite_flex(graph: fx.Graph, gm: fx.GraphModule, options: PassOptions, lay
     node.args = tuple(args)
 
 
-def _mixed_branches(graph: fx.Graph, options: PassOptions, layer: int, query: QueryInput | None, valid: fx.Node,
-                    q: fx.Node, k: fx.Node, v: fx.Node, mask: fx.Node | None, qpos: fx.Node, key_start: fx.Node,
-                    spec: str, state: fx.Node) -> fx.Node:
-    """Training mode: out = z * FA + (1 - z) * SA with z a straight-through Gumbel sample per sequence."""
+def _mixed_branches(graph: fx.Graph, options: PassOptions, layer: int, router: int, query: QueryInput | None,
+                    valid: fx.Node, q: fx.Node, k: fx.Node, v: fx.Node, mask: fx.Node | None, qpos: fx.Node,
+                    key_start: fx.Node, spec: str, state: fx.Node) -> fx.Node:
+    """Training mode: out = z * FA + (1 - z) * SA with z a straight-through Gumbel sample per sequence (site
+    `layer`, router `router`: the recorder and the Gumbel draws are indexed by router)."""
     # the routers pool the prompt only, as they do at inference (the recorder holds the batch's prompt tokens)
     router_tokens = graph.call_function(router_valid, (graph.get_attr("flux_recorder"), valid))
-    logits = _router_logits_node(graph, options, layer, query, router_tokens)
+    logits = _router_logits_node(graph, options, router, query, router_tokens)
     sample = graph.call_function(gumbel_route, (logits, graph.get_attr("flux_recorder.tau"),
-                                                graph.get_attr("flux_recorder"), layer))  # (B,)
-    sample = graph.call_function(record_sample, (graph.get_attr("flux_recorder"), layer, sample, logits))
+                                                graph.get_attr("flux_recorder"), router))  # (B,)
+    sample = graph.call_function(record_sample, (graph.get_attr("flux_recorder"), router, sample, logits))
     graph.call_function(torch.ops.fluxc.record_route.default, (state, graph.call_function(operator.gt, (sample, 0.5)), layer))
     first_valid = graph.call_function(operator.getitem, (valid, (slice(None), 0)))
     full = graph.call_function(torch.full_like, (first_valid, True))
@@ -414,13 +450,13 @@ def _mixed_branches(graph: fx.Graph, options: PassOptions, layer: int, query: Qu
     return graph.call_function(operator.add, (sa, graph.call_function(operator.mul, (weight, graph.call_function(operator.sub, (fa, sa))))))
 
 
-def _router_logits_node(graph: fx.Graph, options: PassOptions, layer: int, query: QueryInput | None,
+def _router_logits_node(graph: fx.Graph, options: PassOptions, router: int, query: QueryInput | None,
                         valid: fx.Node) -> fx.Node:
     assert query is not None  # checked in check_route
     x = graph.call_method("permute", (query.node, *query.permutation))
     if query.merged_heads:
-        x = graph.call_method("unflatten", (x, -1, (-1, options.routers[layer].head_dim)))  # (B, T, H, D)
-    weights = [graph.get_attr(f"flux_routers.{layer}.{name}") for name in ROUTER_PARAM_NAMES]
+        x = graph.call_method("unflatten", (x, -1, (-1, options.routers[router].head_dim)))  # (B, T, H, D)
+    weights = [graph.get_attr(f"flux_routers.{router}.{name}") for name in ROUTER_PARAM_NAMES]
     return graph.call_function(torch.ops.fluxc.router_logits.default, (x, valid, weights, options.config.pool_size))
 
 
@@ -450,18 +486,20 @@ def _register_sources(gm: fx.GraphModule) -> None:
             table[name] = ConstantSource(f"fluxc__{name.replace('.', '__')}")
 
 
-def _route_node(graph: fx.Graph, options: PassOptions, layer: int, query: QueryInput | None, valid: fx.Node,
-                qpos: fx.Node, key_start: fx.Node, q: fx.Node) -> fx.Node:
-    """bool (B,) route of one layer (True = full attention).
+def _route_node(graph: fx.Graph, options: PassOptions, layer: int, router: int | None, query: QueryInput | None,
+                valid: fx.Node, qpos: fx.Node, key_start: fx.Node, q: fx.Node) -> fx.Node:
+    """bool (B,) route of site `layer` (True = full attention), decided by router `router`; a local layer
+    (`router` None) always runs its own attention, the full branch under its native window.
 
     With routers: a sequence whose first real query is its first token (a prefill) is routed by the router;
     any later step (decode, a further prefill chunk) reuses the decision stored at its prefill. Chosen per
     sequence on the device, so no host sync and no retrace when a batch mixes both.
     """
-    if options.route is not None:
+    if options.route is not None or router is None:
         first_valid = graph.call_function(operator.getitem, (valid, (slice(None), 0)))  # (B,)
-        return graph.call_function(torch.full_like, (first_valid, bool(options.route[layer])))
-    logits = _router_logits_node(graph, options, layer, query, valid)
+        full = router is None or bool(options.route[layer])
+        return graph.call_function(torch.full_like, (first_valid, full))
+    logits = _router_logits_node(graph, options, router, query, valid)
     finite = graph.call_method("all", (graph.call_function(torch.isfinite, (logits,)), -1))  # (B,)
     margin = graph.call_function(operator.sub, (graph.call_function(operator.getitem, (logits, (slice(None), 1))),
                                                 graph.call_function(operator.getitem, (logits, (slice(None), 0)))))

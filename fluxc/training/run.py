@@ -35,7 +35,7 @@ from .batches import BatchStream, heldout_examples, pad_id, to_device, training_
 from .config import RunConfig
 from .data import collate
 from .evaluation import evaluate
-from .models import DTYPES, load_model, resolve_device, smollm2_gguf
+from .models import DTYPES, GGUF_SOURCES, gguf_path, load_model, resolve_device
 from .state_io import SUFFIX as STATE_SUFFIX
 from .state_io import load_state, refuse_pickled
 from .text_sources import text_corpus
@@ -112,8 +112,8 @@ def _git() -> dict[str, Any]:
 def model_provenance(cfg: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
     info: dict[str, Any] = {"source": cfg.model.source, "class": type(model).__name__, "dtype": cfg.model.dtype,
                             "parameters": sum(p.numel() for p in model.parameters())}
-    if cfg.model.source == "smollm2":
-        path = smollm2_gguf(cfg.model.gguf or None)
+    if cfg.model.source in GGUF_SOURCES:
+        path = gguf_path(cfg.model.source, cfg.model.gguf or None)
         info.update(gguf=path.name, gguf_sha256=_sha256(path), gguf_bytes=path.stat().st_size)
     return info
 
