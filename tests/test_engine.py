@@ -213,10 +213,10 @@ def test_engine_errors():
     small = DecodeEngine(engine.model, max_batch=2, max_len=96, page_size=PAGE, num_pages=4)
     with pytest.raises(fluxc.CapacityError, match="pages"):
         small.generate([torch.ones(40, dtype=torch.long)], 2)
-    sliding = fluxc.compile(tiny_model("mistral", "sdpa"), config=SMALL, route="full")
-    with pytest.raises(fluxc.ConfigError, match="sliding-window"):
+    sliding = fluxc.compile(tiny_model("mistral", "sdpa"), config=SMALL, route="full")  # its window: 5 keys
+    with pytest.raises(fluxc.ConfigError, match="sliding window of 5 keys, wider than the 3 the SA window keeps"):
         DecodeEngine(sliding)
-    with pytest.raises(fluxc.ConfigError, match="sliding-window"):
+    with pytest.raises(fluxc.ConfigError, match="sliding window of 5 keys"):
         fluxc.generate(sliding, ids, 2, engine=True)
     assert fluxc.generate(sliding, ids, 2).shape == (2, 10)  # auto: the DynamicCache loop, logged
 

@@ -172,3 +172,44 @@ def test_sliding_window_masks_are_read_as_structure(arch):
     torch.testing.assert_close(outs[True][real], outs[False][real], atol=1e-6, rtol=0)
     ref = run_reference(model, ids, mask, Reference(["sparse"] * n, PADS, CFG.sink, 4, CFG.block, CFG.block_exact))
     torch.testing.assert_close(outs[True][real], ref[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("route", ["full", "sparse"])
+def test_decode_engine_keeps_a_ring_of_the_local_window(route):
+    """The engine serves a model with local layers: each keeps the ring of its own window (pages follow), and the
+    tokens and logits equal the DynamicCache loop's (every key kept, HF's own sliding mask)."""
+    from fluxc.serve.engine import DecodeEngine
+
+    model = _gemma3("sdpa")
+    ids, mask = batch(seq=20, left_pad=3)
+    prompts = [ids[0], ids[1, 3:]]  # different lengths, no padding
+    fm = fluxc.compile(model, route=route, config=CFG)
+    engine = DecodeEngine(fm, max_batch=2, max_len=64, page_size=4)
+    new = 14  # the decode steps pass the local windows (6 keys) and the SA pattern (2 + 8) several times over
+    got = engine.generate(prompts, new)
+    want = [fluxc.generate(fm, p[None], new, engine=False)[0] for p in prompts]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    if route == "full":
+        with torch.no_grad():
+            hf = [model.generate(p[None], max_new_tokens=new, min_new_tokens=new, do_sample=False)[0] for p in prompts]
+        assert all(torch.equal(a, b) for a, b in zip(got, hf))
+    state = engine.prefill(prompts[0][None], max_new_tokens=4)
+    request = state.requests[0]
+    pages = [len(p) for p in engine._requests[request].pages]
+    ring = -(-NATIVE // 4)  # a local layer: its 6-key window in pages of 4
+    sa = -(-(CFG.sink + CFG.window) // 4)
+    dense = -(-20 // 4)
+    assert pages == [ring if t == LOCAL else (dense if route == "full" else sa) for t in TYPES]
+    assert engine.routes_of(request) == tuple(t == LOCAL or route == "full" for t in TYPES)
+    engine.decode(state, 3)
+    engine.end(state)
+    assert engine.pages_in_use() == 0
+
+
+def test_decode_engine_refuses_sliding_windows_wider_than_the_sparse_window():
+    from fluxc.serve.engine import DecodeEngine
+
+    fm = fluxc.compile(_gemma3("sdpa"), route="sparse", config=CFG.replace(window=4))
+    with pytest.raises(fluxc.ConfigError, match=r"layers \[0, 1, 3\] have a sliding window of 6 keys, wider than "
+                                                r"the 4 the SA window keeps"):
+        DecodeEngine(fm, max_batch=2, max_len=64, page_size=4)

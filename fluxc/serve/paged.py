@@ -3,7 +3,7 @@ per sequence, a shared pool).
 
 Every layer and sequence takes pages from one `PagePool`, so memory follows routes: a layer a sequence runs
 with full attention takes a page every `page_size` keys; one it runs sparse holds the ring of its sink and
-window (`fluxc.patterns`). `PagedCache` is what the model sees: at prefill it writes the prompt's keys into
+window (`fluxc.patterns`); a model's own local layer always holds the ring of its window. `PagedCache` is what the model sees: at prefill it writes the prompt's keys into
 their pages (full-attention slots: the routes come out of this same forward) and hands the attention the
 prompt's own keys; at decode it writes each sequence's new key and hands the attention `paged_view`s, which
 the pass turns into one `fluxc::paged_attention` per layer reading routes, tables and lengths on the device.
@@ -61,12 +61,13 @@ class PagePool:
 
 class PagedCache(RoutedCache):
     """The cache a forward of the decode engine sees: `tables` (B, L, W) int32, `lengths` (B,) keys after this
-    forward's, `routes` (B, L) bool, all on the device; `spec` the SiteSpec text of the ring layout."""
+    forward's, `routes` (B, L) bool (False: the layer keeps a ring), all on the device; `specs` the SiteSpec text
+    of each layer's ring layout (the SA pattern, or a local layer's own window)."""
 
-    def __init__(self, pool: PagePool, tables: Tensor, lengths: Tensor, routes: Tensor, spec: str, *,
+    def __init__(self, pool: PagePool, tables: Tensor, lengths: Tensor, routes: Tensor, specs: list[str], *,
                  phase: str) -> None:
         super().__init__()
-        self.pool, self.tables, self.lengths, self.routes, self.spec = pool, tables, lengths, routes, spec
+        self.pool, self.tables, self.lengths, self.routes, self.specs = pool, tables, lengths, routes, specs
         self.phase = phase
 
     @property
@@ -76,10 +77,10 @@ class PagedCache(RoutedCache):
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[Tensor, Tensor]:
         table, route = self.tables[:, layer_idx], self.routes[:, layer_idx]  # (B, W), (B,)
+        spec = self.specs[layer_idx]
         torch.ops.fluxc.paged_write(self.pool.k, self.pool.v, key_states, value_states, table, self.lengths, route,
-                                    self.spec)
+                                    spec)
         if self.phase == "prefill":  # the prompt's attention reads its own keys
             return key_states, value_states
         view = torch.ops.fluxc.paged_view
-        return (view(self.pool.k, table, self.lengths, route, self.spec),
-                view(self.pool.v, table, self.lengths, route, self.spec))
+        return (view(self.pool.k, table, self.lengths, route, spec), view(self.pool.v, table, self.lengths, route, spec))

@@ -442,7 +442,7 @@ def train(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: An
             timings["calibrate_s"] = time.perf_counter() - t
             offsets = ", ".join(f"{m:.2f}/{s:.2f}" for m, s in summary[:4])
             say(f"calibrated the router inputs on {len(calibration)} batches in {timings['calibrate_s']:.1f} s "
-                f"(layers 0-3 mean |offset| / mean std: {offsets}, ...)")
+                f"(routers {len(summary)}, the first {min(4, len(summary))}: mean |offset| / mean std {offsets})")
         stream = BatchStream(lambda s: training_batch(cfg, tokenizer, s, procs.rank, procs.world), start, steps)
         t = time.perf_counter()
         stopped = loop.run(stream)
