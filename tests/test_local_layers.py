@@ -213,3 +213,24 @@ def test_decode_engine_refuses_sliding_windows_wider_than_the_sparse_window():
     with pytest.raises(fluxc.ConfigError, match=r"layers \[0, 1, 3\] have a sliding window of 6 keys, wider than "
                                                 r"the 4 the SA window keeps"):
         DecodeEngine(fm, max_batch=2, max_len=64, page_size=4)
+
+
+def test_attention_work_counts_local_layers_at_their_window():
+    """Work saved is relative to the model as it runs: local layers cost their window in both counts."""
+    from fluxc.stats import attention_work
+
+    n = 20
+
+    def pairs(keep) -> int:  # explicit loops over (query, key)
+        return sum(1 for i in range(n) for k in range(i + 1) if keep(i, k))
+
+    full = pairs(lambda i, k: True)
+    window = pairs(lambda i, k: i - k < NATIVE)
+    sparse = pairs(lambda i, k: k < CFG.sink or i - k < CFG.window)
+    route = torch.tensor([[True, True, True, True, False]])  # local layers read True: their own attention
+    local = {i: NATIVE for i, t in enumerate(TYPES) if t == LOCAL}
+    work = attention_work(route, [n], CFG, local)
+    assert int(work["dense_pairs"][0]) == 2 * full + 3 * window
+    assert int(work["executed_pairs"][0]) == full + sparse + 3 * window
+    plain = attention_work(route, [n], CFG)  # no local layers named: every layer counted as routed
+    assert int(plain["dense_pairs"][0]) == 5 * full

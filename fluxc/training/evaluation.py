@@ -64,13 +64,14 @@ def _left_pad(rows: list[list[int]], pad: int, device: torch.device) -> tuple[to
     return ids.to(device), mask.to(device)
 
 
-def _routed_columns(runner: Any, layers: int) -> list[int]:
-    """The layers a router decides (a model's own local layers are not routed): SA fractions count these."""
+def _local_windows(runner: Any, layers: int) -> dict[int, int]:
+    """{layer: window} of the model's own local layers, which no router decides: SA fractions and work saved
+    count the other layers."""
     try:
         sites = fluxc_sites(runner)
     except (ConfigError, NotTracedError):  # the untouched model
-        return list(range(layers))
-    return [i for i, site in enumerate(sites) if site.routed] if len(sites) == layers else list(range(layers))
+        return {}
+    return {i: site.local_window for i, site in enumerate(sites) if site.local_window} if len(sites) == layers else {}
 
 
 def _routes(runner: Any, mode: str, batch: int, layers: int) -> torch.Tensor:
@@ -340,8 +341,9 @@ def _run_modes(spec: Any, model: Any, router: str | None, flux: FluxConfig, toke
                 routes.append(_routes(runner, mode, len(chunk), layers))
                 lens.extend(e.prompt_len for e in chunk)
             route = torch.cat(routes) if routes else torch.ones(0, layers, dtype=torch.bool)
-            work = attention_work(route, lens, flux)
-            columns = _routed_columns(runner, layers) if len(route) else []
+            local = _local_windows(runner, layers) if len(route) else {}
+            work = attention_work(route, lens, flux, local)
+            columns = [layer for layer in range(layers) if layer not in local] if len(route) else []
             row: dict[str, Any] = {
                 "threshold": threshold,
                 "sa_fraction": float((~route[:, columns]).float().mean()) if columns else 0.0,
