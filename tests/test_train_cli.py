@@ -13,6 +13,7 @@ from fluxc.training import load_run_config
 from fluxc.training.batches import heldout_examples, training_batch, training_example
 from fluxc.training.config import RunConfig, parse_override
 from fluxc.training.models import ByteTokenizer
+from fluxc.training.runs import read_runs
 
 # A small variant of the shipped `tiny` config: two families, short prompts, two eval examples.
 FAST = ["--set", 'data.tasks=["passkey","lm"]', "--set", "data.lengths=[448]", "--set", "data.batch_size=2",
@@ -63,6 +64,14 @@ def test_train_resume_and_eval_through_the_cli(tmp_path, capsys):
     assert "accuracy" in result["families"]["passkey"]["modes"]["router"]
     assert result["table"].startswith("| family |")
     assert (out / "eval_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the runs index beside the run: both trainings and the evaluation, each with its config and commit
+    runs = read_runs(tmp_path / "index.jsonl")
+    assert [(r["kind"], r.get("steps"), r.get("from_step")) for r in runs] == [("train", 2, 0), ("train", 3, 2),
+                                                                              ("eval", None, None)]
+    assert runs[1]["checkpoint_sha256"] == runs[2]["router_sha256"]  # the evaluated file is the last training's
+    assert runs[0]["config"]["train"]["steps"] == 2 and runs[1]["curves"] == str(out / "train_log.jsonl")
+    assert runs[2]["summary"] == result["summary"] and "commit" in runs[2]["git"]
 
 
 def test_cli_errors_are_one_line_messages(tmp_path, capsys):

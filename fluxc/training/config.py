@@ -66,6 +66,7 @@ class RunSpec:
     final_eval: bool = False  # run the `eval` section on the trained routers at the end (same process)
     seed: int = 0  # torch seed: router initialisation (the Gumbel noise follows train.seed)
     collective_timeout_s: float = 600.0  # several processes: a collective waiting longer fails the run, no hang
+    index: str = "auto"  # every train / eval appends config, commit, results: "auto" = index.jsonl beside run.out; "": off
 
 
 @dataclass(frozen=True)

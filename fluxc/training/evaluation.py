@@ -43,6 +43,7 @@ from .batches import heldout_examples
 from .config import RunConfig
 from .data import IGNORE, PERPLEXITY_TASKS, TASKS, Example, end_of_turn_id, is_correct
 from .models import DTYPES, load_model, resolve_device
+from .runs import record_run, sha256_file
 from .trainer import mark_dynamic
 
 log = logging.getLogger("fluxc")
@@ -299,7 +300,9 @@ def evaluate(cfg: RunConfig, router: str | None, *, model: Any = None, tokenizer
         wrote += [out / PARETO_JSON, out / PARETO_PNG]
     echo(result["table"])
     echo("criteria: " + json.dumps(criteria))
-    echo("wrote " + ", ".join(str(w) for w in wrote))
+    index = record_run(cfg, "eval", router=router, router_sha256=sha256_file(router) if router else None,
+                       results=[str(w) for w in wrote], summary=summary, criteria=criteria)
+    echo("wrote " + ", ".join(str(w) for w in [*wrote, *([index] if index else [])]))
     return result
 
 

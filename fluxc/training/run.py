@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from .config import RunConfig
 from .data import collate
 from .evaluation import evaluate
 from .models import DTYPES, GGUF_SOURCES, gguf_path, load_model, resolve_device
+from .runs import git_state, record_run, sha256_file
 from .state_io import SUFFIX as STATE_SUFFIX
 from .state_io import load_state, refuse_pickled
 from .text_sources import text_corpus
@@ -85,36 +85,12 @@ def setup_processes(device_spec: str, timeout_s: float = 600.0) -> Processes:
 # ----------------------------------------------------------------------------------------- provenance
 
 
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _git() -> dict[str, Any]:
-    """The checkout's commit; ``$FLUXC_COMMIT`` where the copy has no .git (as on the GPU machine)."""
-    if os.environ.get("FLUXC_COMMIT"):
-        return {"commit": os.environ["FLUXC_COMMIT"], "from": "FLUXC_COMMIT"}
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None}
-    if head.returncode != 0:
-        return {"commit": None}
-    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-
-
 def model_provenance(cfg: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
     info: dict[str, Any] = {"source": cfg.model.source, "class": type(model).__name__, "dtype": cfg.model.dtype,
                             "parameters": sum(p.numel() for p in model.parameters())}
     if cfg.model.source in GGUF_SOURCES:
         path = gguf_path(cfg.model.source, cfg.model.gguf or None)
-        info.update(gguf=path.name, gguf_sha256=_sha256(path), gguf_bytes=path.stat().st_size)
+        info.update(gguf=path.name, gguf_sha256=sha256_file(path), gguf_bytes=path.stat().st_size)
     return info
 
 
@@ -398,7 +374,7 @@ def train(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: An
         model = model.to(procs.device, DTYPES[cfg.model.dtype])
         t = time.perf_counter()
         provenance = {"run_config": cfg.to_dict(), "model": model_provenance(cfg, model), "data": data_provenance(),
-                      "host": host_provenance(procs.device), "git": _git(), "command": sys.argv,
+                      "host": host_provenance(procs.device), "git": git_state(), "command": sys.argv,
                       "world_size": procs.world}
         timings["provenance_s"] = time.perf_counter() - t
         trainable = _trainable(cfg.trainable)
@@ -469,6 +445,11 @@ def train(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: An
             dist.barrier()
         timings["total_s"] = time.perf_counter() - t0
         say("timings: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+        if procs.main:
+            record_run(cfg, "train", checkpoint=str(ckpt_path), checkpoint_sha256=sha256_file(ckpt_path),
+                       curves=str(out / TRAIN_LOG), from_step=start, **{k: v for k, v in summary.items()
+                                                                         if k not in ("checkpoint", "timings")},
+                       timings=timings)
         return summary
     finally:
         if procs.initialised_here and dist.is_initialized():
