@@ -128,3 +128,17 @@ def test_eval_batches_avoid_a_lone_example():
     assert [len(b) for b in _balanced(list(range(40)), 16)] == [13, 14, 13]
     assert [len(b) for b in _balanced(list(range(33)), 16)] == [11, 11, 11]
     assert [len(b) for b in _balanced(list(range(4)), 16)] == [4] and _balanced([], 4) == []
+
+
+def test_length_curriculum_brings_longer_lengths_in_over_its_steps():
+    from fluxc.training.batches import step_length
+
+    def config(ramp):
+        return load_run_config("tiny", [parse_override("data.lengths=[2048,512,1024]"),
+                                        parse_override(f"data.curriculum_steps={ramp}")])
+
+    # steps 0-1: the shortest only; 2-3: the two shortest; 4-5: all three; from 6 on: data.lengths in turn
+    assert [step_length(config(6), s) for s in range(9)] == [512, 512, 512, 1024, 1024, 2048, 2048, 512, 1024]
+    assert [step_length(config(0), s) for s in range(4)] == [2048, 512, 1024, 2048]
+    with pytest.raises(fluxc.ConfigError, match="curriculum_steps=-1"):
+        config(-1)

@@ -9,7 +9,7 @@ import torch
 import fluxc
 from fluxc.training import RouterTrainer, SparsityLagrangian, TrainConfig, temperature
 
-from hf_models import tiny_model
+from hf_models import batch, tiny_model
 
 CFG = fluxc.FluxConfig(sink=2, window=4, block=2, router_hidden=(16, 16, 16, 8), pool_size=4)
 
@@ -254,3 +254,38 @@ def test_pool_queries_equals_dense_weighting_any_padding():
             valid[3] = torch.rand(seq, generator=g) > 0.4  # holes
             torch.testing.assert_close(pool_queries(query, valid, pool).double(), dense(query, valid, pool),
                                        atol=1e-6, rtol=0)
+
+
+def test_distillation_term_is_the_kl_from_the_untouched_model():
+    """distill_terms against torch's kl_div at the label positions; a distilling step reports it, and its teacher is
+    the untouched model (every layer full attention)."""
+    import torch.nn.functional as F
+
+    from fluxc.training.trainer import RouterTrainer, TrainConfig, distill_terms
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 6, 11, generator=g), torch.randn(2, 6, 11, generator=g)
+    labels = torch.full((2, 6), -100)
+    labels[0, 4:], labels[1, 2] = 3, 5  # the logits at positions 3, 4 (row 0) and 1 (row 1) predict labels
+    total, count = distill_terms(student, teacher, labels)
+    rows = torch.stack([student[0, 3], student[0, 4], student[1, 1]]), torch.stack([teacher[0, 3], teacher[0, 4],
+                                                                                    teacher[1, 1]])
+    want = F.kl_div(rows[0].log_softmax(-1), rows[1].log_softmax(-1), log_target=True, reduction="sum")
+    assert int(count) == 3 and torch.allclose(total, want, atol=1e-6)
+    assert float(distill_terms(teacher, teacher, labels)[0]) == pytest.approx(0.0, abs=1e-6)
+
+    model = tiny_model("llama", "sdpa", layers=3)
+    ids, mask = batch(seq=24, left_pad=0)
+    labels = torch.full_like(ids, -100)
+    labels[:, -4:] = ids[:, -4:]
+    trainer = RouterTrainer(model, CFG, TrainConfig(steps=2, distill=0.5, targets={"retrieval": 0.5}))
+    stats = trainer.step({"input_ids": ids, "attention_mask": mask, "labels": labels, "task": ["retrieval"] * 2})
+    with torch.no_grad():
+        untouched = model(input_ids=ids, attention_mask=mask).logits
+        full = fluxc.compile(model, route="full", config=CFG.replace(compiler="eager"))(
+            input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(untouched, full, atol=1e-5, rtol=0)  # the teacher is full attention
+    assert stats["distill"] > 0.0 and stats["loss"] == pytest.approx(stats["lm"] + stats["penalty"]
+                                                                       + 0.5 * stats["distill"], rel=1e-5)
+    with pytest.raises(fluxc.ConfigError, match="distill=-1"):
+        TrainConfig(distill=-1)

@@ -26,6 +26,16 @@ def per_process_batch(cfg: RunConfig, world: int) -> int:
     return cfg.data.batch_size // world
 
 
+def step_length(cfg: RunConfig, step: int) -> int:
+    """The prompt length of every example of `step`: `data.lengths` in turn, or with `data.curriculum_steps` the
+    shortest ones first, the longer ones joining as the curriculum advances."""
+    lengths, ramp = cfg.data.lengths, cfg.data.curriculum_steps
+    if not ramp or step >= ramp:
+        return lengths[step % len(lengths)]
+    allowed = sorted(lengths)[:1 + step * len(lengths) // ramp]
+    return allowed[step % len(allowed)]
+
+
 def training_example(cfg: RunConfig, tokenizer: Any, step: int, slot: int, rank: int = 0, world: int = 1) -> Example:
     """Example `slot` of process `rank`'s rows of the global batch at `step`: a pure function of its index in
     the global batch, so any number of processes sees the same examples; drawn from the "train" split (the eval
@@ -33,7 +43,7 @@ def training_example(cfg: RunConfig, tokenizer: Any, step: int, slot: int, rank:
     data = cfg.data
     index = step * data.batch_size + rank * per_process_batch(cfg, world) + slot
     task = data.tasks[index % len(data.tasks)]
-    length = data.lengths[step % len(data.lengths)]
+    length = step_length(cfg, step)
     rng = random.Random(f"fluxc-train/{data.seed}/{index}")
     return make_example(task, tokenizer, length, rng, chat=data.chat, split="train")
 

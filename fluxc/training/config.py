@@ -47,6 +47,9 @@ class DataSpec:
     batch_size: int = 8  # the global batch: every process holds batch_size / world of its rows
     seed: int = 0
     chat: bool = True  # use the tokenizer's chat template when it has one
+    # a curriculum over lengths: over the first curriculum_steps steps the lengths come in from the shortest (step s
+    # draws from the shortest 1 + s * len(lengths) // curriculum_steps); 0: every length from the start
+    curriculum_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,10 @@ class RunConfig:
         unused = set(self.train.targets) - set(self.data.tasks) - {TASKS[t] for t in self.data.tasks}
         if unused:
             raise ConfigError(f"train.targets has {sorted(unused)}, which no family of data.tasks uses; remove them")
+        if isinstance(self.data.curriculum_steps, bool) or not isinstance(self.data.curriculum_steps, int) \
+                or self.data.curriculum_steps < 0:
+            raise ConfigError(f"data.curriculum_steps={self.data.curriculum_steps!r} must be an int >= 0 (0: no "
+                              f"curriculum)")
         for section, lengths in (("data", self.data.lengths), ("eval", self.eval.lengths)):
             if not lengths or any(not isinstance(n, int) or n < 64 for n in lengths):
                 raise ConfigError(f"{section}.lengths={list(lengths)} must be token counts >= 64")

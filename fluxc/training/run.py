@@ -177,7 +177,9 @@ def step_summary(stats: dict[str, Any], families: dict[str, float], total: int, 
     fam = " ".join(f"{t}={v:.2f}" for t, v in sorted(families.items()))
     lam = " ".join(f"{t}={stats['lambda1'][t]:.3f}/{stats['lambda2'][t]:.3f}" for t in sorted(stats["lambda1"]))
     eta = (total - stats["step"]) * s_per_step
-    return (f"step {stats['step']}/{total} loss {stats['loss']:.4f} (lm {stats['lm']:.4f} pen {stats['penalty']:+.4f}) "
+    distill = f" kl {stats['distill']:.4f}" if "distill" in stats else ""
+    return (f"step {stats['step']}/{total} loss {stats['loss']:.4f} (lm {stats['lm']:.4f}{distill} "
+            f"pen {stats['penalty']:+.4f}) "
             f"tau {stats['tau']:.3f} | SA {fam} | lambda1/2 {lam} | {s_per_step:.2f} s/step eta {_fmt_duration(eta)}")
 
 

@@ -48,12 +48,17 @@ class TrainConfig:
     # batches of a calibration pass that standardises each router's input (mean/std folded into its first layer)
     calibrate_batches: int = 0
     seed: int = 0  # the Gumbel noise: a function of (seed, step, example in the global batch)
+    # weight of a distillation term: KL(untouched model || routed model) of the next-token distributions at the
+    # label tokens, so routes keep what full attention would say and not only the labels' tokens; 0: off
+    distill: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"TrainConfig.steps={self.steps} must be >= 1")
         if self.calibrate_batches < 0:
             raise ConfigError(f"TrainConfig.calibrate_batches={self.calibrate_batches} must be >= 0 (0: no calibration)")
+        if not (isinstance(self.distill, (int, float)) and self.distill >= 0.0):
+            raise ConfigError(f"TrainConfig.distill={self.distill!r} must be a weight >= 0 (0: no distillation)")
         if self.loss_average not in ("token", "example"):
             raise ConfigError(f"TrainConfig.loss_average={self.loss_average!r}: use 'token' or 'example'")
         for task, target in self.targets.items():
@@ -123,6 +128,16 @@ def lm_terms(logits: torch.Tensor, labels: torch.Tensor, average: str = "token")
         return per_token.sum(), counts.sum().to(per_token.dtype)
     per_example = per_token.sum(dim=1) / counts.clamp_min(1)  # (B,)
     return per_example[counts > 0].sum(), (counts > 0).sum().to(per_token.dtype)
+
+
+def distill_terms(logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total, count) of KL(teacher || student) between next-token distributions at the label tokens: logits and
+    teacher (B, T, V), labels (B, T) with -100 where nothing is predicted; the term is total / count."""
+    at = labels[:, 1:] != IGNORE  # (B, T-1) positions whose next token is a label
+    student = logits[:, :-1][at].float().log_softmax(dim=-1)  # (N, V)
+    target = teacher[:, :-1][at].float().log_softmax(dim=-1)  # (N, V)
+    per_token = (target.exp() * (target - student)).sum(dim=-1)  # (N,)
+    return per_token.sum(), at.sum().to(per_token.dtype)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, average: str = "token") -> torch.Tensor:
@@ -219,6 +234,17 @@ class RouterTrainer:
         draws = torch.rand(batch_size * world, int(layers), 2, generator=g)  # every process holds B rows
         return draws[rank * batch_size:(rank + 1) * batch_size].to(device)
 
+    @staticmethod
+    def _global_mean(total: torch.Tensor, count: torch.Tensor, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(term to differentiate, its value) of total / count over the global batch: with several processes the
+        averaged gradients then equal the global batch's (world x this process's share)."""
+        if world == 1:
+            mean = total / count
+            return mean, mean.detach()
+        sums = torch.stack([total.detach(), count])
+        dist.all_reduce(sums)
+        return total * world / sums[1], sums[0] / sums[1]
+
     def step(self, batch: dict[str, Any]) -> dict[str, Any]:
         """One update. `batch`: input_ids, attention_mask, labels (B, T) and task (list of task classes). With
         several processes, each holds B rows of the global batch and the loss is the global batch's."""
@@ -229,16 +255,15 @@ class RouterTrainer:
         mark_dynamic(batch["input_ids"], batch["attention_mask"])
         out = self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = out.logits if hasattr(out, "logits") else out
-        total, count = lm_terms(logits, batch["labels"], self.cfg.loss_average)
         world = self._world()
-        if world > 1:
-            sums = torch.stack([total.detach(), count])
-            dist.all_reduce(sums)
-            # averaged gradients (below) then equal the global batch's: world x this process's share
-            lm = total * world / sums[1]
-            lm_value = sums[0] / sums[1]
-        else:
-            lm = lm_value = total / count
+        lm, lm_value = self._global_mean(*lm_terms(logits, batch["labels"], self.cfg.loss_average), world)
+        distill = distill_value = None
+        if self.cfg.distill:
+            with torch.no_grad():  # the teacher: the untouched model (every layer full attention), not traced
+                teacher = self.module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            teacher_logits = teacher.logits if hasattr(teacher, "logits") else teacher
+            distill, distill_value = self._global_mean(*distill_terms(logits, teacher_logits, batch["labels"]), world)
+            lm = lm + self.cfg.distill * distill
         sparsity = 1.0 - self.recorder.samples().mean(dim=1)  # (B,) fraction of layers routed sparse
         if world > 1:  # the routers' share of the global penalty, scaled like the LM term; the multipliers' not
             sparsity = sparsity * world - (sparsity * (world - 1)).detach()
@@ -258,8 +283,10 @@ class RouterTrainer:
         self.step_index += 1
         per_task = {t: float(sparsity.detach()[[i for i, x in enumerate(batch["task"]) if x == t]].mean())
                     for t in sorted(set(batch["task"]))}
-        return {"step": self.step_index, "loss": float(lm_value.detach() + penalty.detach()),
+        distilled = self.cfg.distill * float(distill_value) if distill_value is not None else 0.0
+        return {"step": self.step_index, "loss": float(lm_value.detach() + penalty.detach()) + distilled,
                 "lm": float(lm_value.detach()), "penalty": float(penalty.detach()),
+                **({"distill": float(distill_value)} if distill_value is not None else {}),
                 "tau": float(self.recorder.tau), "sparsity": per_task,
                 "lambda1": dict(zip(self.penalty.tasks, self.penalty.lambda1.detach().tolist())),
                 "lambda2": dict(zip(self.penalty.tasks, self.penalty.lambda2.detach().tolist()))}
