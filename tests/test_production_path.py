@@ -5,7 +5,8 @@ started with TRITON_INTERPRET=1), against the same model on the plain-PyTorch re
 Error rule (FlashAttention's): the Triton path's logits may differ from the float64 reference by at most twice
 the float32 reference's own difference, plus 1e-5. Greedy tokens of a few decode steps (prefill on the
 kernels, then decode over the engine's paged cache: a ring for the sparse layer, growing pages for the full
-one) must equal the reference engine's.
+one) must equal the reference engine's. A Gemma 3-style model adds a local layer: its own sliding window read as
+structure (positions + the window) on the prefill kernel, and a ring of that window on the paged decode kernel.
 """
 
 from __future__ import annotations
@@ -22,16 +23,19 @@ import torch
 import fluxc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = [("streaming", True), ("triangle", False)]  # each pattern and each rule once (the interpreter is slow)
-ROUTE = ["sparse", "full"]  # layer 0 sparse (a ring of pages at decode), layer 1 full (growing pages)
+# each pattern and each rule once (the interpreter is slow), and a model with a local layer
+VARIANTS = [("streaming", True, "llama"), ("triangle", False, "llama"), ("streaming", False, "gemma3")]
+ROUTE = ["sparse", "full"]  # llama: layer 0 sparse (a ring of pages at decode), layer 1 full (growing pages)
+# gemma3: layer 0 local (its 6-key window: full branch at prefill, a ring of 6 at decode), layer 1 global, sparse
+LOCAL_ROUTE = ["full", "sparse"]
 NEW_TOKENS = 3
 
 
-def _name(pattern: str, block_exact: bool) -> str:
-    return f"{pattern}-{'block' if block_exact else 'token'}"
+def _name(pattern: str, block_exact: bool, arch: str) -> str:
+    return f"{arch}-{pattern}-{'block' if block_exact else 'token'}"
 
 
-def _run_variant(pattern: str, block_exact: bool) -> dict:
+def _run_variant(pattern: str, block_exact: bool, arch: str) -> dict:
     """In the TRITON_INTERPRET=1 worker: one model, three implementations (fp64 and fp32 reference, Triton)."""
     from fluxc.kernels import attention as kernels
 
@@ -45,23 +49,25 @@ def _run_variant(pattern: str, block_exact: bool) -> dict:
 
         setattr(kernels, name, counted)
     try:
-        return _compare(pattern, block_exact, calls)
+        return _compare(pattern, block_exact, arch, calls)
     finally:
         for name, original in originals.items():
             setattr(kernels, name, original)
 
 
-def _compare(pattern: str, block_exact: bool, calls: dict[str, int]) -> dict:
+def _compare(pattern: str, block_exact: bool, arch: str, calls: dict[str, int]) -> dict:
     from hf_models import batch, tiny_model
 
-    model = tiny_model("llama", "sdpa", layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    local = {"sliding_window": 6, "layer_types": ["sliding_attention", "full_attention"]} if arch == "gemma3" else {}
+    model = tiny_model(arch, "sdpa", layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64, **local)
+    route = LOCAL_ROUTE if local else ROUTE
     ids, mask = batch(seq=20, left_pad=3)
     config = fluxc.FluxConfig(pattern=pattern, sink=4, window=8, block=4, block_exact=block_exact, n_last=5,
                               compiler="eager")
     modules = {
-        "ref64": fluxc.compile(copy.deepcopy(model).double(), config=config.replace(impl="reference"), route=ROUTE),
-        "ref32": fluxc.compile(model, config=config.replace(impl="reference"), route=ROUTE),
-        "triton": fluxc.compile(model, config=config.replace(impl="triton"), route=ROUTE),
+        "ref64": fluxc.compile(copy.deepcopy(model).double(), config=config.replace(impl="reference"), route=route),
+        "ref32": fluxc.compile(model, config=config.replace(impl="reference"), route=route),
+        "triton": fluxc.compile(model, config=config.replace(impl="triton"), route=route),
     }
     with torch.no_grad():
         logits = {name: fm(input_ids=ids, attention_mask=mask).logits.double() for name, fm in modules.items()}
@@ -70,8 +76,9 @@ def _compare(pattern: str, block_exact: bool, calls: dict[str, int]) -> dict:
     prefill_calls = calls["routed_prefill"]
     tokens = {name: fluxc.generate(modules[name], ids, NEW_TOKENS, attention_mask=mask).tolist()
               for name in ("ref32", "triton")}
+    local_sites = [s.layer for s in fluxc.sites(modules["triton"]) if s.local_window]
     return dict(err=err["triton"], ref_err=err["ref32"], calls=dict(calls), prefill_calls=prefill_calls,
-                tokens_equal=tokens["ref32"] == tokens["triton"])
+                tokens_equal=tokens["ref32"] == tokens["triton"], local_sites=local_sites)
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +92,11 @@ def results(tmp_path_factory):
     return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("pattern, block_exact", VARIANTS, ids=[_name(*v) for v in VARIANTS])
-def test_triton_path_matches_the_reference(results, pattern, block_exact):
-    got = results[_name(pattern, block_exact)]
+@pytest.mark.parametrize("pattern, block_exact, arch", VARIANTS, ids=[_name(*v) for v in VARIANTS])
+def test_triton_path_matches_the_reference(results, pattern, block_exact, arch):
+    got = results[_name(pattern, block_exact, arch)]
     assert "error" not in got, got.get("error")
+    assert got["local_sites"] == ([0] if arch == "gemma3" else [])
     assert got["prefill_calls"] == 2  # both layers' prefill ran the Triton kernel (layer 1 with its full route)
     # decode: both layers (the sparse one's ring, the full one's growing pages) on the paged kernel, every step
     assert got["calls"]["routed_decode_paged"] == 2 * (NEW_TOKENS - 1)
