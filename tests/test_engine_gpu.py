@@ -166,13 +166,14 @@ def test_smollm2_bf16_full_route_follows_transformers():
 
 
 def test_local_layers_on_the_gpu_engine():
-    """A Gemma 3-style model (local layers of a 96-key window, global layers routed) in bf16 on the Triton kernels
-    with CUDA graphs: the tokens of the eager DynamicCache loop, and a local layer holds the pages of its window."""
+    """A Gemma 3-style model (local layers of a 48-key window, within the 65 keys CFG's SA window keeps; the global
+    layer routed) in bf16 on the Triton kernels: CUDA-graph replay gives the eager engine's tokens, and a local
+    layer holds the pages of its window."""
     import transformers
 
     config = transformers.Gemma3TextConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                                            num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=512,
-                                           max_position_embeddings=4096, sliding_window=96,
+                                           max_position_embeddings=4096, sliding_window=48,
                                            layer_types=["sliding_attention", "sliding_attention", "full_attention",
                                                         "sliding_attention"])
     config._attn_implementation = "sdpa"
@@ -182,8 +183,12 @@ def test_local_layers_on_the_gpu_engine():
     for route in ("full", "sparse"):
         fm = fluxc.compile(model, config=CFG, route=route)
         engine = DecodeEngine(fm, cuda_graphs=True, page_size=16)
-        got = engine.generate([a[0], b[0, :250]], 200)  # the local rings (96) and the SA ring (192) wrap
-        loop = [fluxc.generate(fm, p[None], 200, engine=False)[0] for p in (a[0], b[0, :250])]
+        got = engine.generate([a[0], b[0, :250]], 200)  # the local rings (48) and the SA ring (192) wrap
+        eager = DecodeEngine(fm, cuda_graphs=False, page_size=16).generate([a[0], b[0, :250]], 200)
         assert [s.layer for s in fluxc.sites(fm) if s.local_window] == [0, 1, 3]
-        assert all(torch.equal(x, y) for x, y in zip(got, loop)), route
+        assert all(torch.equal(x, y) for x, y in zip(got, eager)), route
         assert engine.stats["graphs_captured"] == 1 and engine.pages_in_use() == 0
+        state = engine.prefill(a, max_new_tokens=2)
+        pages = [len(p) for p in engine._requests[state.requests[0]].pages]
+        assert pages[0] == pages[1] == pages[3] == 3  # 48 keys in pages of 16
+        engine.end(state)
