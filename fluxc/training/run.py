@@ -443,19 +443,18 @@ def train(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: An
             summary["eval"] = evaluate(cfg, str(ckpt_path), model=model, tokenizer=tokenizer, echo=echo,
                                        device=procs.device)["summary"]
             timings["eval_s"] = time.perf_counter() - t
-        timings["total_s"] = time.perf_counter() - t0
-        if procs.main:
-            record_run(cfg, "train", checkpoint=str(ckpt_path), checkpoint_sha256=sha256_file(ckpt_path),
-                       curves=str(out / TRAIN_LOG), from_step=start, **{k: v for k, v in summary.items()
-                                                                         if k not in ("checkpoint", "timings")},
-                       timings=timings)
-        if procs.world > 1:  # every process leaves together: the group is torn down after the last file write
+        if procs.world > 1:
             dist.barrier()
+        timings["total_s"] = time.perf_counter() - t0
         say("timings: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-        return summary
     finally:
         if procs.initialised_here and dist.is_initialized():
             dist.destroy_process_group()
+    if procs.main:  # after the process group is gone: no file or subprocess work between the last collectives
+        record_run(cfg, "train", checkpoint=str(ckpt_path), checkpoint_sha256=sha256_file(ckpt_path),
+                   curves=str(out / TRAIN_LOG), from_step=start, git=provenance["git"],
+                   **{k: v for k, v in summary.items() if k not in ("checkpoint", "timings")}, timings=timings)
+    return summary
 
 
 def _agree(value: int, procs: Processes) -> int:

@@ -47,7 +47,8 @@ def record_run(cfg: RunConfig, kind: str, **fields: Any) -> Path | None:
     path = Path(cfg.run.out).parent / "index.jsonl" if cfg.run.index == "auto" else Path(cfg.run.index)
     path.parent.mkdir(parents=True, exist_ok=True)
     entry = {"kind": kind, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "out": cfg.run.out, "git": git_state(), "command": sys.argv, **fields, "config": cfg.to_dict()}
+             "out": cfg.run.out, "command": sys.argv, **fields, "config": cfg.to_dict()}
+    entry.setdefault("git", git_state())
     with open(path, "a", encoding="utf-8") as fh:  # one write per line: entries never interleave mid-line
         fh.write(json.dumps(entry, default=str) + "\n")
     return path
