@@ -56,6 +56,7 @@ class _Sequence:
     remaining: int  # new tokens still to produce
     pages: list[list[int]]  # per layer
     routes: tuple[bool, ...]  # per layer, True = full attention
+    rings: tuple[bool, ...]  # per layer, True = its KV is a ring (a sparse route, or a local layer's window)
     reserved: int  # pages kept back for its full-attention layers to grow into
     steps: list[tuple[int, int]] = field(default_factory=list)  # (step, row) of each token it produced
     done: bool = False
@@ -273,7 +274,8 @@ class DecodeEngine:
             log.warning("fluxc: request %d: the router gave non-finite logits in %d layer(s); they run full "
                         "attention", request, undecided - nonfinite_before)
         reserved = 0
-        for layer, ring in enumerate(self._ring_layers(routes)):
+        rings = self._ring_layers(routes)
+        for layer, ring in enumerate(rings):
             if not ring:
                 reserved += math.ceil((count + max_new_tokens - 1) / self.page_size) - per_layer
                 continue
@@ -284,13 +286,13 @@ class DecodeEngine:
             pages[layer] = pages[layer][:ring_pages]
             reserved += math.ceil(min(count + max_new_tokens - 1, capacity) / self.page_size) - ring_pages
         self._reserved += reserved
-        seq = _Sequence(request, count, max_new_tokens - 1, pages, routes, reserved,
+        seq = _Sequence(request, count, max_new_tokens - 1, pages, routes, rings, reserved,
                         nonfinite=~torch.isfinite(logits).all())
         return first, seq
 
-    def _ring_layers(self, routes: tuple[bool, ...]) -> list[bool]:
+    def _ring_layers(self, routes: tuple[bool, ...]) -> tuple[bool, ...]:
         """Per layer, whether a sequence with `routes` keeps a ring there: a sparse route, or a local layer."""
-        return [not full or layer in self.local for layer, full in enumerate(routes)]
+        return tuple(not full or layer in self.local for layer, full in enumerate(routes))
 
     def _check_local_sites(self) -> None:
         """The local layers the engine read off the config are those the pass found (once, after the first trace)."""
@@ -311,7 +313,7 @@ class DecodeEngine:
         self.lengths[slot] = seq.length
         self.nonfinite[slot] = False
         # the decode kernels' route: full pages, or a ring (a sparse route, or a local layer's window)
-        self.routes[slot].copy_(~torch.tensor(self._ring_layers(seq.routes)), non_blocking=True)
+        self.routes[slot].copy_(~torch.tensor(seq.rings), non_blocking=True)
 
     # --- decode
     def _grow(self) -> None:
@@ -324,7 +326,7 @@ class DecodeEngine:
                 continue
             position = seq.length  # the key this step writes
             try:
-                for layer, ring in enumerate(self._ring_layers(seq.routes)):
+                for layer, ring in enumerate(seq.rings):
                     index = (min(position, self.rings[layer] - 1) if ring else position) // self.page_size
                     if index >= len(seq.pages[layer]):
                         page = self.pool.take(1, owner=seq.request)[0]
