@@ -38,3 +38,46 @@ def test_materialised_masks_fall_back_only_when_automatic(caplog):
         run_kernel("triton", q, k, v, mask, route, qpos, start, spec, explicit=True)
     assert unsupported_reason(q, k, None, True) is None
     assert "head_dim=32" in unsupported_reason(q[..., :32], k[..., :32], None, True)
+
+
+def _long_prefill(device: str, routes: list[bool], tokens: int = 8192):
+    gen = torch.Generator(device).manual_seed(5)
+    shape = (len(routes), 2, tokens, 64)
+    q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(3))
+    qpos = torch.arange(tokens, device=device).expand(len(routes), -1)
+    start = torch.zeros(len(routes), dtype=torch.long, device=device)
+    spec = SiteSpec(is_causal=True, scale=0.125, softcap=0.0, pattern="streaming", sink=64, window=512, block=64,
+                    block_exact=True, n_last=0)
+    return q, k, v, torch.tensor(routes, device=device), qpos, start, spec
+
+
+def test_host_dispatch_only_for_long_automatic_cuda_prefill():
+    from fluxc.ops.dispatch import HOST_DISPATCH_MIN_TOKENS, host_dispatch
+
+    long_cpu = torch.empty(1, 2, HOST_DISPATCH_MIN_TOKENS, 64)
+    assert not host_dispatch(long_cpu, explicit=False)  # CPU: nothing to hand to cuDNN
+    if torch.cuda.is_available():
+        long_gpu = long_cpu.cuda()
+        assert host_dispatch(long_gpu, explicit=False)
+        assert not host_dispatch(long_gpu, explicit=True)  # impl='triton' asked for the Triton kernel
+        assert not host_dispatch(long_gpu[:, :, : HOST_DISPATCH_MIN_TOKENS - 1], explicit=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("routes", [[True, True], [True, False]])
+def test_long_all_full_prefill_runs_sdpa(monkeypatch, routes):
+    """`auto` at 8K tokens: an all-full batch never reaches the Triton kernel, a mixed one does; both match
+    the float64 reference within twice PyTorch's own bf16 error."""
+    from fluxc.kernels import attention as triton_kernels
+    from fluxc.ops.attention import routed_attention_reference
+
+    q, k, v, route, qpos, start, spec = _long_prefill("cuda", routes)
+    calls = []
+    triton_prefill = triton_kernels.routed_prefill
+    monkeypatch.setattr(triton_kernels, "routed_prefill", lambda *a, **kw: calls.append(1) or triton_prefill(*a, **kw))
+    out = run_kernel("triton", q, k, v, None, route, qpos, start, spec, explicit=False)
+    assert len(calls) == (0 if all(routes) else 1)
+    exact = routed_attention_reference(q.double(), k.double(), v.double(), None, route, qpos, start, spec)
+    low = routed_attention_reference(q, k, v, None, route, qpos, start, spec)
+    assert (out.double() - exact).abs().max() <= 2 * (low.double() - exact).abs().max() + 1e-4
