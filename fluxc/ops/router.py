@@ -62,9 +62,13 @@ def pool_queries(query: Tensor, valid: Tensor, pool_size: int) -> Tensor:
 
 
 def router_logits_reference(query: Tensor, valid: Tensor, weights: list[Tensor], pool_size: int) -> Tensor:
+    return router_mlp(pool_queries(query, valid, pool_size), weights)
+
+
+def router_mlp(x: Tensor, weights: list[Tensor]) -> Tensor:
+    """The router's MLP on pooled inputs (B, D) -> logits (B, 2) float32."""
     w1, b1, w2, b2, w3, b3, w4, b4, w5, b5 = (w.to(torch.float32) for w in weights)
-    x = pool_queries(query, valid, pool_size)  # (B, D)
-    x = F.linear(F.silu(F.linear(x, w1, b1)), w2, b2)
+    x = F.linear(F.silu(F.linear(x.to(torch.float32), w1, b1)), w2, b2)
     x = F.silu(F.linear(x, w3, b3))
     x = F.silu(F.linear(x, w4, b4))
     return F.linear(x, w5, b5)  # (B, 2)
@@ -164,11 +168,14 @@ class RouteRecorder(nn.Module):
         # (B, L, 2) uniform draws of the Gumbel samples, set per step by the trainer so that a sample is a function
         # of (seed, step, example) whatever the number of processes; None: drawn from torch's generator
         self.noise: Tensor | None = None
+        # (B, L) 0/1 routes to take instead of sampling (1 = full attention): the target routes of route supervision
+        self.forced: Tensor | None = None
 
     def clear(self) -> None:
         self.records = {}
         self.router_tokens = None
         self.noise = None
+        self.forced = None
 
     def samples(self) -> Tensor:
         """(B, L) float straight-through samples of the last forward (1 = full attention)."""
@@ -181,7 +188,9 @@ class RouteRecorder(nn.Module):
 
 def gumbel_route(logits: Tensor, tau: Tensor, recorder: RouteRecorder | None = None, layer: int = 0) -> Tensor:
     """Hard 0/1 sample (B,) of 'full attention' with a straight-through Gumbel-softmax gradient; its uniform draws
-    are `recorder.noise[:, layer]` when the trainer set them."""
+    are `recorder.noise[:, layer]` when the trainer set them; `recorder.forced[:, layer]` replaces the sample."""
+    if recorder is not None and recorder.forced is not None:
+        return recorder.forced[:, layer].to(device=logits.device, dtype=logits.dtype)  # (B,)
     noise = recorder.noise if recorder is not None else None
     if noise is not None:
         uniform = noise[:, layer].to(device=logits.device, dtype=logits.dtype).clamp(1e-10, 1.0 - 1e-7)  # (B, 2)

@@ -392,7 +392,7 @@ def train(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: An
                 f"tensors ({', '.join(cfg.trainable)})")
         steps = cfg.train.steps
         start = trainer.step_index
-        if start >= steps:
+        if start >= steps and cfg.run.resume:
             say(f"nothing to do: the checkpoint is at step {start} of train.steps={steps}")
         probes: list[dict[str, Any]] = []
         if cfg.run.eval_every and procs.main:
@@ -411,7 +411,18 @@ def train(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: An
             timings["preflight_s"] = time.perf_counter() - t
             say(f"preflight: forward+backward on a short batch passed in {timings['preflight_s']:.1f} s "
                 f"(includes tracing the graph)")
-        if cfg.train.calibrate_batches and not cfg.run.resume and start < steps:
+        if cfg.train.supervise_batches and not cfg.run.resume:
+            t = time.perf_counter()
+            batches = [to_device(training_batch(cfg, tokenizer, i, procs.rank, procs.world), procs.device)
+                       for i in range(cfg.train.supervise_batches)]
+            with loop.sdpa_ctx():
+                fit = trainer.supervise(batches, cfg.train.supervise_steps, calibrate=cfg.train.calibrate_batches > 0)
+            timings["supervise_s"] = time.perf_counter() - t
+            accuracy = fit["accuracy"]
+            say(f"route supervision on {fit['examples']} examples in {timings['supervise_s']:.1f} s "
+                f"({'with' if fit['calibration'] else 'without'} calibration on them): loss {fit['loss']:.3f}, "
+                f"fitted accuracy per router min {min(accuracy):.2f} median {sorted(accuracy)[len(accuracy) // 2]:.2f}")
+        elif cfg.train.calibrate_batches and not cfg.run.resume and start < steps:
             t = time.perf_counter()
             calibration = [to_device(training_batch(cfg, tokenizer, i, procs.rank, procs.world), procs.device)
                            for i in range(cfg.train.calibrate_batches)]

@@ -20,7 +20,7 @@ from fluxc.api import FluxModule, compile_for_training, model_fingerprint
 from fluxc.checkpoint import Fingerprint, read_checkpoint, save_routers
 from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError, CorruptCheckpointError
-from fluxc.ops.router import RouteRecorder, capture_router_inputs
+from fluxc.ops.router import RouteRecorder, capture_router_inputs, router_mlp
 from fluxc.training.checkpointing import compile_for_training_checkpointed
 from fluxc.training.data import IGNORE
 from fluxc.training.state_io import SUFFIX as STATE_SUFFIX
@@ -47,14 +47,22 @@ class TrainConfig:
     router_on_prompt: bool = True  # routers pool the prompt only (labels == -100), as at inference
     # batches of a calibration pass that standardises each router's input (mean/std folded into its first layer)
     calibrate_batches: int = 0
+    # route supervision before the Lagrangian phase: batches run with their families' target routes, and
+    # supervise_steps fitting steps of every router to its target on the pooled inputs those routes produce; 0: off
+    supervise_batches: int = 0
+    supervise_steps: int = 300
     seed: int = 0  # the Gumbel noise: a function of (seed, step, example in the global batch)
     # weight of a distillation term: KL(untouched model || routed model) of the next-token distributions at the
     # label tokens, so routes keep what full attention would say and not only the labels' tokens; 0: off
     distill: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"TrainConfig.steps={self.steps} must be >= 1")
+        if self.steps < 0 or (self.steps == 0 and not self.supervise_batches):
+            raise ConfigError(f"TrainConfig.steps={self.steps} must be >= 1 (0 only with supervise_batches: route "
+                              f"supervision alone)")
+        if self.supervise_batches < 0 or self.supervise_steps < 1:
+            raise ConfigError(f"TrainConfig.supervise_batches={self.supervise_batches} must be >= 0 (0: off) and "
+                              f"supervise_steps={self.supervise_steps} >= 1")
         if self.calibrate_batches < 0:
             raise ConfigError(f"TrainConfig.calibrate_batches={self.calibrate_batches} must be >= 0 (0: no calibration)")
         if not (isinstance(self.distill, (int, float)) and self.distill >= 0.0):
@@ -196,22 +204,32 @@ class RouterTrainer:
         self.recorder.router_tokens = (batch["labels"] == IGNORE) if self.cfg.router_on_prompt else None
 
     @torch.no_grad()
-    def calibrate(self, batches: list[dict[str, Any]]) -> list[tuple[float, float]]:
-        """Standardise each router's input: run `batches`, then fold the per-dimension mean and std of every
-        layer's pooled input into its first linear layer (W <- W / std, b <- b - W mean / std), so a fresh router
-        sees unit-scale differences between prompts instead of one large shared offset. The checkpoint format and
-        the inference op do not change. Returns (mean |offset|, mean std) per layer."""
-        inputs: list[list[torch.Tensor]] = []
-        for batch in batches:
+    def router_inputs(self, batches: list[dict[str, Any]], forced: list[torch.Tensor] | None = None
+                      ) -> list[torch.Tensor]:
+        """Each router's pooled inputs over `batches`: one (N, D) float32 tensor per router. `forced[i]` (B, R)
+        0/1: the routes batch i runs with (1 = full); None: Gumbel samples of the current routers."""
+        found_per_batch: list[list[torch.Tensor]] = []
+        for i, batch in enumerate(batches):
             self.recorder.clear()
             self.set_router_tokens(batch)
+            self.recorder.forced = forced[i] if forced is not None else None
             with capture_router_inputs() as found:
                 self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            inputs.append(found)
+            found_per_batch.append(found)
         self.recorder.clear()
+        return [torch.cat([found[r] for found in found_per_batch]) for r in range(len(self.module.routers))]
+
+    @torch.no_grad()
+    def calibrate(self, batches: list[dict[str, Any]], inputs: list[torch.Tensor] | None = None
+                  ) -> list[tuple[float, float]]:
+        """Standardise each router's input: run `batches` (or take their `inputs`, from `router_inputs`), then
+        fold the per-dimension mean and std of every layer's pooled input into its first linear layer
+        (W <- W / std, b <- b - W mean / std), so a fresh router sees unit-scale differences between prompts
+        instead of one large shared offset. The checkpoint format and the inference op do not change. Returns
+        (mean |offset|, mean std) per layer."""
+        inputs = self.router_inputs(batches) if inputs is None else inputs
         summary = []
-        for layer, router in enumerate(self.module.routers):
-            x = torch.cat([found[layer] for found in inputs])  # (N, D) pooled inputs of this layer
+        for x, router in zip(inputs, self.module.routers):  # x (N, D) pooled inputs of this layer
             mean, std = x.mean(dim=0), x.std(dim=0)
             std = std.clamp_min(1e-3 * float(std.mean()) + 1e-12)
             first = router.feature[0]
@@ -219,6 +237,69 @@ class RouterTrainer:
             first.bias.sub_(first.weight @ mean.to(first.weight.dtype))
             summary.append((float(mean.abs().mean()), float(std.mean())))
         return summary
+
+    def target_routes(self, batch: dict[str, Any], index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) probability of full attention each example's target asks for (1 - its SA target) and (B, R)
+        0/1 routes drawn from it, a function of (train.seed, `index`, example): a family aimed at full attention
+        runs full, one aimed at sparse runs sparse, one in between a mix of layers."""
+        unknown = sorted({t for t in batch["task"] if t not in self.cfg.targets})
+        if unknown:
+            raise ConfigError(f"route supervision: no train.targets entry for {unknown}; targets: "
+                              f"{sorted(self.cfg.targets)}")
+        full = torch.tensor([1.0 - self.cfg.targets[t] for t in batch["task"]])  # (B,)
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + 500_009 + index)
+        draws = torch.rand(len(full), self._route_columns(), generator=g)  # (B, R)
+        return full, (draws < full[:, None]).float()
+
+    def supervise(self, batches: list[dict[str, Any]], steps: int, calibrate: bool = False) -> dict[str, Any]:
+        """Route supervision: run `batches` with their target routes (`target_routes`), then fit every router to
+        its layer's target probability of full attention on the pooled inputs those routes produce
+        (binary cross-entropy on logit_full - logit_sparse, `steps` full-batch AdamW steps at train.router_lr).
+        A warm start for the Lagrangian phase: the routers begin context-aware instead of at the sparsity prior.
+        `calibrate`: first standardise the routers' inputs (`calibrate`) on the same pooled inputs. Returns the
+        fit's last loss and its accuracy on the examples with a one-sided target, per router."""
+        device = batches[0]["input_ids"].device
+        drawn = [self.target_routes(b, i) for i, b in enumerate(batches)]
+        inputs = self.router_inputs(batches, [routes.to(device) for _, routes in drawn])  # R x (N, D)
+        want = torch.cat([full for full, _ in drawn]).to(device)  # (N,)
+        self._optimizer()  # with several processes: every rank starts from rank 0's routers
+        calibration = self.calibrate([], inputs) if calibrate else None
+        params = list(self.module.routers.parameters())
+        opt = torch.optim.AdamW(params, lr=self.cfg.router_lr, betas=self.cfg.betas,
+                                weight_decay=self.cfg.weight_decay)
+        loss = torch.zeros(())
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            margins = [self._margin(router, x) for router, x in zip(self.module.routers, inputs)]
+            loss = sum(F.binary_cross_entropy_with_logits(m, want) for m in margins) / len(margins)
+            loss.backward()
+            if self._world() > 1:  # every rank fits its rows; averaged gradients keep the routers identical
+                for p in params:
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= self._world()
+            opt.step()
+        sided = want != 0.5
+        with torch.no_grad():
+            accuracy = [float(((self._margin(r, x) > 0) == (want > 0.5))[sided].float().mean()) if sided.any()
+                        else float("nan") for r, x in zip(self.module.routers, inputs)]
+        return {"examples": int(want.numel()), "loss": float(loss.detach()), "accuracy": accuracy, "calibration": calibration}
+
+    def _route_columns(self) -> int:
+        """Routers, or before the first trace (routers not built yet) the model's layer count, which bounds them."""
+        if self.module.routers is not None:
+            return len(self.module.routers)
+        text = getattr(getattr(self.module.model, "config", None), "get_text_config", lambda: None)()
+        layers = getattr(text, "num_hidden_layers", None)
+        if layers is None:
+            raise ConfigError("route supervision needs the model's layer count (config.num_hidden_layers) or a traced "
+                              "model; run one forward first")
+        return int(layers)
+
+    @staticmethod
+    def _margin(router: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        logits = router_mlp(x, router.weights())  # (N, 2)
+        return logits[:, 1] - logits[:, 0]
 
     def _noise(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
         """(B, L, 2) uniform draws of this step's Gumbel samples: rows of the global batch's draws, which depend on
