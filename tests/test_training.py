@@ -289,3 +289,58 @@ def test_distillation_term_is_the_kl_from_the_untouched_model():
                                                                        + 0.5 * stats["distill"], rel=1e-5)
     with pytest.raises(fluxc.ConfigError, match="distill=-1"):
         TrainConfig(distill=-1)
+
+
+def _narrow_batch(g):
+    # each family draws from a few tokens of its own, so a random model's pooled inputs tell them apart
+    ids = torch.cat([torch.randint(1, 4, (4, 16), generator=g), torch.randint(120, 124, (4, 16), generator=g)])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids,
+            "task": ["holistic"] * 4 + ["retrieval"] * 4}
+
+
+def test_route_supervision_runs_target_routes_and_fits_routers_to_them():
+    """Supervision runs each batch with its families' target routes (a mid target mixes layers), then fits the
+    routers: afterwards the argmax routes of held-out prompts follow their family, with no Lagrangian step."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", "sdpa", layers=4)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    targets = {"holistic": 1.0, "retrieval": 0.0, "lm": 0.5}
+    trainer = RouterTrainer(model, CFG, TrainConfig(steps=0, supervise_batches=4, supervise_steps=150,
+                                                    router_lr=1e-2, targets=targets))
+    batches = [_narrow_batch(torch.Generator().manual_seed(i)) for i in range(4)]
+    full, routes = trainer.target_routes({"task": ["holistic", "retrieval", "lm"] * 40}, index=0)
+    assert full.tolist()[:3] == [0.0, 1.0, 0.5]
+    assert routes[0::3].eq(0).all() and routes[1::3].eq(1).all()  # one-sided targets: every layer alike
+    assert 0.35 < float(routes[2::3].mean()) < 0.65  # the mid target: a mix of layers
+    # a forced forward takes exactly the given routes
+    trainer.recorder.clear()
+    trainer.recorder.forced = routes[:8].clone()
+    trainer.module(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"])
+    torch.testing.assert_close(trainer.recorder.samples(), routes[:8, : len(trainer.module.routers)])
+    trainer.recorder.clear()
+
+    fit = trainer.supervise(batches, steps=150, calibrate=True)
+    assert fit["examples"] == 32 and fit["checked"] == 6 and fit["calibration"] is not None
+    assert fit["step"] > 0 and min(fit["accuracy"]) == 1.0, fit
+    held_out = _narrow_batch(torch.Generator().manual_seed(9))
+    trainer.recorder.clear()
+    trainer.recorder.forced = torch.tensor([0.0] * 4 + [1.0] * 4)[:, None].expand(-1, 4)  # earlier layers on target
+    with torch.no_grad():
+        trainer.module(input_ids=held_out["input_ids"], attention_mask=held_out["attention_mask"])
+    full_prob = torch.softmax(trainer.recorder.logits(), -1)[..., 1]  # (B, L)
+    assert (full_prob[:4] < 0.2).all() and (full_prob[4:] > 0.8).all(), full_prob
+    for name, value in model.state_dict().items():  # backbone bit-identical
+        assert torch.equal(value, frozen[name]), name
+
+
+def test_supervision_config_is_checked():
+    from fluxc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="steps=0 must be >= 1"):
+        TrainConfig(steps=0)
+    with pytest.raises(ConfigError, match="supervise_steps=0"):
+        TrainConfig(supervise_batches=2, supervise_steps=0)
+    trainer = RouterTrainer(tiny_model("llama", "sdpa", layers=2), CFG,
+                            TrainConfig(steps=0, supervise_batches=1, targets={"holistic": 1.0}))
+    with pytest.raises(ConfigError, match=r"no train.targets entry for \['retrieval'\]"):
+        trainer.target_routes({"task": ["holistic", "retrieval"]}, index=0)

@@ -420,8 +420,9 @@ def train(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: An
             timings["supervise_s"] = time.perf_counter() - t
             accuracy = fit["accuracy"]
             say(f"route supervision on {fit['examples']} examples in {timings['supervise_s']:.1f} s "
-                f"({'with' if fit['calibration'] else 'without'} calibration on them): loss {fit['loss']:.3f}, "
-                f"fitted accuracy per router min {min(accuracy):.2f} median {sorted(accuracy)[len(accuracy) // 2]:.2f}")
+                f"({'with' if fit['calibration'] else 'without'} calibration on them): kept step {fit['step']}, on the "
+                f"{fit['checked']} checked examples loss {fit['loss']:.3f}, accuracy per router min {min(accuracy):.2f} "
+                f"median {sorted(accuracy)[len(accuracy) // 2]:.2f}")
         elif cfg.train.calibrate_batches and not cfg.run.resume and start < steps:
             t = time.perf_counter()
             calibration = [to_device(training_batch(cfg, tokenizer, i, procs.rank, procs.world), procs.device)
