@@ -154,6 +154,17 @@ def prefill_section(rec, K, L, args):
         q, k, v, fa_route, lens, lens, **kw), route="device"))
     guarded(rec, f"ours_dispatch_fa {L}", lambda: row("ours_dispatch", "causal", pc, lambda: attn.routed_prefill_dispatch(
         q, k, v, fa_route, lens, lens, **kw), route="host-sync"))
+    fa4 = importlib.import_module(K.__name__ + ".fa4")
+    if fa4.unavailable_reason(q.device) is None:  # flash-attn-4 itself beside fluxc's fa4 full branch
+        from flash_attn.cute import flash_attn_func
+
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        guarded(rec, f"fa4_direct {L}", lambda: row("fa4_direct", "causal", pc, lambda: flash_attn_func(
+            qt, kt, vt, softmax_scale=scale, causal=True)))
+        guarded(rec, f"ours_fa4 {L}", lambda: row("ours_fa4", "causal", pc, lambda: fa4.routed_prefill_fa4(
+            q, k, v, fa_route, lens, lens, **kw), route="host-sync"))
+    else:
+        rec.add(**base, impl="fa4_direct", mask="causal", skipped=fa4.unavailable_reason(q.device))
     guarded(rec, f"ours_sa {L}", lambda: row("ours_triton", "sa_block", ps, lambda: attn.routed_prefill(
         q, k, v, sa_route, lens, lens, **kw), route="device"))
     guarded(rec, f"ours_sa_tok {L}", lambda: row("ours_triton", "sa_token", pst, lambda: attn.routed_prefill(

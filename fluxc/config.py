@@ -13,10 +13,10 @@ from fluxc.patterns import pattern_problem
 CONFIG_VERSION = 1
 
 Pattern = Literal["streaming", "triangle"]
-Implementation = Literal["auto", "reference", "triton", "flex"]
+Implementation = Literal["auto", "reference", "triton", "flex", "fa4"]
 Compiler = Literal["inductor", "eager"]
 
-_IMPLS = ("auto", "reference", "triton", "flex")
+_IMPLS = ("auto", "reference", "triton", "flex", "fa4")
 _COMPILERS = ("inductor", "eager")
 
 
@@ -34,7 +34,9 @@ class FluxConfig:
         n_last: number of dense last queries of the triangle pattern (prefill only).
         pool_size: P, the first and last P prompt tokens the router pools over.
         router_hidden: widths of the router MLP: feature (h1, h2) then head (h3, h4).
-        impl: routed-attention implementation: "auto", "reference" (plain PyTorch), "triton", "flex".
+        impl: routed-attention implementation: "auto" (flash-attn-4 where it runs, else Triton, on CUDA; the
+            reference on CPU), "reference" (plain PyTorch), "triton", "flex", "fa4" (flash-attn-4 runs prefill
+            batches routed all-full; the Triton kernels the rest).
         compiler: what compiles the rewritten graph: "inductor" or "eager" (run the FX graph as is).
     """
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from fluxc.config import FluxConfig
 
 MATHS = ("sdpa", "eager")
-IMPLS = ("auto", "reference", "triton", "flex")
+IMPLS = ("auto", "reference", "triton", "flex", "fa4")
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class SiteSpec:
     `scale`, `softcap` (0: none), `math` ("sdpa" or "eager": which reference computes the FA branch exactly
     as the model did), `softmax_fp32`, `bottom_right` (flash-attn's causal alignment), `native_window`
     (the model's own sliding window, 0: none). The sparse branch: `pattern`, `sink`, `window`, `block`,
-    `block_exact`, `n_last` (`fluxc.patterns`). `impl`: "auto", "reference", "triton" or "flex".
+    `block_exact`, `n_last` (`fluxc.patterns`). `impl`: "auto", "reference", "triton", "flex" or "fa4".
     """
 
     is_causal: bool = False

@@ -81,3 +81,19 @@ def test_long_all_full_prefill_runs_sdpa(monkeypatch, routes):
     exact = routed_attention_reference(q.double(), k.double(), v.double(), None, route, qpos, start, spec)
     low = routed_attention_reference(q, k, v, None, route, qpos, start, spec)
     assert (out.double() - exact).abs().max() <= 2 * (low.double() - exact).abs().max() + 1e-4
+
+
+def test_fa4_requested_where_it_cannot_run_names_what_is_missing(monkeypatch):
+    from fluxc.kernels import fa4
+
+    with pytest.raises(fluxc.ImplementationError, match=r"impl='fa4' cannot run: device cpu is not a CUDA GPU"):
+        resolve_impl("fa4", torch.device("cpu"))
+    fa4._importable.cache_clear()
+    monkeypatch.setattr(fa4.importlib.util, "find_spec", lambda name: None)
+    try:
+        assert "flash_attn.cute is not importable: install flash-attn-4 (pip install 'fluxc[fa4]')" in fa4._importable()
+    finally:
+        fa4._importable.cache_clear()
+    assert fluxc.FluxConfig(impl="fa4").impl == "fa4"
+    with pytest.raises(fluxc.ConfigError, match="'fa4'"):
+        fluxc.FluxConfig(impl="fa5")

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from fluxc.errors import ImplementationError
 from fluxc.kernels import attention as triton_kernels
+from fluxc.kernels import fa4 as fa4_kernels
 from fluxc.kernels import flex as flex_kernels
 from fluxc.spec import SiteSpec
 
@@ -43,9 +44,31 @@ def resolve_impl(impl: str, device: torch.device) -> str:
                 f"impl={impl!r} needs CUDA tensors but got device {device}; use impl='reference' or 'auto' "
                 f"(the Triton kernels run on CPU only under TRITON_INTERPRET=1)")
         return impl
+    if impl == "fa4":
+        why = fa4_kernels.unavailable_reason(device)
+        if why is not None:
+            raise ImplementationError(f"impl='fa4' cannot run: {why}; use impl='auto' (picks flash-attn-4 where it "
+                                      f"runs, logged) or impl='triton'")
+        return "fa4"
     if impl == "auto":
-        return "triton" if device.type == "cuda" else "reference"
-    raise ImplementationError(f"impl={impl!r} is unknown; use 'auto', 'reference', 'triton' or 'flex'")
+        if device.type != "cuda":
+            return "reference"
+        return _auto_kernels(device.index if device.index is not None else torch.cuda.current_device())
+    raise ImplementationError(f"impl={impl!r} is unknown; use 'auto', 'reference', 'triton', 'flex' or 'fa4'")
+
+
+@functools.cache
+def _auto_kernels(index: int) -> str:
+    """`auto`'s kernels on CUDA device `index`, chosen once per device and logged with the reason."""
+    device = torch.device("cuda", index)
+    why = fa4_kernels.unavailable_reason(device)
+    if why is None:
+        log.info("fluxc: impl='auto' on %s: flash-attn-4 runs prefill batches routed all-full, the Triton kernels "
+                 "the others and decode", torch.cuda.get_device_name(device))
+        return "fa4"
+    log.info("fluxc: impl='auto' on %s: the Triton kernels (not flash-attn-4: %s)", torch.cuda.get_device_name(device),
+             why)
+    return "triton"
 
 
 def is_key_mask(attn_mask: Tensor | None, is_causal: bool) -> bool:
@@ -84,22 +107,21 @@ def unsupported_reason(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal
     return None
 
 
-def host_dispatch(q: Tensor, explicit: bool) -> bool:
-    """Whether `auto` prefill may read routes on the host to hand an all-full batch to SDPA's library kernels:
+def host_dispatch(q: Tensor, explicit: bool, dense: str = "PyTorch SDPA (cuDNN, else flash)") -> bool:
+    """Whether `auto` prefill may read routes on the host to hand an all-full batch to the `dense` library kernel:
     long prompts, CUDA, and no graph capture in progress (a sync cannot be captured)."""
     if explicit or q.shape[2] < HOST_DISPATCH_MIN_TOKENS or q.device.type != "cuda":
         return False
     if torch.cuda.is_current_stream_capturing():
         return False
-    _log_host_dispatch_once()
+    _log_host_dispatch_once(dense)
     return True
 
 
 @functools.cache
-def _log_host_dispatch_once() -> None:
+def _log_host_dispatch_once(dense: str) -> None:
     log.info("fluxc: impl='auto' prefill of %d+ tokens reads the routes on the host (one sync per layer); a batch "
-             "routed all-full runs PyTorch SDPA (cuDNN, else flash), the others the Triton kernel",
-             HOST_DISPATCH_MIN_TOKENS)
+             "routed all-full runs %s, the others the Triton kernel", HOST_DISPATCH_MIN_TOKENS, dense)
 
 
 def _decline(impl: str, why: str, explicit: bool, what: str, op: str) -> None:
@@ -113,7 +135,7 @@ def _decline(impl: str, why: str, explicit: bool, what: str, op: str) -> None:
 
 def run_kernel(impl: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, route: Tensor, qpos: Tensor,
                key_start: Tensor, spec: SiteSpec, *, explicit: bool) -> Tensor | None:
-    """Run `impl` ("triton" | "flex") or return None after logging why the reference must run instead."""
+    """Run `impl` ("triton" | "flex" | "fa4") or return None after logging why the reference must run instead."""
     why = unsupported_reason(q, k, attn_mask, spec.is_causal, spec.bottom_right, explicit)
     if why is not None:
         return _decline(impl, why, explicit, "this attention site", "routed attention")
@@ -130,9 +152,15 @@ def run_kernel(impl: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | N
         common["kv_start"] = key_start
     else:
         kv_lens = torch.full((batch,), kv_len, dtype=torch.int32, device=q.device)
-    if impl == "triton":
+    if impl in ("triton", "fa4"):  # fa4 decodes on the Triton kernels (no split-KV in flash-attn-4 on SM90)
         routed_prefill, routed_decode = triton_kernels.routed_prefill, triton_kernels.routed_decode
-        if host_dispatch(q, explicit):
+        if impl == "fa4" and explicit and q_len > 1 and torch.cuda.is_current_stream_capturing():
+            raise ImplementationError("impl='fa4' reads the batch's routes on the host at prefill, which a CUDA graph "
+                                      "cannot capture; capture decode only, or use impl='triton' for a captured "
+                                      "prefill")
+        if impl == "fa4" and (explicit or host_dispatch(q, explicit, "flash-attn-4")):
+            routed_prefill = fa4_kernels.routed_prefill_fa4
+        elif impl == "triton" and host_dispatch(q, explicit):
             routed_prefill = triton_kernels.routed_prefill_dispatch
     else:
         routed_prefill, routed_decode = flex_kernels.routed_prefill_flex, flex_kernels.routed_decode_flex
