@@ -142,3 +142,17 @@ def test_length_curriculum_brings_longer_lengths_in_over_its_steps():
     assert [step_length(config(0), s) for s in range(4)] == [2048, 512, 1024, 2048]
     with pytest.raises(fluxc.ConfigError, match="curriculum_steps=-1"):
         config(-1)
+
+
+def test_route_supervision_alone_through_the_cli(tmp_path, capsys):
+    """`--steps 0` with train.supervise_batches: the routers are fitted to their families' target routes and saved,
+    with no Lagrangian step; without supervision, zero steps is refused."""
+    out = tmp_path / "sup"
+    assert _fluxc("train", "--config", "tiny", "--out", str(out), "--steps", "0", "--set", "train.supervise_batches=2",
+                  "--set", "train.supervise_steps=20", *FAST) == 0
+    printed = capsys.readouterr().out
+    assert "route supervision on 4 examples" in printed and "kept step" in printed
+    info = fluxc.read_checkpoint(out / "routers.safetensors").provenance
+    assert info["step"] == 0 and info["run_config"]["train"]["supervise_batches"] == 2
+    assert _fluxc("train", "--config", "tiny", "--out", str(tmp_path / "none"), "--steps", "0", *FAST) != 0
+    assert "steps=0 must be >= 1 (0 only with supervise_batches" in capsys.readouterr().err
