@@ -336,3 +336,27 @@ def save_routers(path: str | os.PathLike, routers: nn.ModuleList, config: FluxCo
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fingerprint.to_dict(),
               "config": config.method_dict(), "provenance": provenance or {}}
     save_file(tensors, os.fspath(path), metadata={"fluxc": json.dumps(header, sort_keys=True)})
+
+
+def fold_operating_point(path: str | os.PathLike, out: str | os.PathLike, threshold: float, chosen_on: str) -> None:
+    """Write the routers of `path` to `out` (fluxc's format) with the operating point `threshold` folded into each
+    router's last bias: the folded routers at threshold 0.5 (`fluxc.compile`'s default) route exactly as the
+    originals at `threshold`. `chosen_on` says what data picked it; both go into the provenance."""
+    import math
+
+    if not (isinstance(threshold, float) and 0.0 < threshold < 1.0):
+        raise ConfigError(f"threshold={threshold!r} must be a float in (0, 1), the probability of full attention "
+                          f"above which a layer runs full")
+    ckpt = read_checkpoint(path)
+    if ckpt.fingerprint is None:
+        raise CheckpointError(f"router checkpoint {ckpt.path!r} has no model fingerprint (the released layout); "
+                              f"convert it by loading it with fluxc.compile and training or saving with fluxc first")
+    routers = ckpt.load_routers()
+    shift = math.log(threshold / (1.0 - threshold))  # p_full > t  <=>  logit_full - logit_sparse > logit(t)
+    with torch.no_grad():
+        for router in routers:
+            router.head[4].bias[1] -= shift
+    provenance = dict(ckpt.provenance)
+    provenance["operating_point"] = {"threshold": threshold, "folded_into": "head.4.bias[1]", "chosen_on": chosen_on,
+                                     "from": os.fspath(path)}
+    save_routers(out, routers, ckpt.config, ckpt.fingerprint, provenance)

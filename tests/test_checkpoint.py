@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -60,3 +61,30 @@ def test_released_layout_loads_and_matches_fluxc_format(tmp_path):
     for got, want in zip(a.routers, routers):
         for (n1, p1), (n2, p2) in zip(got.named_parameters(), want.named_parameters()):
             assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_folded_operating_point_routes_as_the_original_at_its_threshold(tmp_path):
+    from fluxc.checkpoint import fold_operating_point, save_routers
+    from fluxc.ops.router import LayerRouter
+
+    torch.manual_seed(0)
+    routers = torch.nn.ModuleList(LayerRouter(16, (8, 8, 8, 4)) for _ in range(3))
+    with torch.no_grad():  # spread the probabilities so that the thresholds part the prompts differently
+        for r in routers:
+            r.head[4].weight.mul_(40.0)
+    config = fluxc.FluxConfig(sink=2, window=4, block=2, router_hidden=(8, 8, 8, 4), pool_size=4)
+    src, dst = tmp_path / "r.safetensors", tmp_path / "folded.safetensors"
+    save_routers(src, routers, config, fluxc.Fingerprint("Toy", 3, 2, 2, 16), {"step": 7})
+    fold_operating_point(src, dst, 0.3, "unit test")
+    folded = fluxc.read_checkpoint(dst)
+    assert folded.provenance["step"] == 7 and folded.provenance["operating_point"]["threshold"] == 0.3
+    q, valid = torch.randn(64, 5, 2, 16), torch.ones(64, 5, dtype=torch.bool)
+    moved = 0
+    for old, new in zip(routers, folded.load_routers()):
+        p_old = torch.softmax(old(q, valid, 4), -1)[:, 1]
+        p_new = torch.softmax(new(q, valid, 4), -1)[:, 1]
+        assert torch.equal(p_old > 0.3, p_new > 0.5)
+        moved += int(((p_old > 0.3) != (p_old > 0.5)).sum())
+    assert moved > 0  # the operating point changes decisions here
+    with pytest.raises(fluxc.ConfigError, match="threshold=1.5"):
+        fold_operating_point(src, dst, 1.5, "")
