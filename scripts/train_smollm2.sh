@@ -46,7 +46,7 @@ case "${FLUXC_SMOKE:-0}" in
         TRAIN_ONLY=(--steps 3 --set run.time_budget_s=120 --set run.fit_steps_to_budget=true --set run.warmup_steps=2) ;;
   *) COMMON=(--device cpu --dtype float32 --set eval.examples=2 --set "eval.lengths=[512]" --set eval.batch_size=2
              --set eval.max_new_tokens=6)
-     TRAIN_ONLY=(--steps 2 --set "data.lengths=[512]" --set data.batch_size=2 --set run.eval_every=2
+     TRAIN_ONLY=(--steps 2 --set "data.lengths=[512]" --set data.batch_size=2 --set train.supervise_batches=1 --set run.eval_every=2
                  --set run.eval_examples=1 --set run.warmup_steps=1) ;;
 esac
 
