@@ -88,3 +88,18 @@ def test_folded_operating_point_routes_as_the_original_at_its_threshold(tmp_path
     assert moved > 0  # the operating point changes decisions here
     with pytest.raises(fluxc.ConfigError, match="threshold=1.5"):
         fold_operating_point(src, dst, 1.5, "")
+
+
+def test_fold_command(tmp_path, capsys):
+    import fluxc.cli
+    from fluxc.checkpoint import save_routers
+    from fluxc.ops.router import LayerRouter
+
+    src, dst = tmp_path / "r.safetensors", tmp_path / "f.safetensors"
+    routers = torch.nn.ModuleList([LayerRouter(16, (8, 8, 8, 4))])
+    save_routers(src, routers, fluxc.FluxConfig(router_hidden=(8, 8, 8, 4)), fluxc.Fingerprint("Toy", 1, 2, 2, 16))
+    assert fluxc.cli.main(["fold", str(src), "--threshold", "0.2", "--out", str(dst), "--chosen-on", "a sweep"]) == 0
+    point = fluxc.read_checkpoint(dst).provenance["operating_point"]
+    assert point["threshold"] == 0.2 and point["chosen_on"] == "a sweep"
+    assert fluxc.cli.main(["fold", str(src), "--threshold", "2", "--out", str(dst)]) == 2
+    assert "threshold=2.0 must be a float in (0, 1)" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`fluxc` command line: `fluxc train`, `fluxc eval`, `fluxc export`.
+"""`fluxc` command line: `fluxc train`, `fluxc eval`, `fluxc export`, `fluxc fold`.
 
 Each subcommand lives in its own module (`fluxc.cli.<name>`) with `add_arguments(parser)` and
 `run(args) -> int`; a subcommand imports what it needs (torch, training, export) when it runs, so that
@@ -18,6 +18,7 @@ COMMANDS = {
     "train": "train a router on the rewritten graph (fluxc.training)",
     "eval": "evaluate full / all-sparse / routed attention per task family",
     "export": "export the rewritten graph (torch.export, AOTInductor, ONNX)",
+    "fold": "fold an operating point (threshold) into a router file's last bias",
 }
 
 
