@@ -43,7 +43,7 @@ from .batches import heldout_examples
 from .config import RunConfig
 from .data import IGNORE, PERPLEXITY_TASKS, TASKS, Example, end_of_turn_id, is_correct
 from .models import DTYPES, load_model, resolve_device
-from .runs import record_run, sha256_file
+from .runs import record_run, run_provenance, sha256_file
 from .trainer import mark_dynamic
 
 log = logging.getLogger("fluxc")
@@ -286,7 +286,7 @@ def evaluate(cfg: RunConfig, router: str | None, *, model: Any = None, tokenizer
     result = {"complete": True, "families": families, "summary": summary, "criteria": criteria, "samples": samples,
               "table": markdown_table(families), "pareto": front, "config": cfg.to_dict(), "flux": flux.to_dict(),
               "router": router, "router_provenance": read_checkpoint(router).provenance if router else None,
-              "lengths": list(spec.lengths), "layers": layers, "timings": timings}
+              "lengths": list(spec.lengths), "layers": layers, "timings": timings, "provenance": run_provenance(device)}
     (out / EVAL_JSON).write_text(json.dumps(result, indent=1, default=str))
     wrote = [out / EVAL_JSON]
     if "router" in spec.modes:

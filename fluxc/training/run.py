@@ -35,7 +35,7 @@ from .config import RunConfig
 from .data import collate
 from .evaluation import evaluate
 from .models import DTYPES, GGUF_SOURCES, gguf_path, load_model, resolve_device
-from .runs import git_state, record_run, sha256_file
+from .runs import git_state, host_provenance, record_run, sha256_file
 from .state_io import SUFFIX as STATE_SUFFIX
 from .state_io import load_state, refuse_pickled
 from .text_sources import text_corpus
@@ -100,16 +100,6 @@ def data_provenance() -> dict[str, Any]:
     return {"generator": "fluxc.training.data", "corpus_paragraphs": len(corpus),
             "corpus_sha256": hashlib.sha256("\n".join(corpus).encode()).hexdigest(),
             "eval_fraction": data_module.EVAL_FRACTION, "python": platform.python_version()}
-
-
-def host_provenance(device: torch.device) -> dict[str, Any]:
-    import transformers
-
-    info = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 # ---------------------------------------------------------------------------------------------- train

@@ -16,6 +16,26 @@ from typing import Any
 from fluxc.training.config import RunConfig
 
 
+def host_provenance(device: Any) -> dict[str, Any]:
+    """Versions, platform and device (the GPU's name on CUDA) of this process."""
+    import platform
+
+    import torch
+    import transformers
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "device": str(device)}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run_provenance(device: Any) -> dict[str, Any]:
+    """This run's own record: command, UTC date, commit and host."""
+    return {"command": list(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git": git_state(), "host": host_provenance(device)}
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
