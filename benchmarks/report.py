@@ -39,7 +39,7 @@ SOURCES: dict[str, tuple[str, str]] = {
     "e2e": ("e2e", "e2e/e2e_h100.json"),
     "router_op": ("router_op", "e2e/router_op_h100.json"),
     "export": ("export", "gpu/export_gpu_h100_2026-11-24.json"),
-    "training": ("training", "training/smollm2_eval_h100.json"),
+    "training": ("training", "training/smollm2_eval_cpu.json"),
     "kernels": ("kernels", "kernels_h100.json"),
     "kernels_decode": ("kernels", "kernels_h100_decode.json"),
     "kernels_ring": ("kernels", "kernels_h100_ring_decode.json"),
@@ -83,18 +83,22 @@ def load_sources(results: pathlib.Path = RESULTS, overrides: Mapping[str, str] |
 def provenance_of(doc: Mapping[str, Any]) -> dict[str, Any]:
     """The harness's provenance fields, read from any layout the benchmarks have written (None: absent)."""
     meta = dict(doc.get("meta") or {})
-    train = doc.get("router_provenance") or {}  # fluxc eval's layout
+    own = doc.get("provenance") or {}  # fluxc eval's record of its own run
+    own_host = own.get("host") or {}
+    train = doc.get("router_provenance") or {}  # fluxc eval's record of the router's training
     host = train.get("host") or {}
-    command = meta.get("command") or train.get("command")
+    command = meta.get("command") or own.get("command") or train.get("command")
     if isinstance(command, list):
         command = shlex.join(command)
-    return dict(gpu=meta.get("gpu") or doc.get("gpu") or host.get("gpu"),
-                torch=meta.get("torch") or doc.get("torch") or host.get("torch"),
+    cpu = f"CPU ({own_host['platform']})" if str(own_host.get("device", "")).startswith("cpu") else None
+    return dict(gpu=meta.get("gpu") or doc.get("gpu") or own_host.get("gpu") or cpu or host.get("gpu"),
+                torch=meta.get("torch") or doc.get("torch") or own_host.get("torch") or host.get("torch"),
                 triton=meta.get("triton") or doc.get("triton"),
-                transformers=meta.get("transformers") or doc.get("transformers") or host.get("transformers"),
+                transformers=(meta.get("transformers") or doc.get("transformers") or own_host.get("transformers")
+                              or host.get("transformers")),
                 fluxc=meta.get("fluxc") or train.get("fluxc_version"),
-                commit=meta.get("commit") or (train.get("git") or {}).get("commit"),
-                command=command, date=str(meta.get("date") or doc.get("date") or "")[:10] or None)
+                commit=meta.get("commit") or (own.get("git") or {}).get("commit") or (train.get("git") or {}).get("commit"),
+                command=command, date=str(meta.get("date") or doc.get("date") or own.get("date") or "")[:10] or None)
 
 
 def provenance_line(src: Source) -> str:

@@ -63,8 +63,13 @@ def routed_demo(model, tokenizer, router: Path, args: argparse.Namespace) -> Non
     ckpt = fluxc.read_checkpoint(router)
     config = ckpt.config.replace(compiler=args.compiler, impl="reference")
     info = ckpt.provenance
-    print(f"router: {router} (trained {info.get('step', '?')} steps; SA pattern {config.pattern}, sink "
-          f"{config.sink}, window {config.window}, block {config.block}; router MLP {config.router_hidden})")
+    steps = info.get("step", "?")
+    supervised = info.get("run_config", {}).get("train", {}).get("supervise_batches", 0)
+    how = f"route supervision on {supervised} batches, {steps} Lagrangian steps" if supervised else f"{steps} steps"
+    point = info.get("operating_point", {}).get("threshold")
+    print(f"router: {router} (trained by {how}{f', operating point {point} folded in' if point else ''}; SA "
+          f"pattern {config.pattern}, sink {config.sink}, window {config.window}, block {config.block}; router MLP "
+          f"{config.router_hidden})")
     flux_model = fluxc.compile(model, str(router), config=config)
     eos = end_of_turn_id(tokenizer)
     prompts = (("retrieval", "passkey", args.retrieval_tokens, "a pass key hidden deep in the context"),
