@@ -2,8 +2,8 @@
 
 Run with `make demo` (or `.venv/bin/python examples/demo.py`).
 
-With the shipped router (`fluxc/routers/smollm2-135m-instruct.safetensors`, trained by
-`scripts/train_smollm2.sh`), two held-out prompts go through the routed model: a retrieval prompt (a pass
+With the shipped router (`fluxc/routers/smollm2-135m-instruct.safetensors`, made by `fluxc train`'s route
+supervision; see README), two held-out prompts go through the routed model: a retrieval prompt (a pass
 key hidden deep in a ~2K-token context), which the router should send mostly to full attention, and a
 holistic prompt (a question about the last paragraph), which it should send mostly to sparse attention.
 For each: the route per layer, the answer next to the untouched model's, and the prefill attention work
