@@ -123,3 +123,13 @@ def ring_slot(r: torch.Tensor, *, sink: int, window: int, block: int, block_exac
     pat = resolve_pattern(sink=sink, window=window, block=block, block_exact=block_exact)
     r = r.to(torch.int64)
     return torch.where(r < pat.sink_end, r, patterns.ring_slot(r, pat.sink_end, pat.window))
+
+
+def host_batch_facts(q, k, route, kv_lens, q_lens, kv_start=None) -> tuple[bool, bool, bool]:
+    """(every sequence routed full, no right padding, no left padding) of a padded prefill batch, read on the host
+    in ONE device sync: what lets a library kernel take the batch (never callable under CUDA-graph capture)."""
+    rows = [route.to(torch.int64) != 0, kv_lens.to(torch.int64) == k.shape[2], q_lens.to(torch.int64) == q.shape[2]]
+    if kv_start is not None:
+        rows.append(kv_start.to(torch.int64) == 0)
+    host = torch.stack(rows).cpu()  # (3 or 4, B)
+    return bool(host[0].all()), bool(host[1:3].all()), kv_start is None or bool(host[3].all())

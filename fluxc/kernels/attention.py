@@ -30,6 +30,7 @@ from ._common import (
     check_padded_prefill,
     check_qkv,
     check_vec,
+    host_batch_facts,
     resolve_pattern,
     ring_capacity,
     ring_slot,
@@ -507,13 +508,10 @@ def routed_prefill_dispatch(q, k, v, route, kv_lens, q_lens, *, scale: float, si
     check_padded_prefill(q, k, v, route, kv_lens, q_lens, kv_start, sink=sink, window=window, block=block,
                          block_exact=block_exact, pattern=pattern, n_last=n_last, softcap=softcap,
                          native_window=native_window)
-    B, Hq, Tq, D = q.shape
-    Tk = k.shape[2]
-    rows = [route.to(torch.int64) != 0, kv_lens.to(torch.int64) == Tk, q_lens.to(torch.int64) == Tq]
-    if kv_start is not None:
-        rows.append(kv_start.to(torch.int64) == 0)
-    host = torch.stack(rows).cpu()
-    if (q.device.type == "cuda" and Tq == Tk and softcap == 0 and native_window == 0 and bool(host.all())):
+    Hq, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
+    all_full, unpadded, no_left_padding = host_batch_facts(q, k, route, kv_lens, q_lens, kv_start)
+    if (q.device.type == "cuda" and Tq == Tk and softcap == 0 and native_window == 0 and all_full and unpadded
+            and no_left_padding):
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -19,7 +19,7 @@ import importlib.util
 import torch
 
 from . import attention as triton_kernels
-from ._common import check_padded_prefill
+from ._common import check_padded_prefill, host_batch_facts
 
 __all__ = ["unavailable_reason", "full_prefill_fa4", "routed_prefill_fa4"]
 
@@ -84,16 +84,8 @@ def routed_prefill_fa4(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: i
     check_padded_prefill(q, k, v, route, kv_lens, q_lens, kv_start, sink=sink, window=window, block=block,
                          block_exact=block_exact, pattern=pattern, n_last=n_last, softcap=softcap,
                          native_window=native_window)
-    _, _, q_len, _ = q.shape
-    kv_len = k.shape[2]
-    rows = [route.to(torch.int64) != 0, kv_lens.to(torch.int64) == kv_len, q_lens.to(torch.int64) == q_len]
-    if kv_start is not None:
-        rows.append(kv_start.to(torch.int64) == 0)
-    host = torch.stack(rows).cpu()  # (3 or 4, B): the one sync
-    all_full = bool(host[0].all())
-    unpadded = bool(host[1:3].all())
-    left_padded = kv_start is not None and not bool(host[3].all())
-    if all_full and not left_padded:
+    all_full, unpadded, no_left_padding = host_batch_facts(q, k, route, kv_lens, q_lens, kv_start)
+    if all_full and no_left_padding:
         if unpadded:
             return full_prefill_fa4(q, k, v, scale=scale, softcap=softcap, native_window=native_window)
         return full_prefill_fa4(q, k, v, kv_lens, q_lens, scale=scale, softcap=softcap, native_window=native_window)
