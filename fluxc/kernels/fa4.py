@@ -56,22 +56,19 @@ def full_prefill_fa4(q, k, v, kv_lens=None, q_lens=None, *, scale: float, softca
     q (B, Hq, Tq, D), k / v (B, Hkv, Tk, D) as the routed op holds them. `kv_lens` / `q_lens` (B,) int32 or None
     (no padding): sequence b's keys are k[b, :, :kv_lens[b]] and its queries q[b, :, :q_lens[b]], the last
     q_lens[b] of its keys (bottom-right causal, as flash-attn aligns them); padding query rows come out zero.
+    Both lengths or neither.
     Returns (B, Hq, Tq, D)."""
     from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
 
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (B, T, H, D) views: flash-attn's layout, no copy
     window = (native_window - 1, 0) if native_window else (None, None)
     common = dict(softmax_scale=float(scale), causal=True, window_size=window, softcap=float(softcap))
-    if kv_lens is None and q_lens is None:
+    if kv_lens is None:
         out = flash_attn_func(qt, kt, vt, **common)[0]  # (B, Tq, Hq, D)
     else:
-        batch, q_len, kv_len = q.shape[0], q.shape[2], k.shape[2]
-        full_q = torch.full((batch,), q_len, dtype=torch.int32, device=q.device)
-        full_k = torch.full((batch,), kv_len, dtype=torch.int32, device=q.device)
-        used_q = (full_q if q_lens is None else q_lens).to(torch.int32).contiguous()
-        used_k = (full_k if kv_lens is None else kv_lens).to(torch.int32).contiguous()
+        used_q, used_k = (x.to(torch.int32).contiguous() for x in (q_lens, kv_lens))
         out = flash_attn_varlen_func(qt, kt, vt, seqused_q=used_q, seqused_k=used_k, **common)[0]
-        rows = torch.arange(q_len, device=q.device)[None, :, None, None] < used_q[:, None, None, None]  # (B, Tq, 1, 1)
+        rows = torch.arange(q.shape[2], device=q.device)[None, :, None, None] < used_q[:, None, None, None]  # (B, Tq, 1, 1)
         out = out.masked_fill(~rows, 0)  # rows past q_lens[b] are not written by the kernel
     return out.transpose(1, 2).contiguous()  # (B, Hq, Tq, D)
 
@@ -86,9 +83,8 @@ def routed_prefill_fa4(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: i
                          native_window=native_window)
     all_full, unpadded, no_left_padding = host_batch_facts(q, k, route, kv_lens, q_lens, kv_start)
     if all_full and no_left_padding:
-        if unpadded:
-            return full_prefill_fa4(q, k, v, scale=scale, softcap=softcap, native_window=native_window)
-        return full_prefill_fa4(q, k, v, kv_lens, q_lens, scale=scale, softcap=softcap, native_window=native_window)
+        lengths = (None, None) if unpadded else (kv_lens, q_lens)
+        return full_prefill_fa4(q, k, v, *lengths, scale=scale, softcap=softcap, native_window=native_window)
     return triton_kernels.routed_prefill(q, k, v, route, kv_lens, q_lens, scale=scale, sink=sink, window=window,
                                          block=block, block_exact=block_exact, pattern=pattern, n_last=n_last,
                                          softcap=softcap, native_window=native_window, kv_start=kv_start)

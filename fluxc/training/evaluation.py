@@ -300,7 +300,7 @@ def evaluate(cfg: RunConfig, router: str | None, *, model: Any = None, tokenizer
         wrote += [out / PARETO_JSON, out / PARETO_PNG]
     echo(result["table"])
     echo("criteria: " + json.dumps(criteria))
-    index = record_run(cfg, "eval", router=router, router_sha256=sha256_file(router) if router else None,
+    index = record_run(cfg, "eval", git=result["provenance"]["git"], router=router, router_sha256=sha256_file(router) if router else None,
                        results=[str(w) for w in wrote], summary=summary, criteria=criteria)
     echo("wrote " + ", ".join(str(w) for w in [*wrote, *([index] if index else [])]))
     return result

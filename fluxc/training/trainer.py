@@ -288,11 +288,7 @@ class RouterTrainer:
             if step == steps:
                 break
             fit.backward()
-            if self._world() > 1:  # every rank fits its rows; averaged gradients keep the routers identical
-                for p in params:
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad /= self._world()
+            self._average_grads(params)  # every rank fits its rows; averaged gradients keep the routers identical
             opt.step()
         with torch.no_grad():
             for p, kept in zip(params, best[2]):
@@ -303,16 +299,30 @@ class RouterTrainer:
         return {"examples": int(want.numel()), "checked": int(check.sum()), "loss": best[0], "step": best[1],
                 "accuracy": accuracy, "calibration": calibration}
 
+    def _model_layers(self) -> int | None:
+        """The model's layer count from its (text) config, or None for a model without one."""
+        text = getattr(getattr(self.module.model, "config", None), "get_text_config", lambda: None)()
+        layers = getattr(text, "num_hidden_layers", None)
+        return None if layers is None else int(layers)
+
+    def _average_grads(self, params: Sequence[torch.Tensor]) -> None:
+        """Data parallel: average the gradients of `params` over the processes (nothing with one)."""
+        world = self._world()
+        if world > 1:
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+
     def _route_columns(self) -> int:
         """Routers, or before the first trace (routers not built yet) the model's layer count, which bounds them."""
         if self.module.routers is not None:
             return len(self.module.routers)
-        text = getattr(getattr(self.module.model, "config", None), "get_text_config", lambda: None)()
-        layers = getattr(text, "num_hidden_layers", None)
+        layers = self._model_layers()
         if layers is None:
             raise ConfigError("route supervision needs the model's layer count (config.num_hidden_layers) or a traced "
                               "model; run one forward first")
-        return int(layers)
+        return layers
 
     @staticmethod
     def _margin(router: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -323,14 +333,13 @@ class RouterTrainer:
         """(B, L, 2) uniform draws of this step's Gumbel samples: rows of the global batch's draws, which depend on
         (seed, step) alone, so a run on any number of processes samples each example alike. None for a model
         without a layer count (torch's generator then)."""
-        text = getattr(getattr(self.module.model, "config", None), "get_text_config", lambda: None)()
-        layers = getattr(text, "num_hidden_layers", None)
+        layers = self._model_layers()
         if layers is None:
             return None
         world = self._world()
         rank = dist.get_rank() if world > 1 else 0
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step_index)
-        draws = torch.rand(batch_size * world, int(layers), 2, generator=g)  # every process holds B rows
+        draws = torch.rand(batch_size * world, layers, 2, generator=g)  # every process holds B rows
         return draws[rank * batch_size:(rank + 1) * batch_size].to(device)
 
     @staticmethod
@@ -372,11 +381,7 @@ class RouterTrainer:
         opt.zero_grad(set_to_none=True)
         self.lambda_opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self._world() > 1:  # data parallel: average the gradients of what is trained
-            for p in self._trained():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= self._world()
+        self._average_grads(self._trained())
         opt.step()
         self.lambda_opt.step()
         self.step_index += 1
