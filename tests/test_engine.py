@@ -6,6 +6,8 @@ EOS and clear errors. transformers' generate() with a FluxCache (compacted per r
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from test_hf_models import _routers_with_mixed_decisions
@@ -122,6 +124,20 @@ def test_one_compile_serves_every_length_and_routing_mask(tmp_path):
         assert torch.equal(out, fluxc.generate(fm, prompt[None], 5, engine=False)[0])
         masks.add(tuple(bool(x) for x in fluxc.last_route(fm)[0].tolist()))
     assert len(masks) > 1, "the routers should pick more than one routing mask over these prompts"
+
+
+def test_a_compile_after_warm_up_is_logged_and_counted(tmp_path, caplog):
+    """After warm_up, prompts of new lengths and masks compile nothing; a one-token prompt (a length Dynamo
+    specialises) compiles a prefill graph, which the engine logs and counts."""
+    model, ids, mask, cfg, path = _mixed_router_setup(tmp_path)
+    engine = _engine(fluxc.compile(model, path, config=cfg))
+    engine.warm_up()
+    with caplog.at_level(logging.WARNING, logger="fluxc"):
+        engine.generate([torch.arange(1, 30), torch.arange(3, 14)], 3)
+        assert engine.stats["compiles_after_warm_up"] == 0 and "after warm_up" not in caplog.text
+        engine.generate([torch.tensor([5])], 3)
+    assert engine.stats["compiles_after_warm_up"] == 1
+    assert "a prompt of 1 tokens compiled a new graph after warm_up" in caplog.text
 
 
 def test_prompts_of_different_lengths_share_decode_steps_and_free_their_pages(tmp_path):

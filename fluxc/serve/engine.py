@@ -131,6 +131,7 @@ class DecodeEngine:
         self._step_count = 0
         self._outputs: list[Tensor] = []  # (rows, 1) tokens of each step
         self._graphs: dict[int, Any] = {}
+        self._warm_graphs: int | None = None  # compiled graphs when warm_up ended
         self._decode_fn = torch.compile(private_forward(model.model), backend=model._backend, fullgraph=True)
 
     # --- set-up
@@ -250,14 +251,15 @@ class DecodeEngine:
                            phase="prefill")
         ids = prompt[None]  # (1, T)
         positions = torch.arange(count, device=device)[None]  # (1, T)
-        if count > 1 and not self.local:  # one compile serves every prompt length (Dynamo specialises a length of 1)
-            torch._dynamo.mark_dynamic(ids, 1, min=2, max=self.max_len)
-            torch._dynamo.mark_dynamic(positions, 1, min=2, max=self.max_len)
-        elif count > 1:  # HF's sliding-window mask branches on the window: one more graph for shorter prompts
+        if count > 1:
+            # One compile serves every prompt length (Dynamo specialises a length of 1). Not the strict
+            # mark_dynamic: on CUDA, SDPA's fake kernel guards the length in a form its range check rejects
+            # (torch 2.11); a real specialisation shows as a compile after warm-up, which is logged.
             torch._dynamo.maybe_mark_dynamic(ids, 1)
             torch._dynamo.maybe_mark_dynamic(positions, 1)
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
         out = self.model(input_ids=ids, position_ids=positions, use_cache=True, **{self._cache_kw: cache}, **extra)
+        self._note_compiles(f"a prompt of {count} tokens")
         logits = out.logits[:, -1]  # (1, V)
         first = select_tokens(logits, sampling)  # (1, 1)
         state = self.model.route_state
@@ -412,6 +414,7 @@ class DecodeEngine:
         else:
             self._step(bucket, sampling)
             self.stats["eager_steps"] += 1
+        self._note_compiles(f"a decode step of batch bucket {bucket}")
         self._outputs.append(self.tokens[:bucket].clone())
         self._step_count += 1
         finished = []
@@ -571,7 +574,16 @@ class DecodeEngine:
         self._outputs.clear()
         if self.tokens.device.type == "cuda":
             torch.cuda.synchronize(self.tokens.device)
+        self._warm_graphs = self.compiles
         return time.perf_counter() - start
+
+    def _note_compiles(self, what: str) -> None:
+        """Log a compile after `warm_up` (one per graph): it means a recompile the warm-up did not cover."""
+        if self._warm_graphs is not None and self.compiles > self._warm_graphs:
+            log.warning("fluxc: %s compiled a new graph after warm_up (%d graphs, %d when warm); each such input "
+                        "pays a compile", what, self.compiles, self._warm_graphs)
+            self.stats["compiles_after_warm_up"] += self.compiles - self._warm_graphs
+            self._warm_graphs = self.compiles
 
     @property
     def compiles(self) -> int:
