@@ -128,6 +128,7 @@ def _generate_dynamic(model: Any, input_ids: torch.Tensor, max_new_tokens: int, 
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -step_ids.shape[1]:]  # left padding aware
+        _mark_lengths_dynamic(step_ids, mask, positions, cache)
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                     **{keyword: cache})
         cache = output_cache(out)
@@ -141,3 +142,14 @@ def _generate_dynamic(model: Any, input_ids: torch.Tensor, max_new_tokens: int, 
         if eos_token_id is not None and bool(done.all()):
             break
     return ids
+
+
+def _mark_lengths_dynamic(step_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> None:
+    """Sequence lengths dynamic from the first trace, so a compiled model traces the prefill and the decode step
+    once each (Dynamo's automatic dynamic would compile each a second time, at the second length it sees)."""
+    for tensor in (step_ids, positions, mask) if step_ids.shape[1] > 1 else (mask,):
+        torch._dynamo.maybe_mark_dynamic(tensor, 1)
+    for layer in getattr(cache, "layers", ()):  # transformers' DynamicCache: (B, H, T, D) keys and values
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor) and tensor.dim() == 4:
+                torch._dynamo.maybe_mark_dynamic(tensor, 2)
