@@ -43,7 +43,7 @@ SOURCES: dict[str, tuple[str, str]] = {
     "kernels": ("kernels", "kernels_h100.json"),
     "kernels_decode": ("kernels", "kernels_h100_decode.json"),
     "kernels_ring": ("kernels", "kernels_h100_ring_decode.json"),
-    "requests": ("requests", "requests/requests_h200_partial.json"),
+    "requests": ("requests", "requests/requests_h100.json"),
     "soak_gpu": ("soak", "soak/soak_h200.json"),
     "soak_gpu_faults": ("soak", "soak/soak_h200_faults.json"),
     "soak_cpu": ("soak", "soak/soak_cpu_smoke.json"),
@@ -273,8 +273,11 @@ def serving_region(sources: Mapping[str, Source]) -> str:
     notes.append("Checks (full routes equal the untouched model; the engine equals the plain loop): "
                  + (f"{check['full_equals_untouched']}/{check['prompts']} and "
                     f"{check['router_equals_dynamic_loop']}/{check['prompts']}." if check else "not recorded."))
-    if not any(r["impl"] == "hf_static" for r in runs):
-        notes.append("transformers' static cache + compile: not recorded.")
+    batches = sorted({r["B"] for r in runs})
+    for impl, name in (("hf_static", "static cache + compile"), ("hf_dynamic", "dynamic cache")):
+        absent = [b for b in batches if not any(r["impl"] == impl and r["B"] == b for r in runs)]
+        if absent:
+            notes.append(f"transformers' {name}: not recorded at batch {', '.join(map(str, absent))}.")
     header = ["", "batch", "p50 (ms)", "p95 (ms)", "tokens/s", "compiles / captures after warm-up"]
     return "\n".join([table(header, body), "", " ".join(notes), "", provenance_line(src)])
 

@@ -231,17 +231,26 @@ def main(argv: list[str] | None = None) -> int:
         previous = earlier_run(args.out, stream)
         results.data["parts"] = previous.get("parts", {})
         results.rows.extend(r for r in previous["rows"] if not replaced(r, args))
-    for part in args.parts:
+    for part in args.parts:  # a part is listed once it completes (a run cut short keeps no claim to it)
+        results.data["parts"].pop(part, None)
+
+    def completed(part: str) -> None:
         results.data["parts"][part] = {k: meta[k] for k in ("command", "commit", "date", "gpu")}
+        results.flush()
+
     if router is None:  # smoke: routers made for the tiny model, fresh and untrained
         router = str(harness.ROOT / ".cache" / "requests_smoke_router.safetensors")
         tiny_router(model, router)
-    run = fluxc_runs(args, model, router, prompts, cuda, results) if "fluxc" in args.parts else None
-    caches = [p.removeprefix("hf_") for p in args.parts if p.startswith("hf_")]
-    if caches:
-        hf_runs(args, model, prompts, pad, caches, results)
+    run = None
+    if "fluxc" in args.parts:
+        run = fluxc_runs(args, model, router, prompts, cuda, results)
+        completed("fluxc")
+    for part in (p for p in PARTS if p.startswith("hf_") and p in args.parts):
+        hf_runs(args, model, prompts, pad, [part.removeprefix("hf_")], results)
+        completed(part)
     if "checks" in args.parts:
         checks(args, model, router, run, prompts, pad, results)
+        completed("checks")
     results.data["targets"] = measures.targets_for("requests", results.data)
     results.flush()
     harness.print_targets(results.data["targets"])
