@@ -69,16 +69,20 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 class TimedEngine(DecodeEngine):
-    """The engine with each request's start (admission) and end (last token, device synchronised) recorded."""
+    """The engine with each request's start (admission), prefill (its first token, device synchronised) and end
+    (last token, device synchronised) recorded."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.times: dict[int, list[float]] = {}
+        self.prefill_ms: list[float] = []
         self.kv: dict[int, int] = {}
 
     def add_request(self, prompt: torch.Tensor, max_new_tokens: int, sampling: Any = None) -> int:
         start = time.perf_counter()
         request = super().add_request(prompt, max_new_tokens, sampling)
+        harness.sync(self.tokens.device.type == "cuda")  # the engine read the routes already: a short wait
+        self.prefill_ms.append((time.perf_counter() - start) * 1e3)
         self.times[request] = [start, float("nan")]
         return request
 
@@ -100,6 +104,7 @@ def fluxc_runs(args: argparse.Namespace, model: Any, router: str, prompts: list[
     outputs = {}
     for batch in args.batches:
         engine.times.clear()
+        engine.prefill_ms.clear()
         start = time.perf_counter()
         if batch == 1:
             outs = [engine.generate([p], args.new)[0] for p in prompts]
@@ -108,8 +113,10 @@ def fluxc_runs(args: argparse.Namespace, model: Any, router: str, prompts: list[
         harness.sync(cuda)
         wall = time.perf_counter() - start
         latency = [(end - begin) * 1e3 for begin, end in engine.times.values()]
+        prefill = {f"prefill_{k}": v for k, v in percentiles(engine.prefill_ms).items()}  # admission to first token
         results.add(kind="requests", impl="fluxc", B=batch, requests=len(prompts), new=args.new, wall_s=wall,
-                    tokens_per_s=len(prompts) * args.new / wall, **percentiles(latency),
+                    tokens_per_s=len(prompts) * args.new / wall, **percentiles(latency), **prefill,
+                    prompt_tokens_mean=sum(p.numel() for p in prompts) / len(prompts),
                     compiles_after_warmup=engine.compiles - compiles,
                     captures_after_warmup=engine.stats["graphs_captured"] - captures)
         outputs[batch] = outs
