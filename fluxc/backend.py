@@ -21,6 +21,7 @@ from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError, NoAttentionError, RouteError
 from fluxc.ops.router import LayerRouter
 from fluxc.passes import PassOptions, RouteState, SiteInfo, flux_pass
+from fluxc.passes.lower import inline_router_ops
 from fluxc.passes.rewrite import analyse
 
 log = logging.getLogger("fluxc")
@@ -150,6 +151,7 @@ class FluxBackend:
             compile_fx,  # Inductor (and Triton) load on first compile, not on import
         )
 
+        inline_router_ops(gm)
         return compile_fx(gm, list(example_inputs))
 
 

@@ -12,6 +12,7 @@ from transformers import DynamicCache
 
 import fluxc
 from fluxc.ops.router import capture_router_inputs
+from fluxc.passes import counters
 
 from hf_models import batch, random_router_file, tiny_model
 
@@ -88,12 +89,14 @@ def test_bad_thresholds_are_config_errors(tmp_path, bad):
 
 def test_inductor_reads_the_threshold_live(tmp_path):
     """The default compiler must not fold the operating point into the kernels: moving it after the compile
-    changes Inductor's routes exactly as the eager graph's."""
+    changes Inductor's routes exactly as the eager graph's (whose router ops run as custom ops, Inductor's
+    inlined)."""
     model = tiny_model("llama", "sdpa", layers=3)
     path, _ = _routers(tmp_path)
     ids, mask = batch(seq=12, left_pad=3, size=4, seed=5)
     eager = fluxc.compile(model, path, config=CFG)
     inductor = fluxc.compile(model, path, config=CFG.replace(compiler="inductor"))
+    inlined = counters["router_ops_inlined"]
     seen = set()
     for t in (0.5, 1e-4, 0.9999, 0.2, 0.8):
         eager.set_threshold(t)
@@ -102,3 +105,5 @@ def test_inductor_reads_the_threshold_live(tmp_path):
         assert torch.equal(_prefill(inductor, ids, mask), want), t
         seen.add(tuple(want.flatten().tolist()))
     assert len(seen) >= 3 and inductor._backend.graphs == 1
+    # Inductor got the routers as plain tensor ops (fused with the layer), not as three opaque custom-op calls
+    assert counters["router_ops_inlined"] - inlined == 3
