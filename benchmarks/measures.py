@@ -47,7 +47,7 @@ def kernels(doc: Doc) -> View:
 
 def router_op(doc: Doc) -> View:
     """`router_op` rows with the prompt length as L (the file writes it as T)."""
-    return [dict(r, kind="router_op", L=r.get("L", r.get("T"))) for r in doc.get("rows", [])], {}
+    return [dict(r, kind="router_op", L=r.get("L", r.get("T")), impl=r.get("impl", "op")) for r in doc.get("rows", [])], {}
 
 
 def export(doc: Doc) -> View:

@@ -1,5 +1,6 @@
-"""Router cost at prefill: `fluxc::router_logits` alone on one layer's (1, T, 32, 128) bf16 pre-RoPE query,
-Llama-3.1-8B shape, router MLP (1024, 256, 512, 128); CUDA-event medians over 50 calls after 10 warm-up calls.
+"""Router cost at prefill: `fluxc::router_logits` on one layer's (1, T, 32, 128) bf16 pre-RoPE query, Llama-3.1-8B
+shape, router MLP (1024, 256, 512, 128), run as the custom op (eager, as export and training run it) and inlined
+and compiled by Inductor (as `fluxc.compile` runs it); CUDA-event medians over 50 calls after 10 warm-up calls.
 JSON (provenance, rows, targets of benchmarks/targets.toml with bench "router_op") to `out`.
 
     python benchmarks/router_op.py out.json     # needs `import fluxc` (scripts/gpu.sh puts the checkout on PYTHONPATH)
@@ -12,7 +13,7 @@ import argparse
 import torch
 
 import fluxc  # noqa: F401  (registers torch.ops.fluxc)
-from fluxc.ops.router import LayerRouter
+from fluxc.ops.router import LayerRouter, router_logits_reference
 
 import harness
 import measures
@@ -29,12 +30,15 @@ def main(argv: list[str] | None = None) -> None:
     command = None if argv is None else ["benchmarks/router_op.py", *argv]
     results = harness.Results(args.out, harness.provenance(command, timing="CUDA events, median of 50 calls after 10"),
                               targets=[])
+    # as the compiled model runs it: inlined tensor ops (passes/lower.py), compiled by Inductor
+    inlined = torch.compile(router_logits_reference, dynamic=False)
     for seq in (32768, 131072):
         query = torch.randn(1, seq, 32, 128, device="cuda", dtype=torch.bfloat16)  # (1, T, H, D)
         valid = torch.ones(1, seq, dtype=torch.bool, device="cuda")  # (1, T)
-        times = harness.iter_ms(lambda q=query, v=valid: torch.ops.fluxc.router_logits(q, v, weights, POOL_SIZE),
-                                iters=50, warm=10, cuda=True)
-        results.add(T=seq, pool_size=POOL_SIZE, ms=harness.median(times))
+        for impl, fn in (("op", torch.ops.fluxc.router_logits), ("inductor", inlined)):
+            times = harness.iter_ms(lambda q=query, v=valid, f=fn: f(q, v, weights, POOL_SIZE), iters=50, warm=10,
+                                    cuda=True)
+            results.add(T=seq, impl=impl, pool_size=POOL_SIZE, ms=harness.median(times))
     results.data["targets"] = measures.targets_for("router_op", results.data)
     results.flush()
     harness.print_targets(results.data["targets"])
