@@ -233,6 +233,7 @@ class Template:
 # Several phrasings per family; the last `EVAL_ONLY_TEMPLATES` of each are evaluation's alone, so held-out
 # accuracy measures phrasings training never saw. Each was checked to be one SmolLM2-135M-Instruct answers
 # with full attention at 1K tokens (3-6 of 4-6 examples on CPU): a phrasing the model cannot do tests nothing.
+# (continue_recent's are scored by perplexity: nothing to check.)
 TEMPLATES: dict[str, tuple[Template, ...]] = {
     "passkey": (
         Template("There is a pass key hidden inside a lot of irrelevant text. Find it and remember it; you will be "
@@ -244,6 +245,13 @@ TEMPLATES: dict[str, tuple[Template, ...]] = {
         Template("A long passage follows. One line in it gives an access number.",
                  "Access number: {key}. Write it down, the access number is {key}.",
                  "Which access number was given in the passage? Give only the digits."),
+        Template("The following document hides a single magic number among many unrelated paragraphs. Look for it.",
+                 "The magic number is {key}. Remember: the magic number is {key}.",
+                 "What is the magic number? Answer with the number only."),
+        Template("Buried somewhere in this long text is a password made of digits.",
+                 "The password is {key}. Do not forget the password {key}.", "What is the password? Reply with the digits only."),
+        Template("Please read the long material below and locate the lucky number hidden in it.",
+                 "The lucky number is {key}. The lucky number is {key}.", "What is the lucky number? Answer with the number only."),
         Template("Below is a lengthy excerpt with a secret number tucked away inside. You will need it at the end.",
                  "The secret number is {key}. Remember the secret number: {key}.",
                  "What is the secret number? Answer with the digits only."),
@@ -259,6 +267,8 @@ TEMPLATES: dict[str, tuple[Template, ...]] = {
                  "What is the score of {key}? Answer with the number only."),
         Template("Some notes in the following text give a number for a name. Keep track of them.",
                  "The number for {key} is {value}.", "What is the number for {key}? Reply with the number only."),
+        Template("The passage below records measurements taken for a few samples.", "Sample {key} measured {value}.",
+                 "What did sample {key} measure? Answer with the number only."),
         Template("Account balances are mentioned here and there in the material below.",
                  "The account labelled {key} holds a balance of {value}.",
                  "What balance does the account labelled {key} hold? Digits only."),
@@ -287,6 +297,12 @@ TEMPLATES: dict[str, tuple[Template, ...]] = {
                  "What tag does the closing section carry? Answer with the number only."),
         Template("Here is a passage.", "(Reference code for this paragraph: {value}.)",
                  "What reference code does the final paragraph give? Reply with the number only."),
+        Template("Read this document to the end.", "The last paragraph is numbered {value}.",
+                 "What number does the last paragraph have? Answer with the number only."),
+        Template("Here is some text.", "This ending paragraph has the label {value}.",
+                 "What label does the ending paragraph have? Reply with the number only."),
+        Template("Study the passage below.", "(Footnote number for this paragraph: {value}.)",
+                 "What footnote number is given in the closing paragraph? Give just the number."),
         Template("Go through the material below.", "The final figure quoted here is {value}.",
                  "What figure is quoted in the very last paragraph? Digits only."),
         Template("Look over this text.", "Paragraph ID: {value}.",
@@ -296,6 +312,11 @@ TEMPLATES: dict[str, tuple[Template, ...]] = {
         Template("Continue the following text with its next sentence.", "", ""),
         Template("Write the sentence that comes next in this text.", "", ""),
         Template("What is the next sentence? Continue the passage.", "", ""),
+        Template("Keep going: write the next sentence of this text.", "", ""),
+        Template("Extend the passage below by one more sentence.", "", ""),
+        Template("Add the sentence that would naturally come next.", "", ""),
+        Template("Predict the following sentence of the text.", "", ""),
+        Template("Finish this excerpt's thought with its next sentence.", "", ""),
         Template("Carry on writing from where the text stops, with one sentence.", "", ""),
         Template("Complete the passage with the sentence that follows.", "", ""),
     ),
