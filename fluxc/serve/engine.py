@@ -254,7 +254,8 @@ class DecodeEngine:
         if count > 1:
             # One compile serves every prompt length (Dynamo specialises a length of 1). Not the strict
             # mark_dynamic: on CUDA, SDPA's fake kernel guards the length in a form its range check rejects
-            # (torch 2.11); a real specialisation shows as a compile after warm-up, which is logged.
+            # (torch 2.11); a real specialisation shows as a compile after warm-up, which is logged. With
+            # sliding-window layers, HF's mask branches on the window: prompts past it compile once more.
             torch._dynamo.maybe_mark_dynamic(ids, 1)
             torch._dynamo.maybe_mark_dynamic(positions, 1)
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
