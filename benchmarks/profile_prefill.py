@@ -71,18 +71,26 @@ def main(argv: list[str] | None = None) -> int:
         results.add(kind="prefill", tokens=prompt.numel(), engine_admission_ms=engine_ms,
                     fluxc_forward_ms=forward_ms, transformers_forward_ms=hf_ms,
                     full_layers=sum(fluxc.last_route(fm)[0].tolist()), compiles=engine.compiles)
+    request = engine.add_request(prompt[:1024], 4 * args.repeat + 8)  # a decode step of one sequence, captured
+    with torch.no_grad():
+        step_ms = timed(engine.step, cuda, 4 * args.repeat)
+    engine.finish(request)
+    results.add(kind="decode_step", batch=1, ms=step_ms, compiles=engine.compiles)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.no_grad(), torch.profiler.profile(activities=activities) as prof:
         admit(engine, prompt)
         harness.sync(cuda)
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:25]
-    for e in events:
+    averages = prof.key_averages()
+    by_device = sorted(averages, key=lambda e: getattr(e, "self_device_time_total", 0.0), reverse=True)[:25]
+    by_host = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]  # where a host-bound call goes
+    for e in {e.key: e for e in by_device + by_host}.values():
         results.add(kind="op", name=e.key, calls=e.count, self_device_us=getattr(e, "self_device_time_total", 0.0),
                     self_cpu_us=e.self_cpu_time_total)
     if args.trace:
         prof.export_chrome_trace(args.trace)
-    print(prof.key_averages().table(sort_by=key, row_limit=25))
+    if cuda:
+        print(averages.table(sort_by="self_device_time_total", row_limit=25))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=25))
     results.flush()
     return 0
 

@@ -163,3 +163,18 @@ def test_kernels_take_structural_masks_on_gpu(route):
     # kernel error against the fp32 model within 2x the bf16 reference's own error
     err, ref_err = (out[real] - exact[real]).abs().max(), (ref[real] - exact[real]).abs().max()
     assert err <= 2 * ref_err + 1e-3, (err, ref_err)
+
+
+@pytest.mark.parametrize("is_causal,bottom_right", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("native_window", [0, 1, 3])
+def test_maskless_positions_match_the_materialised_mask(is_causal, bottom_right, native_window):
+    """A site with no mask tensor: positions in O(Tq), equal to reading the (Tq, Tk) mask it would build."""
+    from fluxc.ops.masks import maskless_positions
+
+    for q_len, kv_len in [(1, 1), (1, 7), (5, 5), (3, 8), (8, 3), (9, 4)]:
+        expect = mask_positions(allowed_mask(None, is_causal, 2, q_len, kv_len, torch.device("cpu"),
+                                             bottom_right=bottom_right, native_window=native_window))
+        got = maskless_positions(is_causal, 2, q_len, kv_len, torch.device("cpu"), bottom_right=bottom_right,
+                                 native_window=native_window)
+        for name, want, have in zip(("qpos", "valid", "key_start"), expect, got):
+            assert torch.equal(have, want), (name, q_len, kv_len, have, want)

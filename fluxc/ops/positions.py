@@ -6,16 +6,20 @@ import torch
 from torch import Tensor
 
 from fluxc.errors import MaskError
-from fluxc.ops.masks import allowed_mask, mask_positions
+from fluxc.ops.masks import allowed_mask, mask_positions, maskless_positions
 
 
 @torch.library.custom_op("fluxc::positions", mutates_args=())
 def flux_positions(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, bottom_right: bool,
                    native_window: int) -> tuple[Tensor, Tensor, Tensor]:
     """(qpos (B, Tq) int64, valid (B, Tq) bool, key_start (B,) int64) for q (B, H, Tq, D), k (B, Hkv, Tk, D)."""
-    allowed = allowed_mask(attn_mask, is_causal, q.shape[0], q.shape[2], k.shape[2], q.device,
-                           bottom_right=bottom_right, native_window=native_window)
-    qpos, valid, key_start = mask_positions(allowed)
+    if attn_mask is None:
+        qpos, valid, key_start = maskless_positions(is_causal, q.shape[0], q.shape[2], k.shape[2], q.device,
+                                                    bottom_right=bottom_right, native_window=native_window)
+    else:
+        allowed = allowed_mask(attn_mask, is_causal, q.shape[0], q.shape[2], k.shape[2], q.device,
+                               bottom_right=bottom_right, native_window=native_window)
+        qpos, valid, key_start = mask_positions(allowed)
     return qpos.contiguous(), valid.contiguous(), key_start.contiguous()
 
 

@@ -324,8 +324,16 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
             else:
                 if mask is not None and match.mask_is_disallow:
                     mask = graph.call_function(torch.logical_not, (mask,))
-                # one positions node per distinct mask (shared by all layers); mask-free sites get their own
-                key = (match.mask, match.mask_is_disallow) if mask is not None else (match.q, match.k)
+                # one positions node per distinct mask, shared by all layers; mask-free sites share one per
+                # causal form and (B, Tq, Tk) (sizes as text: comparing SymInts would add guards)
+                if mask is not None:
+                    key = (match.mask, match.mask_is_disallow)
+                else:
+                    q_shape, k_shape = shape_of(match.q), shape_of(match.k)
+                    seq = 1 if match.layout == "bthd" else 2
+                    key = ("maskless", match.is_causal, match.bottom_right, match.native_window,
+                           *(str(s) for s in (q_shape[0], q_shape[seq], k_shape[seq]))) \
+                        if q_shape is not None and k_shape is not None else (match.q, match.k)
                 if key not in positions_memo:
                     pos = graph.call_function(torch.ops.fluxc.positions.default,
                                               (q, k, mask, match.is_causal, match.bottom_right, match.native_window))
