@@ -132,12 +132,17 @@ def test_a_compile_after_warm_up_is_logged_and_counted(tmp_path, caplog):
     model, ids, mask, cfg, path = _mixed_router_setup(tmp_path)
     engine = _engine(fluxc.compile(model, path, config=cfg))
     engine.warm_up()
+    fm = engine.model
     with caplog.at_level(logging.WARNING, logger="fluxc"):
         engine.generate([torch.arange(1, 30), torch.arange(3, 14)], 3)
+        graphs = fm._backend.graphs
+        fm(input_ids=torch.arange(1, 9)[None])  # the model's own forward compiles a graph: not the engine's
+        assert fm._backend.graphs > graphs
+        engine.generate([torch.arange(2, 20)], 3)
         assert engine.stats["compiles_after_warm_up"] == 0 and "after warm_up" not in caplog.text
         engine.generate([torch.tensor([5])], 3)
     assert engine.stats["compiles_after_warm_up"] == 1
-    assert "a prompt of 1 tokens compiled a new graph after warm_up" in caplog.text
+    assert "a prompt of 1 tokens compiled 1 new graph(s) after warm_up" in caplog.text
 
 
 def test_prompts_of_different_lengths_share_decode_steps_and_free_their_pages(tmp_path):

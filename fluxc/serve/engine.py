@@ -131,7 +131,7 @@ class DecodeEngine:
         self._step_count = 0
         self._outputs: list[Tensor] = []  # (rows, 1) tokens of each step
         self._graphs: dict[int, Any] = {}
-        self._warm_graphs: int | None = None  # compiled graphs when warm_up ended
+        self._warm = False  # warm_up ran: later compiles are logged and counted
         self._decode_fn = torch.compile(private_forward(model.model), backend=model._backend, fullgraph=True)
 
     # --- set-up
@@ -259,8 +259,9 @@ class DecodeEngine:
             torch._dynamo.maybe_mark_dynamic(ids, 1)
             torch._dynamo.maybe_mark_dynamic(positions, 1)
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        before = self.compiles
         out = self.model(input_ids=ids, position_ids=positions, use_cache=True, **{self._cache_kw: cache}, **extra)
-        self._note_compiles(f"a prompt of {count} tokens")
+        self._note_compiles(f"a prompt of {count} tokens", before)
         logits = out.logits[:, -1]  # (1, V)
         first = select_tokens(logits, sampling)  # (1, 1)
         state = self.model.route_state
@@ -406,6 +407,7 @@ class DecodeEngine:
         if not any(s is not None and not s.done for s in self._slots):
             return []  # every live request failed to grow
         bucket = self._bucket()
+        before = self.compiles
         if self._use_graphs(self.tokens.device):
             key = (bucket, sampling)
             if key not in self._graphs:
@@ -415,7 +417,7 @@ class DecodeEngine:
         else:
             self._step(bucket, sampling)
             self.stats["eager_steps"] += 1
-        self._note_compiles(f"a decode step of batch bucket {bucket}")
+        self._note_compiles(f"a decode step of batch bucket {bucket}", before)
         self._outputs.append(self.tokens[:bucket].clone())
         self._step_count += 1
         finished = []
@@ -575,16 +577,16 @@ class DecodeEngine:
         self._outputs.clear()
         if self.tokens.device.type == "cuda":
             torch.cuda.synchronize(self.tokens.device)
-        self._warm_graphs = self.compiles
+        self._warm = True
         return time.perf_counter() - start
 
-    def _note_compiles(self, what: str) -> None:
-        """Log a compile after `warm_up` (one per graph): it means a recompile the warm-up did not cover."""
-        if self._warm_graphs is not None and self.compiles > self._warm_graphs:
-            log.warning("fluxc: %s compiled a new graph after warm_up (%d graphs, %d when warm); each such input "
-                        "pays a compile", what, self.compiles, self._warm_graphs)
-            self.stats["compiles_after_warm_up"] += self.compiles - self._warm_graphs
-            self._warm_graphs = self.compiles
+    def _note_compiles(self, what: str, before: int) -> None:
+        """Log a compile of the engine's own call after `warm_up` (graphs compiled since `before`): a recompile
+        the warm-up did not cover. The model's other callers (its plain forward) compile graphs of their own."""
+        new = self.compiles - before
+        if self._warm and new > 0:
+            log.warning("fluxc: %s compiled %d new graph(s) after warm_up; each such input pays a compile", what, new)
+            self.stats["compiles_after_warm_up"] += new
 
     @property
     def compiles(self) -> int:
