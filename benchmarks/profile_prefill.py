@@ -2,8 +2,9 @@
 (`fluxc.compile(model, router)`, warm), beside the untouched model's forward at the same lengths.
 
 Per length: the engine's admission (prefill, route read, ring compaction, block tables; device synchronised),
-the compiled model's forward alone on the same prompt, and transformers' own forward (SDPA); then one
-admission under torch.profiler, its top kernels by device time and the host time around them.
+the compiled model's forward alone on the same prompt, and transformers' own forward (SDPA); eight prompts
+admitted in one forward against one by one; a decode step; then one admission under torch.profiler, its top
+kernels by device time and the host time around them.
 
     python benchmarks/profile_prefill.py --out prefill.json [--lengths 1024,4096,8000] [--trace trace.json]
     python benchmarks/profile_prefill.py --smoke --out /tmp/prefill.json      # tiny model, CPU
@@ -43,6 +44,11 @@ def admit(engine: DecodeEngine, prompt: torch.Tensor) -> None:
     engine.tokens_of(request)
 
 
+def admit_all(engine: DecodeEngine, prompts: list[torch.Tensor]) -> None:
+    for request in engine.add_requests(prompts, 1):
+        engine.tokens_of(request)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -59,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     results = harness.Results(args.out, harness.provenance(argv and ["benchmarks/profile_prefill.py", *argv],
                                                            model="tiny" if args.smoke else "SmolLM2-135M-Instruct"))
     fm = fluxc.compile(model, router)
-    engine = DecodeEngine(fm, max_batch=2, max_len=max(args.lengths) + 8)
+    engine = DecodeEngine(fm, max_batch=8, max_len=max(args.lengths) + 8)
     results.add(kind="warmup", impl="fluxc", s=engine.warm_up(), compiles=engine.compiles)
     for length in args.lengths:
         prompt = prompts_for(tokenizer, 1, length, length, seed=length)[0].to(device)
@@ -71,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         results.add(kind="prefill", tokens=prompt.numel(), engine_admission_ms=engine_ms,
                     fluxc_forward_ms=forward_ms, transformers_forward_ms=hf_ms,
                     full_layers=sum(fluxc.last_route(fm)[0].tolist()), compiles=engine.compiles)
+    group = [p.to(device) for p in prompts_for(tokenizer, 8, min(args.lengths), max(args.lengths), seed=8)]
+    with torch.no_grad():  # eight prompts admitted in one forward, and one by one
+        together_ms = timed(lambda: admit_all(engine, group), cuda, args.repeat)
+        alone_ms = timed(lambda: [admit(engine, p) for p in group], cuda, args.repeat)
+    results.add(kind="prefill_group", prompts=len(group), tokens=sum(p.numel() for p in group),
+                together_ms=together_ms, one_by_one_ms=alone_ms, compiles=engine.compiles)
     request = engine.add_request(prompt[:1024], 4 * args.repeat + 8)  # a decode step of one sequence, captured
     with torch.no_grad():
         step_ms = timed(engine.step, cuda, 4 * args.repeat)

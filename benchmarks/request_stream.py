@@ -76,15 +76,18 @@ class TimedEngine(DecodeEngine):
         super().__init__(*args, **kwargs)
         self.times: dict[int, list[float]] = {}
         self.prefill_ms: list[float] = []
+        self.admissions: list[int] = []  # prompts per prefill forward
         self.kv: dict[int, int] = {}
 
-    def add_request(self, prompt: torch.Tensor, max_new_tokens: int, sampling: Any = None) -> int:
+    def add_requests(self, prompts: list[torch.Tensor], max_new_tokens: int, sampling: Any = None) -> list[int]:
         start = time.perf_counter()
-        request = super().add_request(prompt, max_new_tokens, sampling)
+        requests = super().add_requests(prompts, max_new_tokens, sampling)
         harness.sync(self.tokens.device.type == "cuda")  # the engine read the routes already: a short wait
-        self.prefill_ms.append((time.perf_counter() - start) * 1e3)
-        self.times[request] = [start, float("nan")]
-        return request
+        for request in requests:  # prompts admitted together get their first tokens together
+            self.prefill_ms.append((time.perf_counter() - start) * 1e3)
+            self.times[request] = [start, float("nan")]
+        self.admissions.append(len(requests))
+        return requests
 
     def finish(self, request: int) -> None:
         if not self._requests[request].done:  # its pages at their most: the last step wrote its last key
@@ -105,6 +108,7 @@ def fluxc_runs(args: argparse.Namespace, model: Any, router: str, prompts: list[
     for batch in args.batches:
         engine.times.clear()
         engine.prefill_ms.clear()
+        engine.admissions.clear()
         start = time.perf_counter()
         if batch == 1:
             outs = [engine.generate([p], args.new)[0] for p in prompts]
@@ -117,6 +121,7 @@ def fluxc_runs(args: argparse.Namespace, model: Any, router: str, prompts: list[
         results.add(kind="requests", impl="fluxc", B=batch, requests=len(prompts), new=args.new, wall_s=wall,
                     tokens_per_s=len(prompts) * args.new / wall, **percentiles(latency), **prefill,
                     prompt_tokens_mean=sum(p.numel() for p in prompts) / len(prompts),
+                    prefill_forwards=len(engine.admissions),
                     compiles_after_warmup=engine.compiles - compiles,
                     captures_after_warmup=engine.stats["graphs_captured"] - captures)
         outputs[batch] = outs

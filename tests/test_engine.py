@@ -127,8 +127,8 @@ def test_one_compile_serves_every_length_and_routing_mask(tmp_path):
 
 
 def test_a_compile_after_warm_up_is_logged_and_counted(tmp_path, caplog):
-    """After warm_up, prompts of new lengths and masks compile nothing; a one-token prompt (a length Dynamo
-    specialises) compiles a prefill graph, which the engine logs and counts."""
+    """After warm_up, prompts of new lengths (one token too) and masks compile nothing; a prefill or step whose
+    graph Dynamo dropped compiles again, which the engine logs and counts."""
     model, ids, mask, cfg, path = _mixed_router_setup(tmp_path)
     engine = _engine(fluxc.compile(model, path, config=cfg))
     engine.warm_up()
@@ -140,9 +140,13 @@ def test_a_compile_after_warm_up_is_logged_and_counted(tmp_path, caplog):
         assert fm._backend.graphs > graphs
         engine.generate([torch.arange(2, 20)], 3)
         assert engine.stats["compiles_after_warm_up"] == 0 and "after warm_up" not in caplog.text
-        engine.generate([torch.tensor([5])], 3)
-    assert engine.stats["compiles_after_warm_up"] == 1
-    assert "a prompt of 1 tokens compiled 1 new graph(s) after warm_up" in caplog.text
+        engine.generate([torch.tensor([5])], 3)  # one token: padded to two, no compile either
+        assert engine.stats["compiles_after_warm_up"] == 0 and "after warm_up" not in caplog.text
+        torch._dynamo.reset()  # Dynamo forgets the warm graphs: the next prefill and step compile again
+        engine.generate([torch.arange(1, 12)], 3)
+    assert engine.stats["compiles_after_warm_up"] == 2
+    assert "a prefill of 1 prompt(s) of up to 11 tokens compiled 1 new graph(s) after warm_up" in caplog.text
+    assert "a decode step of batch bucket 2 compiled 1 new graph(s) after warm_up" in caplog.text
 
 
 def test_prompts_of_different_lengths_share_decode_steps_and_free_their_pages(tmp_path):
@@ -161,7 +165,37 @@ def test_prompts_of_different_lengths_share_decode_steps_and_free_their_pages(tm
         assert torch.equal(out, alone)
     assert len(routes) > 1, "the routers should pick more than one mask over these prompts"
     assert engine.pages_in_use() == 0 and engine.stats["prefills"] == len(prompts)
+    assert engine.stats["prefill_forwards"] < len(prompts), "prompts waiting together should share a prefill"
     assert max(engine.buckets) == 2
+
+
+def test_prompts_admitted_together_equal_each_alone(tmp_path):
+    """One prefill forward of left-padded prompts of different lengths (and a one-token prompt): each request's
+    tokens, routes and pages are those of its prompt admitted alone."""
+    model, ids, mask, cfg, path = _mixed_router_setup(tmp_path)
+    engine = _engine(fluxc.compile(model, path, config=cfg))
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 128, (n,), generator=g) for n in (31, 8, 1, 19)]
+    together = engine.add_requests(prompts, 6)
+    kv_together = [engine.kv_bytes(r) for r in together]
+    assert engine.stats["prefill_forwards"] == 1
+    while not all(engine.finished(r) for r in together):
+        engine.step()
+    alone = []
+    for prompt in prompts:
+        request = engine.add_request(prompt, 6)
+        alone.append((engine.routes_of(request), engine.kv_bytes(request)))
+        while not engine.finished(request):
+            engine.step()
+        alone[-1] += (engine.tokens_of(request),)
+    assert engine.stats["prefill_forwards"] == 1 + len(prompts)
+    routes = set()
+    for request, kv_held, (route, kv, tokens) in zip(together, kv_together, alone):
+        assert engine.routes_of(request) == route and torch.equal(engine.tokens_of(request), tokens)
+        assert kv_held == kv  # the same pages: sparse layers compacted to their rings
+        routes.add(route)
+    assert len(routes) > 1, "the routers should route these prompts apart"
+    assert engine.pages_in_use() == 0
 
 
 def test_mixed_routes_in_one_batch_give_each_sequence_its_own_tokens(tmp_path):

@@ -94,9 +94,10 @@ def test_an_allocation_failure_fails_one_request(routed):
         outs = engine.generate(prompts, 8, errors="return")
     assert isinstance(outs[1], fluxc.RequestError) and "injected" in str(outs[1])
     takes: list[int] = []
+    third = engine.next_request_id + 2  # the three prompts of the next call are admitted together
 
     def after_prefill(owner: int | None) -> bool:  # the third prompt of this call: its prefill takes pages,
-        if owner != first + 3 + 2:  # a full layer's next page (key 20) fails
+        if owner != third:  # a full layer's next page (key 20) fails
             return False
         takes.append(owner)
         return len(takes) > 1

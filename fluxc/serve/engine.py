@@ -4,8 +4,9 @@ batch bucket.
     engine = fluxc.DecodeEngine(fluxc.compile(model, router_ckpt))
     outs = engine.generate([prompt_a, prompt_b, prompt_c], max_new_tokens=64)   # prompts of any length
 
-Each request is prefilled alone (batch 1, its exact length: no padding; one compile serves every length) and
-writes its keys straight into pages of the shared pool (`fluxc.serve.paged`). Its routes are read to the host
+Prompts waiting together are prefilled in one forward (left-padded to the longest; one compile serves every
+batch and length) and write their keys straight into pages of the shared pool (`fluxc.serve.paged`): a model
+of this size is host-bound at prefill, so one forward for eight prompts costs little more than for one. Its routes are read to the host
 once, at admission, to size its pages: a layer it runs sparse keeps only its sink + window ring, so memory
 follows routes. Decode steps run the whole batch with one graph: each layer's attention is one
 `fluxc::paged_attention` that reads routes, block tables and lengths from device memory, so a new routing
@@ -192,78 +193,118 @@ class DecodeEngine:
     def add_request(self, prompt: Tensor, max_new_tokens: int, sampling: SamplingConfig | None = None) -> int:
         """Prefill one prompt (1-D token ids) into a free slot; returns its request id. Raises CapacityError
         when no slot or not enough pages are free (`can_admit` says in advance)."""
-        with self.lock:
-            return self._add_request(prompt, max_new_tokens, sampling)
+        return self.add_requests([prompt], max_new_tokens, sampling)[0]
 
-    def _add_request(self, prompt: Tensor, max_new_tokens: int, sampling: SamplingConfig | None) -> int:
+    @torch.no_grad()
+    def add_requests(self, prompts: list[Tensor], max_new_tokens: int,
+                     sampling: SamplingConfig | None = None) -> list[int]:
+        """Prefill several prompts (1-D token ids of any lengths) in one forward, each into a free slot; returns
+        their request ids. One forward pays the host's per-layer launches once for all of them, so a server
+        admits what is waiting together. Raises CapacityError when the slots or pages cannot take all of them."""
+        with self.lock:
+            return self._add_requests(list(prompts), max_new_tokens, sampling or SamplingConfig())
+
+    def _add_requests(self, prompts: list[Tensor], max_new_tokens: int, sampling: SamplingConfig) -> list[int]:
+        if not prompts:
+            return []
         device = next(self.model.model.parameters()).device
-        prompt = self._check_request(prompt, max_new_tokens).to(device)
+        prompts = [self._check_request(p, max_new_tokens).to(device) for p in prompts]
         if self.pool is None:
             self._allocate(device, next(self.model.model.parameters()).dtype)
         assert self.pool is not None
-        if None not in self._slots:
-            raise CapacityError(f"all {self.max_batch} decode slots are taken; finish requests first or build the "
-                                f"DecodeEngine with a larger max_batch")
-        worst = self.pages_needed(prompt.numel(), max_new_tokens)
+        free_slots = [slot for slot, seq in enumerate(self._slots) if seq is None]
+        if len(prompts) > len(free_slots):
+            raise CapacityError(f"{len(prompts)} prompt(s) for {len(free_slots)} free decode slots: "
+                                f"{self.max_batch - len(free_slots)} of {self.max_batch} decode slots are taken; "
+                                f"finish requests first or build the DecodeEngine with a larger max_batch")
+        worst = sum(self.pages_needed(p.numel(), max_new_tokens) for p in prompts)
         if self.pool.free - self._reserved < worst:
-            raise CapacityError(f"the KV pool has {self.pool.free - self._reserved} pages to spare, a request of "
-                                f"{prompt.numel()} + {max_new_tokens} tokens may need {worst}; give DecodeEngine "
-                                f"more pages (num_pages=) or wait for running requests")
-        first, seq = self._prefill(prompt, max_new_tokens, sampling or SamplingConfig())
-        slot = self._slots.index(None)
-        self._slots[slot] = seq
-        self._requests[seq.request] = seq
-        self._write_row(slot, seq)
-        self.tokens[slot].copy_(first[0])
-        self._outputs.append(first)  # (1, 1): the prefill's token is the request's first
-        seq.steps.append((len(self._outputs) - 1, 0))
-        self.stats["prefills"] += 1
-        if seq.remaining == 0:  # max_new_tokens=1: the prefill's token was all
-            self.finish(seq.request)
-        return seq.request
+            raise CapacityError(f"the KV pool has {self.pool.free - self._reserved} pages to spare, {len(prompts)} "
+                                f"request(s) of {'+'.join(str(p.numel()) for p in prompts)} + {max_new_tokens} tokens "
+                                f"may need {worst}; give DecodeEngine more pages (num_pages=) or wait for running "
+                                f"requests")
+        first, seqs = self._prefill(prompts, max_new_tokens, sampling)
+        for slot, seq in zip(free_slots, seqs):
+            self._slots[slot] = seq
+            self._requests[seq.request] = seq
+            self._write_row(slot, seq)
+        self.tokens[free_slots[:len(seqs)]] = first
+        self._outputs.append(first)  # (n, 1): each prefill token is its request's first
+        for row, seq in enumerate(seqs):
+            seq.steps.append((len(self._outputs) - 1, row))
+            self.stats["prefills"] += 1
+            if seq.remaining == 0:  # max_new_tokens=1: the prefill's token was all
+                self.finish(seq.request)
+        self.stats["prefill_forwards"] += 1
+        return [seq.request for seq in seqs]
 
-    def _prefill(self, prompt: Tensor, max_new_tokens: int, sampling: SamplingConfig) -> tuple[Tensor, _Sequence]:
+    def _prefill(self, prompts: list[Tensor], max_new_tokens: int,
+                 sampling: SamplingConfig) -> tuple[Tensor, list[_Sequence]]:
         assert self.pool is not None
-        count = prompt.numel()
-        per_layer = math.ceil(count / self.page_size)
-        request = self._next_request  # an id per admission attempt, failed ones too
-        self._next_request += 1
-        taken = self.pool.take(self.num_layers * per_layer, owner=request)
+        requests, taken = [], []
         try:
-            return self._prefill_into(request, prompt, max_new_tokens, sampling, taken)
-        except BaseException:  # out of memory, an interrupt: the request never started, its pages go back
-            self.pool.give_back(taken)
+            for index, prompt in enumerate(prompts):
+                requests.append(self._next_request)  # an id per admission attempt, failed ones too
+                self._next_request += 1
+                per_layer = math.ceil(prompt.numel() / self.page_size)
+                try:
+                    taken.append(self.pool.take(self.num_layers * per_layer, owner=requests[-1]))
+                except CapacityError as exc:
+                    exc.prompt_index = index  # type: ignore[attr-defined]  (which prompt of the batch failed)
+                    raise
+            return self._prefill_into(requests, prompts, max_new_tokens, sampling, taken)
+        except BaseException:  # out of memory, an interrupt: the requests never started, their pages go back
+            for pages in taken:
+                self.pool.give_back(pages)
             raise
 
-    def _prefill_into(self, request: int, prompt: Tensor, max_new_tokens: int, sampling: SamplingConfig,
-                      taken: list[int]) -> tuple[Tensor, _Sequence]:
+    def _prefill_into(self, requests: list[int], prompts: list[Tensor], max_new_tokens: int,
+                      sampling: SamplingConfig, taken: list[list[int]]) -> tuple[Tensor, list[_Sequence]]:
         assert self.pool is not None
-        count = prompt.numel()
-        per_layer = math.ceil(count / self.page_size)
-        pages = [taken[i * per_layer:(i + 1) * per_layer] for i in range(self.num_layers)]
-        table = torch.zeros((1, self.num_layers, self.width), dtype=torch.int32)  # (B, L, W)
-        for layer, own in enumerate(pages):
-            table[0, layer, :per_layer] = torch.tensor(own, dtype=torch.int32)
-        device = prompt.device
+        device = prompts[0].device
+        counts = [p.numel() for p in prompts]
+        longest = max(*counts, 2)
+        # Rows are left-padded to the longest prompt (each writes its last `count` keys, the padding goes to the
+        # scratch page). A single prompt gets a one-token companion row and a one-token prompt a padding column:
+        # Dynamo specialises sizes of 1, and from 2 up one compile serves every admission.
+        rows = max(len(prompts), MIN_BUCKET)
+        ids = torch.zeros((rows, longest), dtype=torch.long)  # (B, T)
+        mask = torch.zeros((rows, longest), dtype=torch.long)  # (B, T) 1 = a prompt token
+        table = torch.zeros((rows, self.num_layers, self.width), dtype=torch.int32)  # (B, L, W); 0: scratch
+        lengths = torch.ones(rows, dtype=torch.int32)  # the companion row's one key goes to scratch
+        pages = []
+        for row, (count, own) in enumerate(zip(counts, taken)):
+            per_layer = math.ceil(count / self.page_size)
+            pages.append([own[i * per_layer:(i + 1) * per_layer] for i in range(self.num_layers)])
+            table[row, :, :per_layer] = torch.tensor(own, dtype=torch.int32).view(self.num_layers, per_layer)
+            mask[row, longest - count:] = 1
+            lengths[row] = count
+        ids = ids.to(device)
+        for row, prompt in enumerate(prompts):
+            ids[row, longest - counts[row]:] = prompt
+        ids[len(prompts):, -1] = prompts[0][-1]
+        mask[len(prompts):, -1] = 1
+        mask = mask.to(device)
+        positions = (mask.cumsum(1) - 1).clamp_min(0)  # (B, T) each prompt counts from its first token
         table = table.to(device)
-        cache = PagedCache(self.pool, table, torch.tensor([count], dtype=torch.int32, device=device),
-                           torch.ones((1, self.num_layers), dtype=torch.bool, device=device), self._spec_texts,
+        cache = PagedCache(self.pool, table, lengths.to(device),
+                           torch.ones((rows, self.num_layers), dtype=torch.bool, device=device), self._spec_texts,
                            phase="prefill")
-        ids = prompt[None]  # (1, T)
-        positions = torch.arange(count, device=device)[None]  # (1, T)
-        if count > 1:
-            # One compile serves every prompt length (Dynamo specialises a length of 1). Not the strict
-            # mark_dynamic: on CUDA, SDPA's fake kernel guards the length in a form its range check rejects
-            # (torch 2.11); a real specialisation shows as a compile after warm-up, which is logged. With
-            # sliding-window layers, HF's mask branches on the window: prompts past it compile once more.
-            torch._dynamo.maybe_mark_dynamic(ids, 1)
-            torch._dynamo.maybe_mark_dynamic(positions, 1)
+        # One compile serves every batch and prompt length. Not the strict mark_dynamic: on CUDA, SDPA's fake
+        # kernel guards the length in a form its range check rejects (torch 2.11); a real specialisation shows as
+        # a compile after warm-up, which is logged. With sliding-window layers, HF's mask branches on the window:
+        # prompts past it compile once more.
+        for tensor in (ids, mask, positions):
+            torch._dynamo.maybe_mark_dynamic(tensor, 1)
+        for tensor in (ids, mask, positions, cache.tables, cache.lengths, cache.routes):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
         before = self.compiles
-        out = self.model(input_ids=ids, position_ids=positions, use_cache=True, **{self._cache_kw: cache}, **extra)
-        self._note_compiles(f"a prompt of {count} tokens", before)
-        logits = out.logits[:, -1]  # (1, V)
-        first = select_tokens(logits, sampling)  # (1, 1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self._cache_kw: cache}, **extra)
+        self._note_compiles(f"a prefill of {len(prompts)} prompt(s) of up to {longest} tokens", before)
+        logits = out.logits[:len(prompts), -1]  # (n, V) left padding: every prompt ends at the last column
+        first = select_tokens(logits, sampling)  # (n, 1)
         state = self.model.route_state
         if state.route.shape[1] != self.num_layers:
             raise RouteError(f"the model has {state.route.shape[1]} routed attention sites but {self.num_layers} "
@@ -271,12 +312,26 @@ class DecodeEngine:
         if not self._sites_checked:
             self._check_local_sites()
         nonfinite_before = self.stats["nonfinite_routes"]
-        *route_row, undecided = torch.cat([state.route[0].to(torch.int64), state.nonfinite.view(1)]).tolist()
-        routes = tuple(bool(r) for r in route_row)  # the one host read of a request's routes
+        read = torch.cat([state.route[:len(prompts)].to(torch.int64).flatten(), state.nonfinite.view(1)]).tolist()
+        undecided = read.pop()  # the one host read of the admitted requests' routes
         self.stats["nonfinite_routes"] = undecided  # the route state counts every sequence since compile
         if undecided > nonfinite_before:
-            log.warning("fluxc: request %d: the router gave non-finite logits in %d layer(s); they run full "
-                        "attention", request, undecided - nonfinite_before)
+            log.warning("fluxc: requests %s: the router gave non-finite logits in %d layer(s); they run full "
+                        "attention", requests, undecided - nonfinite_before)
+        finite = torch.isfinite(logits).all(dim=-1)  # (n,)
+        seqs = []
+        for row, (request, count) in enumerate(zip(requests, counts)):
+            routes = tuple(bool(r) for r in read[row * self.num_layers:(row + 1) * self.num_layers])
+            seqs.append(self._settle(request, count, max_new_tokens, pages[row], routes, table[row],
+                                     ~finite[row]))
+        return first, seqs
+
+    def _settle(self, request: int, count: int, max_new_tokens: int, pages: list[list[int]],
+                routes: tuple[bool, ...], table: Tensor, nonfinite: Tensor) -> _Sequence:
+        """A prefilled prompt's sequence: its sparse layers' keys move to their rings and the pages past the
+        ring go back; the pages its full layers may still grow into are reserved."""
+        assert self.pool is not None
+        per_layer = math.ceil(count / self.page_size)
         reserved = 0
         rings = self._ring_layers(routes)
         for layer, ring in enumerate(rings):
@@ -285,14 +340,12 @@ class DecodeEngine:
                 continue
             capacity = self.rings[layer]
             ring_pages = math.ceil(min(count, capacity) / self.page_size)
-            compact_ring(self.pool.k, self.pool.v, table[0, layer, :per_layer], count, self.layer_specs[layer])
+            compact_ring(self.pool.k, self.pool.v, table[layer, :per_layer], count, self.layer_specs[layer])
             self.pool.give_back(pages[layer][ring_pages:])
             pages[layer] = pages[layer][:ring_pages]
             reserved += math.ceil(min(count + max_new_tokens - 1, capacity) / self.page_size) - ring_pages
         self._reserved += reserved
-        seq = _Sequence(request, count, max_new_tokens - 1, pages, routes, rings, reserved,
-                        nonfinite=~torch.isfinite(logits).all())
-        return first, seq
+        return _Sequence(request, count, max_new_tokens - 1, pages, routes, rings, reserved, nonfinite=nonfinite)
 
     def _ring_layers(self, routes: tuple[bool, ...]) -> tuple[bool, ...]:
         """Per layer, whether a sequence with `routes` keeps a ring there: a sparse route, or a local layer."""
@@ -569,7 +622,7 @@ class DecodeEngine:
         start = time.perf_counter()
         token = torch.ones(prompt_len, dtype=torch.long)
         for bucket in self.buckets:
-            requests = [self.add_request(token, 3, sampling) for _ in range(bucket)]
+            requests = self.add_requests([token] * bucket, 3, sampling)
             while any(not self._requests[r].done for r in requests):
                 self.step(sampling)
             for request in requests:
@@ -599,7 +652,7 @@ class DecodeEngine:
                 sampling: SamplingConfig | None = None) -> GenerationState:
         """Admit a left-padded batch (B, T) as B requests (padding dropped)."""
         prompts = split_prompts(input_ids, attention_mask)
-        requests = [self.add_request(p, max_new_tokens, sampling) for p in prompts]
+        requests = self.add_requests(prompts, max_new_tokens, sampling)
         first = torch.cat([self.tokens_of(r)[:1] for r in requests]).view(-1, 1)
         route = torch.tensor([self.routes_of(r) for r in requests])
         return GenerationState(requests, first, route, [p.numel() for p in prompts], max_new_tokens)
@@ -697,14 +750,23 @@ class DecodeEngine:
         since_check = 0
         try:
             while waiting or any(s is not None for s in self._slots):
-                while waiting and (self.pool is None or self.can_admit(waiting[0][1].numel(), max_new_tokens)):
-                    index, prompt = waiting.popleft()
-                    try:
-                        request_of[index] = self.add_request(prompt, max_new_tokens, sampling)
-                    except (FluxError, torch.OutOfMemoryError) as exc:  # this prompt alone; the batch runs on
-                        if errors == "raise":
-                            raise
-                        rejected[index] = request_error(index, exc)
+                admit = self._admissible(waiting, max_new_tokens)
+                try:
+                    request_of.update(zip((index for index, _ in admit),
+                                          self.add_requests([prompt for _, prompt in admit], max_new_tokens, sampling)))
+                except (FluxError, torch.OutOfMemoryError) as exc:
+                    if errors == "raise":
+                        raise
+                    failed = getattr(exc, "prompt_index", None)
+                    if failed is not None:  # that prompt's pages: it alone fails, the others queue again
+                        rejected[admit[failed][0]] = request_error(admit[failed][0], exc)
+                        waiting.extendleft(reversed(admit[:failed] + admit[failed + 1:]))
+                        continue
+                    for index, prompt in admit:  # the forward failed: one at a time, so the prompt that fails
+                        try:  # fails alone and the others run on
+                            request_of[index] = self.add_request(prompt, max_new_tokens, sampling)
+                        except (FluxError, torch.OutOfMemoryError) as single:
+                            rejected[index] = request_error(index, single)
                 if waiting and not any(s is not None for s in self._slots):
                     raise CapacityError(f"a prompt of {waiting[0][1].numel()} tokens + {max_new_tokens} new ones "
                                         f"needs {self.pages_needed(waiting[0][1].numel(), max_new_tokens)} pages, "
@@ -723,6 +785,22 @@ class DecodeEngine:
                 del self._requests[request]
             raise
         return request_of
+
+    def _admissible(self, waiting: collections.deque, max_new_tokens: int) -> list[tuple[int, Tensor]]:
+        """Pop the waiting (index, prompt)s, in order, that free slots and pages take now (admitted together)."""
+        if self.pool is None:
+            parameter = next(self.model.model.parameters())
+            self._allocate(parameter.device, parameter.dtype)
+        assert self.pool is not None
+        slots, pages = self._slots.count(None), self.pool.free - self._reserved
+        admit: list[tuple[int, Tensor]] = []
+        while waiting and len(admit) < slots:
+            need = self.pages_needed(waiting[0][1].numel(), max_new_tokens)
+            if need > pages:
+                break
+            pages -= need
+            admit.append(waiting.popleft())
+        return admit
 
     def _stop_at_eos(self, eos_token_id: int) -> None:
         for seq in [s for s in self._slots if s is not None and not s.done]:
