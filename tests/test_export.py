@@ -110,7 +110,7 @@ def test_prefill_program_and_onnx_match_module(arch, exported, tmp_path):
     assert sig.inputs == ("input_ids", "attention_mask", "position_ids")
     assert sig.outputs[0] == "logits" and sig.outputs[-1] == "routes" and sig.route is None
     assert _targets(program, "cond") == 2 and _targets(program, "fluxc.router_logits") == 2
-    assert _targets(program, "record_route") == 0  # no route state is mutated: routes are an output
+    assert _targets(program, "record_routes") == 0  # no route state is mutated: routes are an output
     path = tmp_path / f"{arch}.onnx"
     fluxc.export_onnx(program, None, path, opset=OPSET[arch], optimize=False)  # the optimizer runs in the CLI test
     proto = onnx.load(path)

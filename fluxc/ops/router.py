@@ -132,26 +132,28 @@ def _backward(ctx, grad):
 router_logits.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("fluxc::record_route", mutates_args=("state",))
-def record_route(state: Tensor, route: Tensor, layer: int) -> None:
-    """state[:B, layer] = route and rows >= B unset: keeps one layer's decisions for the decode steps."""
-    state[: route.shape[0], layer].copy_(route)
-    state[route.shape[0]:, layer].fill_(-1)  # a smaller batch must not inherit older rows
+@torch.library.custom_op("fluxc::record_routes", mutates_args=("state", "counter"))
+def record_routes(state: Tensor, counter: Tensor, routes: list[Tensor], layers: list[int],
+                  undecided: list[Tensor]) -> None:
+    """state[:B, layers[i]] = routes[i] (B,) and rows >= B unset: keeps a forward's decisions for the decode steps;
+    counter += the rows of `undecided` (each (B,) bool: a sequence whose router logits were not finite, routed
+    full). One op per forward, after its last layer: a prefill is host-bound, and per-layer ops cost launches."""
+    batch = routes[0].shape[0]
+    decided = torch.stack(routes, dim=1).to(state.dtype)  # (B, n)
+    first = layers[0]
+    if list(layers) == list(range(first, first + len(layers))):
+        state[:batch, first:first + len(layers)].copy_(decided)
+        state[batch:, first:first + len(layers)].fill_(-1)  # a smaller batch must not inherit older rows
+    else:
+        for column, layer in enumerate(layers):
+            state[:batch, layer].copy_(decided[:, column])
+            state[batch:, layer].fill_(-1)
+    if undecided:
+        counter.add_(torch.stack(undecided).sum().to(counter.dtype))
 
 
-@record_route.register_fake
-def _(state, route, layer):
-    return None
-
-
-@torch.library.custom_op("fluxc::count_nonfinite", mutates_args=("counter",))
-def count_nonfinite(counter: Tensor, logits: Tensor, rows: Tensor) -> None:
-    """counter += the `rows` (B,) bool whose router logits (B, 2) are not finite (those sequences route full)."""
-    counter.add_((~torch.isfinite(logits).all(dim=-1) & rows).sum().to(counter.dtype))
-
-
-@count_nonfinite.register_fake
-def _(counter, logits, rows):
+@record_routes.register_fake
+def _(state, counter, routes, layers, undecided):
     return None
 
 

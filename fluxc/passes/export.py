@@ -1,7 +1,7 @@
 """Export post-pass over a Flux-rewritten graph (runs after `flux_pass`, never changes it).
 
 A deployed program has no `RouteState` to mutate and needs its decisions as data:
-- `record_route` nodes go; the prefill program returns the per-layer routes as a (B, L) bool output and
+- the `record_routes` node goes; the prefill program returns the per-layer routes as a (B, L) bool output and
   the decode program takes them as an input (the decision stored at prefill);
 - with routers, each routed site becomes ``torch.cond(route.all(), full attention, routed attention)``:
   the data-dependent per-layer choice (an ONNX ``If``); the routed branch is `fluxc::routed_attention`,
@@ -107,17 +107,14 @@ def export_pass(gm: fx.GraphModule, *, step: Literal["prefill", "decode"], fixed
         raise ExportError("the model's attention runs through FlexAttention, which fluxc does not export yet; "
                           "load the model with attn_implementation='sdpa' or 'eager' and export again")
     _functional_cache_writes(graph)
-    records = [n for n in graph.nodes if _is_op(n, torch.ops.fluxc.record_route.default)]
     route_of: dict[int, fx.Node] = {}
     dead: list[fx.Node] = []
-    for node in [n for n in graph.nodes if _is_op(n, torch.ops.fluxc.count_nonfinite.default)]:
-        dead.extend(node.all_input_nodes)  # before erasing: erase_node clears the args
-        graph.erase_node(node)  # a serving diagnostic on the route state: a program keeps no state
-    for node in records:
-        state, route, layer = node.args
-        route_of[int(layer)] = route
+    for node in [n for n in graph.nodes if _is_op(n, torch.ops.fluxc.record_routes.default)]:
+        _, _, routes, layers, _ = node.args
+        route_of.update((int(layer), route) for layer, route in zip(layers, routes))
+        # the undecided-row count is a serving diagnostic on the route state: a program keeps no state
+        dead.extend(n for n in node.all_input_nodes if n not in routes)  # before erasing: erase clears args
         graph.erase_node(node)
-        dead.append(state)
     layer_of_route = {route: layer for layer, route in route_of.items()}
     sites = [n for n in graph.nodes if _is_op(n, torch.ops.fluxc.routed_attention.default)]
     site_layer = {}

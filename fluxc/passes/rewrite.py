@@ -6,9 +6,9 @@ Per routable site, the rewrite inserts (before the site):
   route     = forced constant | (logit_full - logit_sparse of fluxc::router_logits(q_pre_rope, valid, W_l))
               > state.full_bias (the operating point; 0 = argmax) for sequences
               whose step starts at their first token; later steps reuse the route stored at prefill
-  fluxc::record_route(state, route, l)                           # keeps the decision with the model
   out       = fluxc::routed_attention(q, k, v, mask, route, qpos, key_start, spec)  (a SiteSpec's text)
-and replaces every use of the site's output with `out`.
+and replaces every use of the site's output with `out`. After the last site, one
+  fluxc::record_routes(state, counter, [route_l], [l], [undecided_l])  # keeps the decisions with the model
 
 A site with the model's own sliding window no wider than the sparse branch's window (a local layer: Gemma 3's
 512 keys against SA's 2048) is rewritten with the route fixed to its own attention and gets no router: the sparse
@@ -212,6 +212,29 @@ def check_route(route: tuple[bool, ...] | None, infos: list[SiteInfo], use_route
                              f"as-is: {info.reason}; use 'full' for that layer")
 
 
+@dataclass
+class RouteRecords:
+    """The routes a forward decides, recorded by one `fluxc::record_routes` after the last site (one op per
+    forward: a per-layer op costs host launches, and a prefill is host-bound)."""
+
+    routes: list[fx.Node] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)
+    undecided: list[fx.Node] = field(default_factory=list)  # (B,) bool: router logits not finite
+
+    def add(self, route: fx.Node, layer: int) -> None:
+        self.routes.append(route)
+        self.layers.append(layer)
+
+    def emit(self, graph: fx.Graph) -> None:
+        if not self.routes:
+            return
+        output = next(n for n in reversed(graph.nodes) if n.op == "output")
+        with graph.inserting_before(output):
+            graph.call_function(torch.ops.fluxc.record_routes.default,
+                                (graph.get_attr("flux_state.route"), graph.get_attr("flux_state.nonfinite"),
+                                 list(self.routes), list(self.layers), list(self.undecided)))
+
+
 def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
     """Rewrite `gm` in place. Returns the sites found (routed and kept)."""
     graph = gm.graph
@@ -283,6 +306,7 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
     kernels_possible = cfg.impl != "reference" and (device.type == "cuda" or (cfg.impl == "triton" and interpreting()))
     structural = kernels_possible if options.structural_masks is None else options.structural_masks
     router_of = {layer: j for j, layer in enumerate(routed)}
+    records = RouteRecords()
     for layer, (match, _info, query) in enumerate(zip(matches, infos, queries)):
         if not match.routable:
             counters["sites_kept"] += 1
@@ -292,7 +316,7 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
         prefill = prefill and site_prefill
         router = router_of.get(layer)  # None: a local layer (its own attention, no router)
         if match.kind == "flex":
-            _rewrite_flex(graph, gm, options, layer, router, match, query, site_prefill)
+            _rewrite_flex(graph, gm, options, layer, router, match, query, site_prefill, records)
             counters["sites_rewritten"] += 1
             counters["rewrite_flex"] += 1
             counters["routers_inserted"] += int(use_routers and router is not None)
@@ -342,15 +366,14 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
             spec = SiteSpec.for_config(cfg, is_causal=is_causal, scale=match.scale, softcap=match.softcap,
                                        math=match.math, softmax_fp32=match.softmax_fp32,
                                        bottom_right=match.bottom_right, native_window=match.native_window).encode()
-            state = graph.get_attr("flux_state.route")
             if options.recorder is None or router is None:
-                route = _route_node(graph, options, layer, router, query, valid, qpos, key_start, q)
-                graph.call_function(torch.ops.fluxc.record_route.default, (state, route, layer))
+                route = _route_node(graph, options, layer, router, query, valid, qpos, key_start, q, records)
+                records.add(route, layer)
                 out = graph.call_function(torch.ops.fluxc.routed_attention.default,
                                           (q, k, v, mask, route, qpos, key_start, spec))
             else:
                 out = _mixed_branches(graph, options, layer, router, query, valid, q, k, v, mask, qpos, key_start,
-                                      spec, state)
+                                      spec, records)
             if match.layout == "bthd":
                 out = graph.call_method("transpose", (out, 1, 2))
         match.anchor.replace_all_uses_with(out)
@@ -363,6 +386,7 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
         layers = sorted({int(w.args[5]) for w in cache_writes.values()})
         raise RouteError(f"{len(cache_writes)} fluxc cache writes (layouts {layers}) feed no attention site the pass "
                          f"could route; the decode engine needs every attention site of the model routed")
+    records.emit(graph)
     graph.lint()
     gm.recompile()
     return PassResult(infos, prefill)
@@ -415,7 +439,7 @@ def _rewrite_paged_site(graph: fx.Graph, match: SiteMatch, k_view: fx.Node, v_vi
 
 
 def _rewrite_flex(graph: fx.Graph, gm: fx.GraphModule, options: PassOptions, layer: int, router: int | None,
-                  match: SiteMatch, query: QueryInput | None, prefill: bool) -> None:
+                  match: SiteMatch, query: QueryInput | None, prefill: bool, records: RouteRecords) -> None:
     """Route a FlexAttention site in place: positions from its mask_mod, a routed score_mod."""
     node = match.anchor
     args = list(node.args)
@@ -425,8 +449,8 @@ def _rewrite_flex(graph: fx.Graph, gm: fx.GraphModule, options: PassOptions, lay
     with graph.inserting_before(node):
         pos = graph.call_function(flex_positions, (mask_mod, match.q, match.k, *mask_buffers))
         qpos, valid, key_start, last = (graph.call_function(operator.getitem, (pos, i)) for i in range(4))
-        route = _route_node(graph, options, layer, router, query, valid, qpos, key_start, match.q)
-        graph.call_function(torch.ops.fluxc.record_route.default, (graph.get_attr("flux_state.route"), route, layer))
+        route = _route_node(graph, options, layer, router, query, valid, qpos, key_start, match.q, records)
+        records.add(route, layer)
         name = f"flux_score_mod_{layer}"
         gm.add_submodule(name, routed_score_mod(getattr(gm, score_attr.target), len(score_buffers), options.config,
                                                 prefill))
@@ -439,7 +463,7 @@ def _rewrite_flex(graph: fx.Graph, gm: fx.GraphModule, options: PassOptions, lay
 
 def _mixed_branches(graph: fx.Graph, options: PassOptions, layer: int, router: int, query: QueryInput | None,
                     valid: fx.Node, q: fx.Node, k: fx.Node, v: fx.Node, mask: fx.Node | None, qpos: fx.Node,
-                    key_start: fx.Node, spec: str, state: fx.Node) -> fx.Node:
+                    key_start: fx.Node, spec: str, records: RouteRecords) -> fx.Node:
     """Training mode: out = z * FA + (1 - z) * SA with z a straight-through Gumbel sample per sequence (site
     `layer`, router `router`: the recorder and the Gumbel draws are indexed by router)."""
     # the routers pool the prompt only, as they do at inference (the recorder holds the batch's prompt tokens)
@@ -448,7 +472,7 @@ def _mixed_branches(graph: fx.Graph, options: PassOptions, layer: int, router: i
     sample = graph.call_function(gumbel_route, (logits, graph.get_attr("flux_recorder.tau"),
                                                 graph.get_attr("flux_recorder"), router))  # (B,)
     sample = graph.call_function(record_sample, (graph.get_attr("flux_recorder"), router, sample, logits))
-    graph.call_function(torch.ops.fluxc.record_route.default, (state, graph.call_function(operator.gt, (sample, 0.5)), layer))
+    records.add(graph.call_function(operator.gt, (sample, 0.5)), layer)
     first_valid = graph.call_function(operator.getitem, (valid, (slice(None), 0)))
     full = graph.call_function(torch.full_like, (first_valid, True))
     sparse = graph.call_function(torch.full_like, (first_valid, False))
@@ -495,7 +519,7 @@ def _register_sources(gm: fx.GraphModule) -> None:
 
 
 def _route_node(graph: fx.Graph, options: PassOptions, layer: int, router: int | None, query: QueryInput | None,
-                valid: fx.Node, qpos: fx.Node, key_start: fx.Node, q: fx.Node) -> fx.Node:
+                valid: fx.Node, qpos: fx.Node, key_start: fx.Node, q: fx.Node, records: RouteRecords) -> fx.Node:
     """bool (B,) route of site `layer` (True = full attention), decided by router `router`; a local layer
     (`router` None) always runs its own attention, the full branch under its native window.
 
@@ -517,8 +541,8 @@ def _route_node(graph: fx.Graph, options: PassOptions, layer: int, router: int |
     routed = graph.call_function(operator.or_, (chosen, graph.call_function(operator.invert, (finite,))))
     first_pos = graph.call_method("amin", (graph.call_function(torch.where, (valid, qpos, 2**62)), 1))  # (B,)
     starts = graph.call_function(operator.eq, (first_pos, key_start))  # (B,) this step begins the sequence
-    graph.call_function(torch.ops.fluxc.count_nonfinite.default,
-                        (graph.get_attr("flux_state.nonfinite"), logits, starts))
+    records.undecided.append(graph.call_function(operator.and_, (graph.call_function(operator.invert, (finite,)),
+                                                                  starts)))
     batch = graph.call_method("size", (q, 0))
     state = graph.call_method("narrow", (graph.get_attr("flux_state.route"), 0, 0, batch))
     stored = graph.call_method("select", (state, 1, layer))  # (B,) int8: 1 full, 0 sparse, -1 unset
