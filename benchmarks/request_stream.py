@@ -87,7 +87,8 @@ class TimedEngine(DecodeEngine):
         for request in requests:  # prompts admitted together get their first tokens together
             self.prefill_ms.append((time.perf_counter() - start) * 1e3)
             self.times[request] = [start, float("nan")]
-        self.admissions.append(len(requests))
+        if requests:
+            self.admissions.append(len(requests))
         return requests
 
     def finish(self, request: int) -> None:

@@ -752,8 +752,9 @@ class DecodeEngine:
             while waiting or any(s is not None for s in self._slots):
                 admit = self._admissible(waiting, max_new_tokens)
                 try:
-                    request_of.update(zip((index for index, _ in admit),
-                                          self.add_requests([prompt for _, prompt in admit], max_new_tokens, sampling)))
+                    if admit:
+                        requests = self.add_requests([prompt for _, prompt in admit], max_new_tokens, sampling)
+                        request_of.update(zip((index for index, _ in admit), requests))
                 except (FluxError, torch.OutOfMemoryError) as exc:
                     if errors == "raise":
                         raise
