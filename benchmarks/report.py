@@ -278,6 +278,11 @@ def serving_region(sources: Mapping[str, Source]) -> str:
         absent = [b for b in batches if not any(r["impl"] == impl and r["B"] == b for r in runs)]
         if absent:
             notes.append(f"transformers' {name}: not recorded at batch {', '.join(map(str, absent))}.")
+    parts = src.doc.get("parts", {})
+    if len({(p.get("commit"), p.get("gpu")) for p in parts.values()}) > 1:  # parts of separate device calls
+        notes.append("Parts run in separate calls (`--append`): " + "; ".join(
+            f"{name} at {str(p.get('commit'))[:7]} on {p.get('gpu')}, {str(p.get('date'))[:16]}"
+            for name, p in parts.items()) + ".")
     header = ["", "batch", "p50 (ms)", "p95 (ms)", "tokens/s", "compiles / captures after warm-up"]
     return "\n".join([table(header, body), "", " ".join(notes), "", provenance_line(src)])
 
