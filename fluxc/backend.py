@@ -21,7 +21,7 @@ from fluxc.config import FluxConfig
 from fluxc.errors import ConfigError, NoAttentionError, RouteError
 from fluxc.ops.router import LayerRouter
 from fluxc.passes import PassOptions, RouteState, SiteInfo, flux_pass
-from fluxc.passes.lower import inline_router_ops
+from fluxc.passes.lower import cacheable_inlined, inline_router_ops
 from fluxc.passes.rewrite import analyse
 
 log = logging.getLogger("fluxc")
@@ -152,7 +152,9 @@ class FluxBackend:
         )
 
         inline_router_ops(gm)
-        return compile_fx(gm, list(example_inputs))
+        marks = {**torch._inductor.config.unsafe_marked_cacheable_functions, **cacheable_inlined()}
+        with torch._inductor.config.patch(unsafe_marked_cacheable_functions=marks):
+            return compile_fx(gm, list(example_inputs))
 
 
 # One backend per options dict of a torch.compile call (Dynamo calls the backend once per graph).

@@ -344,3 +344,17 @@ def test_a_batch_forward_after_the_engine_still_routes(tmp_path):
     fresh = fluxc.compile(model, path, config=cfg)
     torch.testing.assert_close(got, fresh(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(route, fluxc.last_route(fresh))
+
+
+def test_the_served_graphs_are_cacheable(tmp_path, monkeypatch):
+    """AOTAutograd caches the rewritten prefill and decode graphs (no bypass): a server's restart reuses them."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model, ids, mask, cfg, path = _mixed_router_setup(tmp_path)
+    counters.clear()
+    engine = _engine(fluxc.compile(model, path, config=cfg.replace(compiler="inductor")))
+    engine.warm_up()
+    assert engine.compiles == 2
+    assert counters["aot_autograd"]["autograd_cache_bypass"] == 0
+    assert counters["aot_autograd"]["autograd_cache_saved"] + counters["aot_autograd"]["autograd_cache_hit"] == 2

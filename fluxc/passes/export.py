@@ -215,7 +215,7 @@ def _drop_state_reads(gm: fx.GraphModule, num_layers: int) -> None:
     for node in [n for n in graph.nodes if n.op == "get_attr" and str(n.target) == STATE_ATTR]:
         state = gm.get_submodule("flux_state").route
         for user in list(node.users):
-            if user.op == "call_method" and user.target == "narrow" and user.args[1:3] == (0, 0):
+            if _is_op(user, torch.narrow) and user.args[1:3] == (0, 0):
                 batch = user.args[3]  # (B, L) int8 of -1, B the traced batch size
                 with graph.inserting_before(user):
                     unset = graph.call_function(torch.full, ((batch, num_layers), -1),

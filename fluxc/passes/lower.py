@@ -8,9 +8,14 @@ work into a few kernels of the layer's graph.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
+
 import torch
 import torch.fx as fx
 
+from fluxc.ops import router
 from fluxc.ops.router import router_logits_reference
 from fluxc.passes.rewrite import counters
 
@@ -26,3 +31,12 @@ def inline_router_ops(gm: fx.GraphModule) -> int:
         gm.recompile()
         counters["router_ops_inlined"] += inlined
     return inlined
+
+
+@functools.cache
+def cacheable_inlined() -> dict[str, str]:
+    """Inductor's `unsafe_marked_cacheable_functions` entry for the inlined router: AOTAutograd's cache skips a
+    graph calling a Python function unless it is marked; its key is the digest of the function's module source,
+    so an edit to the router invalidates what was cached."""
+    digest = hashlib.sha256(inspect.getsource(router).encode()).hexdigest()[:16]
+    return {f"{router_logits_reference.__module__}.{router_logits_reference.__name__}": digest}

@@ -324,7 +324,7 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
         with graph.inserting_before(match.anchor):
             q, k, v = match.q, match.k, match.v
             if match.layout == "bthd":  # flash-attn (B, T, H, D) -> (B, H, T, D)
-                q, k, v = (graph.call_method("transpose", (t, 1, 2)) for t in (q, k, v))
+                q, k, v = (graph.call_function(torch.transpose, (t, 1, 2)) for t in (q, k, v))
             mask, is_causal = match.mask, match.is_causal
             structure = None
             if structural and mask is not None and match.kind == "sdpa":  # SDPA masks are "may attend" bool/additive
@@ -375,8 +375,8 @@ def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
                 out = _mixed_branches(graph, options, layer, router, query, valid, q, k, v, mask, qpos, key_start,
                                       spec, records)
             if match.layout == "bthd":
-                out = graph.call_method("transpose", (out, 1, 2))
-        match.anchor.replace_all_uses_with(out)
+                out = graph.call_function(torch.transpose, (out, 1, 2))
+        _replace_site(match.anchor, out)
         _erase_dead_site(graph, match.anchor)
         counters["sites_rewritten"] += 1
         counters[f"rewrite_{match.kind}"] += 1
@@ -411,7 +411,7 @@ def _rewrite_cache_site(graph: fx.Graph, match: SiteMatch, write: fx.Node, cfg: 
                                                    softmax_fp32=match.softmax_fp32, impl=cfg.impl)
         out = graph.call_function(torch.ops.fluxc.cache_attention.default,
                                   (match.q, k_store, v_store, lengths, route, layout, spec.encode()))
-    match.anchor.replace_all_uses_with(out)
+    _replace_site(match.anchor, out)
     _erase_dead_site(graph, match.anchor)
 
 
@@ -434,7 +434,7 @@ def _rewrite_paged_site(graph: fx.Graph, match: SiteMatch, k_view: fx.Node, v_vi
                                                   softmax_fp32=match.softmax_fp32, impl=cfg.impl)
         out = graph.call_function(torch.ops.fluxc.paged_attention.default,
                                   (match.q, k_pages, v_pages, table, lengths, route, spec.encode()))
-    match.anchor.replace_all_uses_with(out)
+    _replace_site(match.anchor, out)
     _erase_dead_site(graph, match.anchor)
 
 
@@ -485,11 +485,19 @@ def _mixed_branches(graph: fx.Graph, options: PassOptions, layer: int, router: i
 def _router_logits_node(graph: fx.Graph, options: PassOptions, router: int, query: QueryInput | None,
                         valid: fx.Node) -> fx.Node:
     assert query is not None  # checked in check_route
-    x = graph.call_method("permute", (query.node, *query.permutation))
+    x = graph.call_function(torch.permute, (query.node, query.permutation))
     if query.merged_heads:
-        x = graph.call_method("unflatten", (x, -1, (-1, options.routers[router].head_dim)))  # (B, T, H, D)
+        x = graph.call_function(torch.unflatten, (x, -1, (-1, options.routers[router].head_dim)))  # (B, T, H, D)
     weights = [graph.get_attr(f"flux_routers.{router}.{name}") for name in ROUTER_PARAM_NAMES]
     return graph.call_function(torch.ops.fluxc.router_logits.default, (x, valid, weights, options.config.pool_size))
+
+
+def _replace_site(anchor: fx.Node, out: fx.Node) -> None:
+    """Every use of the site's output reads `out`, which takes the site's example value (same shape and dtype):
+    Dynamo's method calls on it keep a traced receiver, which AOTAutograd's cache requires."""
+    if "example_value" in anchor.meta:
+        out.meta.setdefault("example_value", anchor.meta["example_value"])
+    anchor.replace_all_uses_with(out)
 
 
 def _erase_dead_site(graph: fx.Graph, anchor: fx.Node) -> None:
@@ -532,20 +540,20 @@ def _route_node(graph: fx.Graph, options: PassOptions, layer: int, router: int |
         full = router is None or bool(options.route[layer])
         return graph.call_function(torch.full_like, (first_valid, full))
     logits = _router_logits_node(graph, options, router, query, valid)
-    finite = graph.call_method("all", (graph.call_function(torch.isfinite, (logits,)), -1))  # (B,)
+    finite = graph.call_function(torch.all, (graph.call_function(torch.isfinite, (logits,)), -1))  # (B,)
     margin = graph.call_function(operator.sub, (graph.call_function(operator.getitem, (logits, (slice(None), 1))),
                                                 graph.call_function(operator.getitem, (logits, (slice(None), 0)))))
     # full when the margin beats the operating point (bias 0: the argmax); a router that cannot decide (NaN /
     # inf logits) routes full, counted: never a silent wrong sparse route
     chosen = graph.call_function(operator.gt, (margin, graph.get_attr("flux_state.full_bias")))  # (B,)
     routed = graph.call_function(operator.or_, (chosen, graph.call_function(operator.invert, (finite,))))
-    first_pos = graph.call_method("amin", (graph.call_function(torch.where, (valid, qpos, 2**62)), 1))  # (B,)
+    first_pos = graph.call_function(torch.amin, (graph.call_function(torch.where, (valid, qpos, 2**62)), 1))  # (B,)
     starts = graph.call_function(operator.eq, (first_pos, key_start))  # (B,) this step begins the sequence
     records.undecided.append(graph.call_function(operator.and_, (graph.call_function(operator.invert, (finite,)),
                                                                   starts)))
     batch = graph.call_method("size", (q, 0))
-    state = graph.call_method("narrow", (graph.get_attr("flux_state.route"), 0, 0, batch))
-    stored = graph.call_method("select", (state, 1, layer))  # (B,) int8: 1 full, 0 sparse, -1 unset
+    state = graph.call_function(torch.narrow, (graph.get_attr("flux_state.route"), 0, 0, batch))
+    stored = graph.call_function(torch.select, (state, 1, layer))  # (B,) int8: 1 full, 0 sparse, -1 unset
     reuse = graph.call_function(operator.and_, (graph.call_function(operator.ge, (stored, 0)),
                                                 graph.call_function(operator.invert, (starts,))))
     return graph.call_function(torch.where, (reuse, graph.call_function(operator.eq, (stored, 1)), routed))
