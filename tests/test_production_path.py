@@ -39,7 +39,7 @@ def _run_variant(pattern: str, block_exact: bool, arch: str) -> dict:
     """In the TRITON_INTERPRET=1 worker: one model, three implementations (fp64 and fp32 reference, Triton)."""
     from fluxc.kernels import attention as kernels
 
-    calls = {"routed_prefill": 0, "routed_decode_paged": 0}
+    calls = {"routed_prefill": 0, "routed_decode_paged": 0, "paged_write_prompt": 0}
     originals = {name: getattr(kernels, name) for name in calls}
     for name, original in originals.items():  # count the launches: an explicit impl would raise, not fall back
 
@@ -100,6 +100,7 @@ def test_triton_path_matches_the_reference(results, pattern, block_exact, arch):
     assert got["prefill_calls"] == 2  # both layers' prefill ran the Triton kernel (layer 1 with its full route)
     # decode: both layers (the sparse one's ring, the full one's growing pages) on the paged kernel, every step
     assert got["calls"]["routed_decode_paged"] == 2 * (NEW_TOKENS - 1)
+    assert got["calls"]["paged_write_prompt"] == 2  # the prompt's keys went into the pages in one launch a layer
     assert got["err"] <= 2 * got["ref_err"] + 1e-5, got
     assert got["tokens_equal"]
 

@@ -485,3 +485,27 @@ def _combine_kernel(OP, LSEP, OUT, HQ, num_splits, stride_ob, stride_oh,
     den = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(den == 0.0, 1.0, den)
     tl.store(OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
+
+
+@triton.jit
+def _paged_write_kernel(K_new, V_new, K_pages, V_pages, Table, Seq_lens, T,
+                        skb, skh, skt, svb, svh, svt, stb,
+                        PAGE: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, VDIM: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    # one program per (sequence, prompt row): the row's key and value go to its slot's page; a row before the
+    # sequence's first key (left padding) writes nothing
+    pid = tl.program_id(0)
+    b = pid // T
+    t = pid % T
+    pos = tl.load(Seq_lens + b).to(tl.int64) - T + t
+    if pos >= 0:
+        page = tl.load(Table + b * stb + pos // PAGE).to(tl.int64)
+        row = page * PAGE + pos % PAGE
+        offs = tl.arange(0, BLOCK_K)
+        keep = offs < HEADS * DIM
+        k = tl.load(K_new + b * skb + (offs // DIM) * skh + t * skt + offs % DIM, mask=keep)
+        tl.store(K_pages + row * (HEADS * DIM) + offs, k.to(K_pages.dtype.element_ty), mask=keep)
+        offs = tl.arange(0, BLOCK_V)
+        keep = offs < HEADS * VDIM
+        v = tl.load(V_new + b * svb + (offs // VDIM) * svh + t * svt + offs % VDIM, mask=keep)
+        tl.store(V_pages + row * (HEADS * VDIM) + offs, v.to(V_pages.dtype.element_ty), mask=keep)

@@ -526,3 +526,36 @@ def routed_prefill_dispatch(q, k, v, route, kv_lens, q_lens, *, scale: float, si
     return routed_prefill(q, k, v, route, kv_lens, q_lens, scale=scale, sink=sink, window=window, block=block,
                           block_exact=block_exact, pattern=pattern, n_last=n_last, softcap=softcap,
                           native_window=native_window, out=out, kv_start=kv_start)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def paged_write_prompt(k_pages, v_pages, k_new, v_new, block_table, seq_lens) -> None:
+    """Write a prompt's keys and values into the pages in one launch.  k_new/v_new (B, Hkv, T, D), each
+    sequence's last T keys (key r at slot r: a prompt takes full-attention slots); pages (num_pages, page_size,
+    Hkv, D) contiguous; block_table (B, W) int32; seq_lens (B,) keys after the write.  Rows before a
+    sequence's first key (left padding) write nothing.  No host sync."""
+    for name, t in (("k_pages", k_pages), ("v_pages", v_pages), ("k_new", k_new), ("v_new", v_new)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise KernelError(f"{name}: expected a 4-dim tensor, got {getattr(t, 'shape', type(t).__name__)}")
+        _check_device(t)
+    B, Hkv, T, D = k_new.shape
+    if v_new.shape[:3] != k_new.shape[:3] or k_pages.shape[2:] != (Hkv, D) or v_pages.shape[2] != Hkv \
+            or v_pages.shape[3] != v_new.shape[3] or v_pages.shape[:2] != k_pages.shape[:2]:
+        raise KernelError(f"shapes: k_new {tuple(k_new.shape)}, v_new {tuple(v_new.shape)}, k_pages "
+                          f"{tuple(k_pages.shape)}, v_pages {tuple(v_pages.shape)} do not fit one layout")
+    if not (k_pages.is_contiguous() and v_pages.is_contiguous()):
+        raise KernelError("k_pages / v_pages must be contiguous (num_pages, page_size, kv_heads, head_dim)")
+    if k_new.stride(3) != 1 or v_new.stride(3) != 1:
+        raise KernelError("k_new / v_new need a contiguous last dim")
+    if B == 0 or T == 0:
+        return
+    table = block_table.contiguous()
+    Dv = v_new.shape[3]
+    _kernels()._paged_write_kernel[(B * T,)](
+        k_new, v_new, k_pages, v_pages, table, seq_lens.contiguous(), T,
+        k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
+        table.stride(0), PAGE=k_pages.shape[1], HEADS=Hkv, DIM=D, VDIM=Dv,
+        BLOCK_K=_pow2(Hkv * D), BLOCK_V=_pow2(Hkv * Dv))

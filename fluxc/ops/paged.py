@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fluxc import patterns
+from fluxc.kernels import attention as triton_kernels
 from fluxc.kernels.reference import paged_gather, paged_valid
 from fluxc.ops.attention import routed_attention_reference
 from fluxc.ops.dispatch import resolve_impl, run_paged_kernel
@@ -44,6 +45,10 @@ def paged_write(k_pages: Tensor, v_pages: Tensor, k_new: Tensor, v_new: Tensor, 
     full-attention slots whatever the route: the route is decided by that same forward (`compact_ring` moves
     a sparse layer's keys to its ring afterwards)."""
     batch, heads, count, dim = k_new.shape
+    if count > 1 and resolve_impl(SiteSpec.decode(spec).impl, k_new.device) != "reference" \
+            and k_pages.dtype == k_new.dtype:  # one launch, not some twenty ops (a served prefill is host-bound)
+        triton_kernels.paged_write_prompt(k_pages, v_pages, k_new, v_new, block_table, seq_lens)
+        return
     route = torch.ones_like(route, dtype=torch.bool) if count > 1 else route
     rows = write_rows(block_table, seq_lens, route, count, k_pages.shape[1], SiteSpec.decode(spec)).flatten()
     k_pages.flatten(0, 1).index_copy_(0, rows, k_new.transpose(1, 2).reshape(-1, heads, dim).to(k_pages.dtype))

@@ -119,4 +119,9 @@ def cases() -> dict[str, dict]:
                                     window=window, block=block, block_exact=be, page=page, n=n, route=route,
                                     num_splits=splits)
     out["paged-fp16-g4-block-page16"]["config"] = dict(BLOCK_N=16, num_warps=4, num_stages=1, SPLIT_WAVES=2)
+    # a prompt's keys written into the pages (left-padded rows write nothing; heads x dim not a power of two)
+    for name, dtype, Hkv, D, page, n in (("fp16-h3-page16", "fp16", 3, 64, 16, [37, 5, 1, 40]),
+                                         ("fp32-h2-d128-page4", "fp32", 2, 128, 4, [9, 17])):
+        seed += 1
+        out[f"paged-write-{name}"] = dict(kind="paged_write", seed=seed, dtype=dtype, Hkv=Hkv, D=D, page=page, n=n)
     return out

@@ -18,6 +18,7 @@ from _kernel_harness import (  # noqa: E402
     load_kernels,
     run_decode_case,
     run_paged_case,
+    run_paged_write_case,
     run_prefill_case,
     run_ring_case,
     run_skip_case,
@@ -25,7 +26,7 @@ from _kernel_harness import (  # noqa: E402
 )
 
 RUN = {"prefill": run_prefill_case, "decode": run_decode_case, "varlen": run_varlen_case, "ring": run_ring_case,
-       "paged": run_paged_case}
+       "paged": run_paged_case, "paged_write": run_paged_write_case}
 
 
 def main(path: str) -> None:

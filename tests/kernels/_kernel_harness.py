@@ -351,3 +351,35 @@ def run_paged_case(K, case: dict, device: str) -> dict:
     if not rep["paged_ref_err"] <= 1e-9:
         rep["ok"] = False
     return rep
+
+
+def run_paged_write_case(K, case: dict, device: str) -> dict:
+    """paged_write_prompt against a Python loop that copies each real row to its slot: key r of sequence b at
+    page table[b, r // page], row r % page. Pools start NaN, pages come out of order, k/v arrive as the model's
+    (B, T, H, D) -> (B, H, T, D) transposed views; every written value must be exact and nothing else touched."""
+    attn = submodule(K, "attention")
+    g = torch.Generator(device="cpu").manual_seed(case["seed"])
+    n, page, Hkv, D = case["n"], case["page"], case["Hkv"], case["D"]
+    dt = DTYPES[case["dtype"]]
+    B, T = len(n), max(n)
+    k = torch.randn(B, T, Hkv, D, generator=g).to(device, dt).transpose(1, 2)  # (B, Hkv, T, D) a view
+    v = torch.randn(B, T, Hkv, D, generator=g).to(device, dt).transpose(1, 2)
+    width = -(-T // page)
+    num_pages = B * width + 2
+    order = torch.randperm(num_pages - 1, generator=g) + 1  # page 0 stays scratch
+    table = torch.zeros(B, width + 1, dtype=torch.int32)
+    table[:, :width] = order[: B * width].view(B, width).to(torch.int32)
+    k_pages = torch.full((num_pages, page, Hkv, D), float("nan"), dtype=dt, device=device)
+    v_pages = k_pages.clone()
+    want_k, want_v = k_pages.clone(), v_pages.clone()
+    for b in range(B):
+        for t in range(T):
+            r = n[b] - T + t  # the row's key index; < 0: left padding
+            if r >= 0:
+                want_k[table[b, r // page], r % page] = k[b, :, t]
+                want_v[table[b, r // page], r % page] = v[b, :, t]
+    lens = torch.tensor(n, dtype=torch.int32, device=device)
+    attn.paged_write_prompt(k_pages, v_pages, k, v, table.to(device), lens)
+    same = torch.equal(k_pages.nan_to_num(7.0), want_k.nan_to_num(7.0)) and \
+        torch.equal(v_pages.nan_to_num(7.0), want_v.nan_to_num(7.0))
+    return dict(ok=same, nan=False, err=0.0 if same else 1.0, tol=0.0)
