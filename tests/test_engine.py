@@ -166,6 +166,9 @@ def test_prompts_of_different_lengths_share_decode_steps_and_free_their_pages(tm
     assert len(routes) > 1, "the routers should pick more than one mask over these prompts"
     assert engine.pages_in_use() == 0 and engine.stats["prefills"] == len(prompts)
     assert engine.stats["prefill_forwards"] < len(prompts), "prompts waiting together should share a prefill"
+    bounded = _engine(fm, max_batch=4, max_prefill_tokens=50)  # 9 + 23 pad to 46; a third (3 x 23) waits
+    assert [torch.equal(a, b) for a, b in zip(bounded.generate(prompts, 7), outs)] == [True] * len(prompts)
+    assert bounded.stats["prefill_forwards"] == 4  # (9, 23), (14), (30), (6): no group over 50 padded tokens
     assert max(engine.buckets) == 2
 
 
@@ -254,6 +257,8 @@ def test_engine_errors():
         DecodeEngine(model)
     with pytest.raises(fluxc.ConfigError, match="max_batch=0"):
         DecodeEngine(engine.model, max_batch=0)
+    with pytest.raises(fluxc.ConfigError, match="max_prefill_tokens=1 must be an int >= 2"):
+        DecodeEngine(engine.model, max_prefill_tokens=1)
     with pytest.raises(fluxc.CapacityError, match="exceeds max_len=96"):
         engine.generate([torch.ones(90, dtype=torch.long)], 10)
     with pytest.raises(fluxc.ConfigError, match="token ids are integers"):

@@ -85,6 +85,8 @@ class DecodeEngine:
     model's max_position_embeddings). `page_size`: keys per page. `num_pages`: the pool (default: every slot at
     `max_len` in every layer with full attention, capped at 80% of free device memory on CUDA).
     `cuda_graphs`: "auto" (on for CUDA models), True (raise if impossible) or False (the same steps eagerly).
+    `max_prefill_tokens`: the most padded tokens (prompts x the longest) `generate` prefills in one forward;
+    prompts waiting beyond it go in the next (a bound on the prefill's activation memory).
 
     A request that fails (its pages cannot be allocated, its logits turn NaN / inf) ends with a `RequestError`
     (`error_of`) while the others run on untouched. One thread at a time drives an engine: its methods hold
@@ -92,12 +94,14 @@ class DecodeEngine:
     """
 
     def __init__(self, model: FluxModule, *, max_batch: int = 8, max_len: int | None = None, page_size: int = 16,
-                 num_pages: int | None = None, cuda_graphs: bool | str = "auto") -> None:
+                 num_pages: int | None = None, cuda_graphs: bool | str = "auto",
+                 max_prefill_tokens: int = 65536) -> None:
         if flux_backend_of(model) is None:
             raise ConfigError(f"model must be a fluxc.compile(...) result (FluxModule), got {type(model).__name__}")
         if not (isinstance(cuda_graphs, bool) or (isinstance(cuda_graphs, str) and cuda_graphs == "auto")):
             raise ConfigError(f"cuda_graphs={cuda_graphs!r}: use True, False or 'auto'")
-        for name, value, low in (("max_batch", max_batch, 1), ("page_size", page_size, 1)):
+        for name, value, low in (("max_batch", max_batch, 1), ("page_size", page_size, 1),
+                                 ("max_prefill_tokens", max_prefill_tokens, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name}={value!r} must be an int >= {low}")
         self.model = model
@@ -112,6 +116,7 @@ class DecodeEngine:
         self.max_len = max_len or getattr(text, "max_position_embeddings", None) or 4096
         self.vocab = vocab_size(model.model)
         self.page_size = page_size
+        self.max_prefill_tokens = max_prefill_tokens
         self.width = math.ceil(self.max_len / page_size)  # block table columns
         self.buckets = tuple(sorted({max(MIN_BUCKET, 1 << (b - 1).bit_length()) for b in range(1, max_batch + 1)}))
         self.max_batch = self.buckets[-1]
@@ -795,9 +800,11 @@ class DecodeEngine:
         assert self.pool is not None
         slots, pages = self._slots.count(None), self.pool.free - self._reserved
         admit: list[tuple[int, Tensor]] = []
+        longest = 0
         while waiting and len(admit) < slots:
             need = self.pages_needed(waiting[0][1].numel(), max_new_tokens)
-            if need > pages:
+            longest = max(longest, waiting[0][1].numel())
+            if need > pages or (admit and (len(admit) + 1) * longest > self.max_prefill_tokens):
                 break
             pages -= need
             admit.append(waiting.popleft())
