@@ -22,6 +22,7 @@ from fluxc.errors import ConfigError, NoAttentionError, RouteError
 from fluxc.ops.router import LayerRouter
 from fluxc.passes import PassOptions, RouteState, SiteInfo, flux_pass
 from fluxc.passes.lower import cacheable_inlined, inline_router_ops
+from fluxc.passes.regions import compile_graph_in_regions
 from fluxc.passes.rewrite import analyse
 
 log = logging.getLogger("fluxc")
@@ -96,6 +97,9 @@ class FluxBackend:
         self.last_inputs: tuple[Any, ...] = ()
         self.keep_inputs = False
         self.structural_masks: bool | None = None  # PassOptions.structural_masks (None: where kernels can run)
+        # Inductor compiles the graph region by region, each distinct region once (`fluxc.passes.regions`);
+        # False compiles it whole (one graph, cross-layer fusion, a compile that grows with the layers)
+        self.regional = True
 
     def _routers_for(self, sites: list[SiteInfo], device: torch.device) -> nn.ModuleList | None:
         if self.route is not None:
@@ -154,7 +158,12 @@ class FluxBackend:
         inline_router_ops(gm)
         marks = {**torch._inductor.config.unsafe_marked_cacheable_functions, **cacheable_inlined()}
         with torch._inductor.config.patch(unsafe_marked_cacheable_functions=marks):
-            return compile_fx(gm, list(example_inputs))
+            if not self.regional:
+                return compile_fx(gm, list(example_inputs))
+            compiled, why_whole = compile_graph_in_regions(gm, example_inputs, compile_fx)
+            if why_whole:
+                log.info("fluxc: the graph is compiled whole: %s", why_whole)
+            return compiled
 
 
 # One backend per options dict of a torch.compile call (Dynamo calls the backend once per graph).

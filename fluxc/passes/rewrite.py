@@ -551,7 +551,9 @@ def _route_node(graph: fx.Graph, options: PassOptions, layer: int, router: int |
     starts = graph.call_function(operator.eq, (first_pos, key_start))  # (B,) this step begins the sequence
     records.undecided.append(graph.call_function(operator.and_, (graph.call_function(operator.invert, (finite,)),
                                                                   starts)))
-    batch = graph.call_method("size", (q, 0))
+    # the batch from the positions (computed once per graph), not from this layer's queries: the state's
+    # column then reads outside the layer's compiled region (`fluxc.passes.regions`)
+    batch = graph.call_method("size", (valid, 0))
     state = graph.call_function(torch.narrow, (graph.get_attr("flux_state.route"), 0, 0, batch))
     stored = graph.call_function(torch.select, (state, 1, layer))  # (B,) int8: 1 full, 0 sparse, -1 unset
     reuse = graph.call_function(operator.and_, (graph.call_function(operator.ge, (stored, 0)),
