@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.node import map_arg
 
@@ -205,7 +206,9 @@ def _fake_values(gm: fx.GraphModule, fake_mode: Any) -> dict[fx.Node, Any]:
         elif node.op in ("call_function", "call_method"):
             args = map_arg(node.args, values.__getitem__)
             kwargs = map_arg(node.kwargs, values.__getitem__)
-            with fake_mode:
+            # the Python dispatcher as Dynamo traces: without it, C++ composites (matmul) read symbolic sizes as
+            # ints and specialise the dynamic dimensions
+            with fake_mode, enable_python_dispatcher():
                 if node.op == "call_method":
                     values[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
                 else:
@@ -236,7 +239,7 @@ def _in_mode(value: Any, mode: Any) -> Any:
     both modes share one ShapeEnv), SymInts and constants as they are."""
     if not isinstance(value, torch.Tensor) or getattr(value, "fake_mode", None) is mode:
         return value
-    with mode:
+    with mode, enable_python_dispatcher():
         return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
 
 
