@@ -278,6 +278,7 @@ def serving_region(sources: Mapping[str, Source]) -> str:
         absent = [b for b in batches if not any(r["impl"] == impl and r["B"] == b for r in runs)]
         if absent:
             notes.append(f"transformers' {name}: not recorded at batch {', '.join(map(str, absent))}.")
+    notes += [str(n) + ("" if str(n).endswith(".") else ".") for n in src.doc.get("notes", [])]
     parts = src.doc.get("parts", {})
     if len({(p.get("commit"), p.get("gpu")) for p in parts.values()}) > 1:  # parts of separate device calls
         notes.append("Parts run in separate calls (`--append`): " + "; ".join(
