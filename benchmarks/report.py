@@ -270,9 +270,13 @@ def serving_region(sources: Mapping[str, Source]) -> str:
     if kv is not None:
         notes.append(f"KV bytes a request holds: {kv['fraction_of_dense']:.2f} of its dense size (the router's "
                      f"sparse layers keep sink + window pages).")
-    notes.append("Checks (full routes equal the untouched model; the engine equals the plain loop): "
-                 + (f"{check['full_equals_untouched']}/{check['prompts']} and "
-                    f"{check['router_equals_dynamic_loop']}/{check['prompts']}." if check else "not recorded."))
+    def tied(prefix: str) -> str:
+        return f" (+{check[prefix + '_near_ties']} apart at a bf16 near-tie)" if f"{prefix}_near_ties" in check else ""
+
+    notes.append("Checks, equal greedy tokens (full routes against the untouched model; the engine against the "
+                 "plain loop): " + (f"{check['full_equals_untouched']}/{check['prompts']}{tied('full')} and "
+                                    f"{check['router_equals_dynamic_loop']}/{check['prompts']}{tied('router')}."
+                                    if check else "not recorded."))
     batches = sorted({r["B"] for r in runs})
     for impl, name in (("hf_static", "static cache + compile"), ("hf_dynamic", "dynamic cache")):
         absent = [b for b in batches if not any(r["impl"] == impl and r["B"] == b for r in runs)]

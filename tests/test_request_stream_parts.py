@@ -49,3 +49,26 @@ def test_append_needs_the_same_prompts(stream, tmp_path):
     assert stream.earlier_run(str(path), dict(STREAM))["rows"] == ROWS
     with pytest.raises(SystemExit, match="another request stream"):
         stream.earlier_run(str(path), {**STREAM, "requests": 40})
+
+
+def test_near_tie_tells_a_bf16_tie_from_a_real_difference(stream):
+    """The checks' rule: two greedy answers that first differ where the untouched model's logits for the two
+    tokens are within 4 bf16 ulps count as a near-tie; a wider gap is a real difference."""
+    import types
+
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self, row: list[float]) -> None:
+            super().__init__()
+            self.row = torch.tensor(row)
+
+        def forward(self, input_ids):
+            return types.SimpleNamespace(logits=self.row.expand(1, input_ids.shape[1], -1))
+
+    reference, other = torch.tensor([3, 1, 2]), torch.tensor([3, 1, 0])
+    tied, gap = stream.near_tie(Logits([20.05, 0.0, 20.0, 0.0]), reference, other)  # 4 ulps at 20: 0.3125
+    assert tied and gap == pytest.approx(0.05, abs=1e-4)
+    tied, gap = stream.near_tie(Logits([19.0, 0.0, 20.0, 0.0]), reference, other)
+    assert not tied and gap == pytest.approx(1.0)
+    assert stream.near_tie(Logits([0.0, 0.0, 1.0, 0.0]), reference, reference) is None
