@@ -86,6 +86,13 @@ def _mutated_inputs(node: fx.Node) -> list[fx.Node]:
     return out
 
 
+def _attribute(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
 @dataclass
 class RegionPlan:
     """Where each node of a graph runs: `level[node]`, and the nodes compiled as regions, per level."""
@@ -108,6 +115,9 @@ def plan_regions(gm: fx.GraphModule) -> RegionPlan:
     nodes = list(gm.graph.nodes)
     for node in nodes:
         inputs = node.all_input_nodes
+        if node.op == "get_attr" and not isinstance(_attribute(gm, node.target), torch.Tensor):
+            # a higher-order op's subgraph (flex attention's score_mod): its region would have to own it
+            return RegionPlan({}, {}, set(), f"{node.format_node()} is a subgraph, not a tensor")
         if node.op in ("placeholder", "get_attr"):
             level[node], _ = 0, outside.add(node)
             continue
@@ -199,9 +209,7 @@ def _fake_values(gm: fx.GraphModule, fake_mode: Any) -> dict[fx.Node, Any]:
         if node.op == "placeholder":
             values[node] = node.meta["example_value"]
         elif node.op == "get_attr":
-            attr = gm
-            for part in node.target.split("."):
-                attr = getattr(attr, part)
+            attr = _attribute(gm, node.target)
             values[node] = fake_mode.from_tensor(attr, static_shapes=True) if isinstance(attr, torch.Tensor) else attr
         elif node.op in ("call_function", "call_method"):
             args = map_arg(node.args, values.__getitem__)
