@@ -192,7 +192,8 @@ def _region(nodes: list[fx.Node], values: dict[fx.Node, Any]) -> _Region:
     for index, node in enumerate(nodes):
         copy = graph.create_node(node.op, node.target, map_arg(node.args, env.__getitem__),
                                  map_arg(node.kwargs, env.__getitem__), name=f"v{index}")
-        copy.meta = {k: v for k, v in node.meta.items() if k in ("example_value", "val", "tensor_meta")}
+        if node in values:  # the propagated value: Dynamo's may assume an SDPA output's layout upstream
+            copy.meta["example_value"] = copy.meta["val"] = values[node]
         env[node] = copy
     graph.output(tuple(env[o] for o in outputs))
     module = fx.GraphModule(torch.nn.Module(), graph)
@@ -245,6 +246,8 @@ def _call_compiled(fn: Callable) -> Callable:
 def _in_mode(value: Any, mode: Any) -> Any:
     """`value` as an example input of `mode`: a fake tensor of the same sizes and strides (the same SymInts:
     both modes share one ShapeEnv), SymInts and constants as they are."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_in_mode(v, mode) for v in value)
     if not isinstance(value, torch.Tensor) or getattr(value, "fake_mode", None) is mode:
         return value
     with mode, enable_python_dispatcher():
