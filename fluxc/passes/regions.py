@@ -20,7 +20,7 @@ import logging
 import operator
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.node import map_arg
 
+from fluxc.passes.graph import meta_value
 from fluxc.passes.rewrite import counters
 
 log = logging.getLogger("fluxc")
@@ -86,13 +87,6 @@ def _mutated_inputs(node: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _attribute(gm: fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
 @dataclass
 class RegionPlan:
     """Where each node of a graph runs: `level[node]`, and the nodes compiled as regions, per level."""
@@ -115,11 +109,12 @@ def plan_regions(gm: fx.GraphModule) -> RegionPlan:
     nodes = list(gm.graph.nodes)
     for node in nodes:
         inputs = node.all_input_nodes
-        if node.op == "get_attr" and not isinstance(_attribute(gm, node.target), torch.Tensor):
+        if node.op == "get_attr" and not isinstance(operator.attrgetter(node.target)(gm), torch.Tensor):
             # a higher-order op's subgraph (flex attention's score_mod): its region would have to own it
             return RegionPlan({}, {}, set(), f"{node.format_node()} is a subgraph, not a tensor")
         if node.op in ("placeholder", "get_attr"):
-            level[node], _ = 0, outside.add(node)
+            level[node] = 0
+            outside.add(node)
             continue
         if node.op == "output":
             continue
@@ -208,9 +203,9 @@ def _fake_values(gm: fx.GraphModule, fake_mode: Any) -> dict[fx.Node, Any]:
     values: dict[fx.Node, Any] = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            values[node] = node.meta["example_value"]
+            values[node] = meta_value(node)
         elif node.op == "get_attr":
-            attr = _attribute(gm, node.target)
+            attr = operator.attrgetter(node.target)(gm)
             values[node] = fake_mode.from_tensor(attr, static_shapes=True) if isinstance(attr, torch.Tensor) else attr
         elif node.op in ("call_function", "call_method"):
             args = map_arg(node.args, values.__getitem__)
@@ -231,7 +226,6 @@ class RegionalCompile:
 
     regions: int = 0
     compiled: int = 0
-    reused: list[int] = field(default_factory=list)
 
 
 def _call_compiled(fn: Callable) -> Callable:
@@ -261,8 +255,6 @@ def compile_regions(gm: fx.GraphModule, plan: RegionPlan, compile_fn: Callable[[
     the fake mode of the graph's example values and the one the compiler runs under."""
     meta_mode, backend_mode = modes
     report = report if report is not None else RegionalCompile()
-    ordered = sorted(plan.regions)
-    parts = {lvl: plan.regions[lvl] for lvl in ordered}
     start = time.perf_counter()
     values = {n: _in_mode(v, backend_mode) for n, v in _fake_values(gm, meta_mode).items()}
     log.debug("fluxc: the regions' example inputs took %.2f s", time.perf_counter() - start)
@@ -276,21 +268,19 @@ def compile_regions(gm: fx.GraphModule, plan: RegionPlan, compile_fn: Callable[[
             env[node] = top.node_copy(node, env.__getitem__)
         elif node in plan.outside:
             outside_by_level.setdefault(plan.level[node], []).append(node)
-    levels = sorted(set(ordered) | set(outside_by_level))
+    levels = sorted(set(plan.regions) | set(outside_by_level))
     for lvl in levels:
         for node in outside_by_level.get(lvl, []):
             env[node] = top.node_copy(node, env.__getitem__)
-        if lvl not in parts:
+        if lvl not in plan.regions:
             continue
-        region = _region(parts[lvl], values)
+        region = _region(plan.regions[lvl], values)
         report.regions += 1
         fn = compiled.get(region.key)
         if fn is None:
             fn = _call_compiled(compile_fn(region.graph_module, [values[i] for i in region.inputs]))
             compiled[region.key] = fn
             report.compiled += 1
-        else:
-            report.reused.append(lvl)
         call = top.call_function(fn, tuple(env[i] for i in region.inputs))
         for index, out in enumerate(region.outputs):
             env[out] = top.call_function(operator.getitem, (call, index))
@@ -310,7 +300,7 @@ def compile_graph_in_regions(gm: fx.GraphModule, example_inputs: Sequence[Any],
     # Dynamo's example values live in its tracing mode; the backend compiles under a second mode on the same
     # ShapeEnv (the tracing context's), which the regions' example inputs must belong to
     meta_mode = next((v.fake_mode for n in gm.graph.nodes if n.op == "placeholder"
-                      for v in [n.meta.get("example_value")] if isinstance(v, FakeTensor)), None)
+                      for v in [meta_value(n)] if isinstance(v, FakeTensor)), None)
     context = torch._guards.TracingContext.try_get()
     backend_mode = context.fake_mode if context is not None else None
     if plan.split and (meta_mode is None or backend_mode is None):
