@@ -273,10 +273,18 @@ def serving_region(sources: Mapping[str, Source]) -> str:
     def tied(prefix: str) -> str:
         return f" (+{check[prefix + '_near_ties']} apart at a bf16 near-tie)" if f"{prefix}_near_ties" in check else ""
 
-    notes.append("Checks, equal greedy tokens (full routes against the untouched model; the engine against the "
-                 "plain loop): " + (f"{check['full_equals_untouched']}/{check['prompts']}{tied('full')} and "
-                                    f"{check['router_equals_dynamic_loop']}/{check['prompts']}{tied('router')}."
-                                    if check else "not recorded."))
+    if check:
+        text = (f"Checks, equal greedy tokens: full routes against the untouched model "
+                f"{check['full_equals_untouched']}/{check['prompts']}{tied('full')}; the engine against the plain "
+                f"loop {check['router_equals_dynamic_loop']}/{check['prompts']}{tied('router')}")
+        if "router_same_routes" in check:
+            text += f", the same route for {check['router_same_routes']}/{check['prompts']}"
+        if "hf_eager_equals_sdpa" in check:
+            text += (f"; for scale, transformers' eager attention against its sdpa "
+                     f"{check['hf_eager_equals_sdpa']}/{check['prompts']}{tied('hf_eager')}")
+        notes.append(text + ".")
+    else:
+        notes.append("Checks (equal greedy tokens): not recorded.")
     batches = sorted({r["B"] for r in runs})
     for impl, name in (("hf_static", "static cache + compile"), ("hf_dynamic", "dynamic cache")):
         absent = [b for b in batches if not any(r["impl"] == impl and r["B"] == b for r in runs)]

@@ -79,6 +79,7 @@ class TimedEngine(DecodeEngine):
         self.prefill_ms: list[float] = []
         self.admissions: list[int] = []  # prompts per prefill forward
         self.kv: dict[int, int] = {}
+        self.request_routes: list[tuple[bool, ...]] = []  # per admitted request, in admission order (the prompts' order)
 
     def add_requests(self, prompts: list[torch.Tensor], max_new_tokens: int, sampling: Any = None) -> list[int]:
         start = time.perf_counter()
@@ -87,6 +88,7 @@ class TimedEngine(DecodeEngine):
         for request in requests:  # prompts admitted together get their first tokens together
             self.prefill_ms.append((time.perf_counter() - start) * 1e3)
             self.times[request] = [start, float("nan")]
+            self.request_routes.append(self.routes_of(request))
         if requests:
             self.admissions.append(len(requests))
         return requests
@@ -108,11 +110,12 @@ def fluxc_runs(args: argparse.Namespace, model: Any, router: str, prompts: list[
     names, seconds = compile_times(repr="csv", aggregate=True)  # where the warm-up's compile time went
     phases = {name: float(s) for name, s in zip(names, seconds) if float(s) >= 1.0}
     results.add(kind="warmup", impl="fluxc", s=warm_s, compiles=compiles, captures=captures, compile_phases_s=phases)
-    outputs = {}
+    outputs, routes = {}, {}
     for batch in args.batches:
         engine.times.clear()
         engine.prefill_ms.clear()
         engine.admissions.clear()
+        engine.request_routes.clear()
         start = time.perf_counter()
         if batch == 1:
             outs = [engine.generate([p], args.new)[0] for p in prompts]
@@ -128,13 +131,13 @@ def fluxc_runs(args: argparse.Namespace, model: Any, router: str, prompts: list[
                     prefill_forwards=len(engine.admissions),
                     compiles_after_warmup=engine.compiles - compiles,
                     captures_after_warmup=engine.stats["graphs_captured"] - captures)
-        outputs[batch] = outs
+        outputs[batch], routes[batch] = outs, list(engine.request_routes)
     pages = [engine.num_layers * -(-(p.numel() + args.new - 1) // engine.page_size) for p in prompts]
     dense = [count * engine.pool.page_bytes for count in pages]  # every layer with full attention
     held = list(engine.kv.values())[-len(prompts):]
     results.add(kind="kv", impl="fluxc", bytes_mean=sum(held) / max(1, len(held)),
                 dense_bytes_mean=sum(dense) / len(dense), fraction_of_dense=sum(held) / max(1, sum(dense)))
-    return {"fm": fm, "outputs": outputs}
+    return {"fm": fm, "outputs": outputs, "routes": routes}
 
 
 def hf_runs(args: argparse.Namespace, model: Any, prompts: list[torch.Tensor], pad: int, caches: list[str],
@@ -195,25 +198,44 @@ def near_tie(model: Any, reference: torch.Tensor, other: torch.Tensor) -> tuple[
 
 def checks(args: argparse.Namespace, model: Any, router: str, run: dict[str, Any] | None,
            prompts: list[torch.Tensor], pad: int, results: harness.Results) -> None:
-    """Routes forced full against the untouched model's `generate`; the engine's routed answers (from `run`, else
-    served here at the largest batch) against the plain DynamicCache loop's. A pair that differs is told apart
-    as a bf16 near-tie or not at its first difference (`near_tie`; for the routed pair the untouched model's
-    logits stand in for the routed model's)."""
+    """Three pairs of greedy answers on the first `--check` prompts: routes forced full against the untouched
+    model's `generate` (sdpa); the engine's routed answers (from `run`, else served here at the largest batch)
+    against the plain DynamicCache loop's; and, for scale, transformers' eager attention against its sdpa (two
+    correct bf16 implementations). A pair that differs is told apart as a bf16 near-tie or not at its first
+    difference (`near_tie`; for the routed pair the untouched model's logits stand in for the routed model's),
+    and the routed pair reports how many prompts got the same route from both."""
     device = next(model.parameters()).device
     subset = prompts[:args.check]
     if run is None:
         fm = fluxc.compile(model, router)
-        engine = DecodeEngine(fm, max_batch=max(args.batches), max_len=args.max_len + args.new)
-        run = {"fm": fm, "outputs": {max(args.batches): engine.generate(subset, args.new)}}
+        engine = TimedEngine(fm, max_batch=max(args.batches), max_len=args.max_len + args.new)
+        outs = engine.generate(subset, args.new)
+        run = {"fm": fm, "outputs": {max(args.batches): outs}, "routes": {max(args.batches): list(engine.request_routes)}}
     full = fluxc.compile(model, route="full")
     engine = DecodeEngine(full, max_batch=max(args.batches), max_len=args.max_len + args.new)
     got = engine.generate(subset, args.new)
-    wants = [model.generate(p[None].to(device), max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
-                            pad_token_id=pad)[0] for p in subset]
-    loop = [fluxc.generate(run["fm"], p[None].to(device), args.new, engine=False)[0] for p in subset]
+
+    def hf_generate() -> list[torch.Tensor]:
+        return [model.generate(p[None].to(device), max_new_tokens=args.new, min_new_tokens=args.new,
+                               do_sample=False, pad_token_id=pad)[0] for p in subset]
+
+    wants = hf_generate()
+    loop, loop_routes = [], []
+    for p in subset:
+        loop.append(fluxc.generate(run["fm"], p[None].to(device), args.new, engine=False)[0])
+        loop_routes.append(tuple(fluxc.last_route(run["fm"])[0].tolist()))
     routed = run["outputs"][max(args.batches)][:args.check]
-    row: dict[str, Any] = dict(kind="check", prompts=len(subset))
-    for name, pairs in (("full_equals_untouched", zip(wants, got)), ("router_equals_dynamic_loop", zip(loop, routed))):
+    engine_routes = run["routes"][max(args.batches)][:args.check]
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        eager = hf_generate()
+    finally:
+        model.set_attn_implementation(implementation)
+    row: dict[str, Any] = dict(kind="check", prompts=len(subset),
+                               router_same_routes=sum(a == b for a, b in zip(loop_routes, engine_routes)))
+    for name, pairs in (("full_equals_untouched", zip(wants, got)), ("router_equals_dynamic_loop", zip(loop, routed)),
+                        ("hf_eager_equals_sdpa", zip(wants, eager))):
         ties = [near_tie(model, ref.to(device), out.to(device)) for ref, out in pairs]
         row[name] = sum(t is None for t in ties)
         row[name.split("_equals")[0] + "_near_ties"] = sum(t is not None and t[0] for t in ties)
