@@ -274,7 +274,11 @@ def serving_region(sources: Mapping[str, Source]) -> str:
         return f" (+{check[prefix + '_near_ties']} apart at a bf16 near-tie)" if f"{prefix}_near_ties" in check else ""
 
     if check:
-        text = (f"Checks, equal greedy tokens: full routes against the untouched model "
+        text = ""
+        if "full_logit_error" in check:
+            text = (f"Logit error against fp32 along the engine's answers, full routes: "
+                    f"{check['full_logit_error']:.3f} (the untouched bf16 model: {check['untouched_logit_error']:.3f}). ")
+        text += (f"Checks, equal greedy tokens: full routes against the untouched model "
                 f"{check['full_equals_untouched']}/{check['prompts']}{tied('full')}; the engine against the plain "
                 f"loop {check['router_equals_dynamic_loop']}/{check['prompts']}{tied('router')}")
         if "router_same_routes" in check:

@@ -10,9 +10,11 @@ admits a request as a slot frees, transformers runs left-padded batches of 8 in 
 Reported, per mode: per-request latency p50 / p95 (from the start of a request's processing to its last
 token; at batch 8 a transformers request's batch start to its end) and tokens/s; warm-up seconds (fluxc:
 `DecodeEngine.warm_up`, every compile and capture; transformers static cache: its first compiled calls), and the
-compiles and CUDA-graph captures after warm-up (0 wanted). Checks: with the routes forced full, fluxc's greedy
-tokens equal the untouched model's on `--check` prompts; with the router, the engine's answers equal the plain
-DynamicCache loop's (`engine=False`); the KV bytes each request holds against its dense size.
+compiles and CUDA-graph captures after warm-up (0 wanted); the KV bytes each request holds against its dense
+size. Checks on `--check` prompts, against an fp32 copy of the model: with the routes forced full, the engine's
+logit error beside the untouched bf16 model's, and its greedy tokens against the untouched model's; with the
+router, the engine's answers against the plain DynamicCache loop's (`engine=False`). Tokens that differ must
+first differ at a bf16 near-tie (`near_tie`).
 
     python benchmarks/request_stream.py --out requests.json [--requests 200] [--gguf path.gguf]   # GPU
     python benchmarks/request_stream.py --smoke --out /tmp/requests.json                           # tiny, CPU
@@ -29,6 +31,7 @@ One run that outlasts a device call can be made in parts that add to one JSON (`
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import pathlib
 import random
@@ -181,29 +184,57 @@ def hf_runs(args: argparse.Namespace, model: Any, prompts: list[torch.Tensor], p
                         wall_s=wall, tokens_per_s=len(prompts) * args.new / wall, **percentiles(latency))
 
 
-def near_tie(model: Any, reference: torch.Tensor, other: torch.Tensor) -> tuple[bool, float] | None:
-    """Where two greedy sequences first differ, the untouched model's logits there: (the two tokens' logits within
-    4 bf16 ulps of the larger, their gap); None if they do not differ. A bf16 near-tie may flip a greedy token in
-    any implementation; a gap past it is a real difference."""
+def near_tie(untouched: Any, reference32: Any, reference: torch.Tensor, other: torch.Tensor
+             ) -> tuple[bool, float, float] | None:
+    """Where two greedy sequences first differ, whether the two tokens are a bf16 near-tie: the fp32 model
+    (`reference32`, the truth) separates them by no more than twice the error the untouched bf16 model itself
+    makes there (its largest logit error on the fp32 model's top 5; at least 4 bf16 ulps), i.e. two
+    implementations of PyTorch's own bf16 accuracy may pick either. Returns (tied, fp32 gap, tolerance), None if
+    the sequences do not differ."""
     differ = (reference != other).nonzero()
     if len(differ) == 0:
         return None
     j = int(differ[0])
     with torch.no_grad():
-        logits = model(input_ids=reference[None, :j]).logits[0, -1].float()  # (V,)
-    a, b = logits[reference[j]], logits[other[j]]
+        truth = reference32(input_ids=reference[None, :j]).logits[0, -1].float()  # (V,)
+        bf16 = untouched(input_ids=reference[None, :j]).logits[0, -1].float()  # (V,)
+    a, b = truth[reference[j]], truth[other[j]]
     gap = float((a - b).abs())
-    return gap <= 4 * 2**-8 * max(1.0, float(torch.maximum(a.abs(), b.abs()))), gap
+    own_error = float((bf16 - truth)[truth.topk(5).indices].abs().max())
+    ulps = 4 * 2**-8 * max(1.0, float(torch.maximum(a.abs(), b.abs())))
+    tolerance = max(2 * own_error, ulps)
+    return gap <= tolerance, gap, tolerance
+
+
+def logit_errors(engine: DecodeEngine, untouched: Any, reference32: Any, prompt: torch.Tensor, new: int
+                 ) -> tuple[float, float]:
+    """Mean |logit error| against the fp32 model over `prompt`'s decode steps, along the engine's own greedy
+    answer: (the engine's decode-step logits, the untouched bf16 model's on the same tokens)."""
+    device = next(untouched.parameters()).device
+    state = engine.prefill(prompt[None].to(device), max_new_tokens=new)
+    steps: list[torch.Tensor] = []
+    answer = engine.decode(state, new - 1, logits=steps)  # (1, new - 1)
+    for request in state.requests:
+        engine.finish(request)
+    sequence = torch.cat([prompt.to(device), state.next_tokens[0].to(device), answer[0]])  # (T + new,)
+    at = slice(prompt.numel(), prompt.numel() + new - 1)  # positions whose next token a decode step picked
+    with torch.no_grad():
+        truth = reference32(input_ids=sequence[None, :-1]).logits[0, at].float()  # (new - 1, V)
+        bf16 = untouched(input_ids=sequence[None, :-1]).logits[0, at].float()
+    served = torch.cat(steps)  # (new - 1, V)
+    return float((served - truth).abs().mean()), float((bf16 - truth).abs().mean())
 
 
 def checks(args: argparse.Namespace, model: Any, router: str, run: dict[str, Any] | None,
            prompts: list[torch.Tensor], pad: int, results: harness.Results) -> None:
-    """Three pairs of greedy answers on the first `--check` prompts: routes forced full against the untouched
-    model's `generate` (sdpa); the engine's routed answers (from `run`, else served here at the largest batch)
-    against the plain DynamicCache loop's; and, for scale, transformers' eager attention against its sdpa (two
-    correct bf16 implementations). A pair that differs is told apart as a bf16 near-tie or not at its first
-    difference (`near_tie`; for the routed pair the untouched model's logits stand in for the routed model's),
-    and the routed pair reports how many prompts got the same route from both."""
+    """On the first `--check` prompts, against an fp32 copy of the model (the truth):
+    - routes forced full: the engine's decode-step logit error against the untouched bf16 model's (the same
+      tokens), and its greedy answers against the untouched model's `generate` (sdpa);
+    - the router: the engine's answers (from `run`, else served here at the largest batch) against the plain
+      DynamicCache loop's, and whether both took the same route;
+    - for scale, transformers' eager attention against its sdpa (two correct bf16 implementations).
+    A pair that differs is a near-tie or not at its first difference (`near_tie`; for the routed pair the
+    untouched models stand in for the routed ones)."""
     device = next(model.parameters()).device
     subset = prompts[:args.check]
     if run is None:
@@ -211,9 +242,11 @@ def checks(args: argparse.Namespace, model: Any, router: str, run: dict[str, Any
         engine = TimedEngine(fm, max_batch=max(args.batches), max_len=args.max_len + args.new)
         outs = engine.generate(subset, args.new)
         run = {"fm": fm, "outputs": {max(args.batches): outs}, "routes": {max(args.batches): list(engine.request_routes)}}
+    reference32 = fp32_model(args, model)
     full = fluxc.compile(model, route="full")
     engine = DecodeEngine(full, max_batch=max(args.batches), max_len=args.max_len + args.new)
     got = engine.generate(subset, args.new)
+    errors = [logit_errors(engine, model, reference32, p, args.new) for p in subset]
 
     def hf_generate() -> list[torch.Tensor]:
         return [model.generate(p[None].to(device), max_new_tokens=args.new, min_new_tokens=args.new,
@@ -233,14 +266,24 @@ def checks(args: argparse.Namespace, model: Any, router: str, run: dict[str, Any
     finally:
         model.set_attn_implementation(implementation)
     row: dict[str, Any] = dict(kind="check", prompts=len(subset),
+                               full_logit_error=sum(e for e, _ in errors) / len(errors),
+                               untouched_logit_error=sum(u for _, u in errors) / len(errors),
                                router_same_routes=sum(a == b for a, b in zip(loop_routes, engine_routes)))
     for name, pairs in (("full_equals_untouched", zip(wants, got)), ("router_equals_dynamic_loop", zip(loop, routed)),
                         ("hf_eager_equals_sdpa", zip(wants, eager))):
-        ties = [near_tie(model, ref.to(device), out.to(device)) for ref, out in pairs]
+        ties = [near_tie(model, reference32, ref.to(device), out.to(device)) for ref, out in pairs]
+        prefix = name.split("_equals")[0]
         row[name] = sum(t is None for t in ties)
-        row[name.split("_equals")[0] + "_near_ties"] = sum(t is not None and t[0] for t in ties)
-        row[name.split("_equals")[0] + "_gaps"] = [round(t[1], 4) for t in ties if t is not None]
+        row[prefix + "_near_ties"] = sum(t is not None and t[0] for t in ties)
+        row[prefix + "_gaps"] = [[round(t[1], 4), round(t[2], 4)] for t in ties if t is not None]  # [fp32 gap, tolerance]
     results.add(**row)
+
+
+def fp32_model(args: argparse.Namespace, model: Any) -> Any:
+    """The served model in float32 (the checks' truth)."""
+    if args.smoke:
+        return copy.deepcopy(model).float()
+    return load_smollm2(torch.float32, smollm2_gguf(args.gguf))[0].to(next(model.parameters()).device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,8 @@ The engine (8 slots) is warmed up, then serves the stream as a server loop would
 - `oov`: its prompt holds a token id outside the vocabulary (rejected at admission).
 Afterwards: pages in use and reserved (0 wanted), device memory against its level after warm-up, compiles and
 CUDA-graph captures after warm-up (0 wanted), and every unaffected request against a clean run of the same
-prompts on the same engine, token for token (0 lost wanted).
+prompts through the same server loop on the same engine (other neighbours in its decode batches), token for
+token (0 lost wanted).
 
     python benchmarks/soak.py --out soak.json [--requests 1000] [--gguf path.gguf]   # GPU
     python benchmarks/soak.py --smoke --out /tmp/soak.json                            # tiny, CPU
@@ -138,11 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     memory_delta = torch.cuda.memory_allocated() - base_memory if cuda else None
     soak_compiles, soak_captures = engine.compiles - compiles, engine.stats["graphs_captured"] - captures
 
-    # the clean run: the same prompts, no faults, on the same engine
+    # the clean run: the same prompts, no faults, through the same server loop on the same engine. Its batches
+    # differ (no cancelled or failed neighbours); its admissions are one prompt per prefill as in the soak, since
+    # a prompt prefilled in a left-padded group is not bitwise the prompt prefilled alone (bf16 GEMM shapes).
     unaffected = [i for i, kind in enumerate(plan) if not isinstance(outcomes.get(i), fluxc.FluxError)]
-    clean = engine.generate([prompts[i] for i in unaffected], args.new, errors="return")
-    lost = [i for i, out in zip(unaffected, clean)
-            if isinstance(out, fluxc.FluxError) or not torch.equal(outcomes[i].cpu(), out[-args.new:].cpu())]
+    clean, _ = serve(engine, [prompts[i] for i in unaffected], args.new, ["clean"] * len(unaffected), args.seed)
+    lost = [i for k, i in enumerate(unaffected)
+            if isinstance(clean.get(k), fluxc.FluxError) or k not in clean
+            or not torch.equal(outcomes[i].cpu(), clean[k].cpu())]
     errors = {i: out for i, out in outcomes.items() if isinstance(out, fluxc.FluxError)}
     unexpected = [i for i in errors if plan[i] == "clean"]
     missing = [i for i in range(args.requests) if i not in outcomes]

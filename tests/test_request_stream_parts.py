@@ -52,8 +52,9 @@ def test_append_needs_the_same_prompts(stream, tmp_path):
 
 
 def test_near_tie_tells_a_bf16_tie_from_a_real_difference(stream):
-    """The checks' rule: two greedy answers that first differ where the untouched model's logits for the two
-    tokens are within 4 bf16 ulps count as a near-tie; a wider gap is a real difference."""
+    """The checks' rule: two greedy answers that first differ where the fp32 model separates the two tokens by no
+    more than twice the untouched bf16 model's own logit error there (at least 4 bf16 ulps) count as a near-tie;
+    a wider gap is a real difference."""
     import types
 
     import torch
@@ -66,9 +67,13 @@ def test_near_tie_tells_a_bf16_tie_from_a_real_difference(stream):
         def forward(self, input_ids):
             return types.SimpleNamespace(logits=self.row.expand(1, input_ids.shape[1], -1))
 
-    reference, other = torch.tensor([3, 1, 2]), torch.tensor([3, 1, 0])
-    tied, gap = stream.near_tie(Logits([20.05, 0.0, 20.0, 0.0]), reference, other)  # 4 ulps at 20: 0.3125
+    reference, other = torch.tensor([3, 1, 2]), torch.tensor([3, 1, 0])  # first differ at 2: token 2 against 0
+    truth = Logits([19.0, 0.0, 20.0, 0.0, 0.0, 0.0])
+    tied, gap, tolerance = stream.near_tie(Logits([19.0, 0.0, 20.6, 0.0, 0.0, 0.0]), truth, reference, other)
+    assert tied and gap == pytest.approx(1.0) and tolerance == pytest.approx(1.2, abs=1e-4)  # bf16 is 0.6 off
+    tied, gap, tolerance = stream.near_tie(truth, truth, reference, other)  # an exact bf16: 4 ulps at 20
+    assert not tied and gap == pytest.approx(1.0) and tolerance == pytest.approx(0.3125)
+    close = Logits([19.95, 0.0, 20.0, 0.0, 0.0, 0.0])
+    tied, gap, _ = stream.near_tie(close, close, reference, other)
     assert tied and gap == pytest.approx(0.05, abs=1e-4)
-    tied, gap = stream.near_tie(Logits([19.0, 0.0, 20.0, 0.0]), reference, other)
-    assert not tied and gap == pytest.approx(1.0)
-    assert stream.near_tie(Logits([0.0, 0.0, 1.0, 0.0]), reference, reference) is None
+    assert stream.near_tie(truth, truth, reference, reference) is None
