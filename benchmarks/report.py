@@ -44,7 +44,7 @@ SOURCES: dict[str, tuple[str, str]] = {
     "kernels_decode": ("kernels", "kernels_h100_decode.json"),
     "kernels_ring": ("kernels", "kernels_h100_ring_decode.json"),
     "requests": ("requests", "requests/requests_h100.json"),
-    "soak_gpu": ("soak", "soak/soak_h200.json"),
+    "soak_gpu": ("soak", "soak/soak_h100.json"),
     "soak_gpu_faults": ("soak", "soak/soak_h200_faults.json"),
     "soak_cpu": ("soak", "soak/soak_cpu_smoke.json"),
 }
