@@ -1,6 +1,8 @@
 """Router cost at prefill: `fluxc::router_logits` on one layer's (1, T, 32, 128) bf16 pre-RoPE query, Llama-3.1-8B
 shape, router MLP (1024, 256, 512, 128), run as the custom op (eager, as export and training run it) and inlined
-and compiled by Inductor (as `fluxc.compile` runs it); CUDA-event medians over 50 calls after 10 warm-up calls.
+and compiled by Inductor as `fluxc.compile` runs it: the pooled tokens' positions (a scan of the mask) once per
+forward for all 32 layers, each layer's gather, pooling and MLP on its own; the per-layer figure is a layer's
+share, layer_ms + index_ms / 32. CUDA-event medians over 50 calls after 10 warm-up calls.
 JSON (provenance, rows, targets of benchmarks/targets.toml with bench "router_op") to `out`.
 
     python benchmarks/router_op.py out.json     # needs `import fluxc` (scripts/gpu.sh puts the checkout on PYTHONPATH)
@@ -13,12 +15,13 @@ import argparse
 import torch
 
 import fluxc  # noqa: F401  (registers torch.ops.fluxc)
-from fluxc.ops.router import LayerRouter, router_logits_reference
+from fluxc.ops.router import LayerRouter, pooled_token_index, router_logits_at
 
 import harness
 import measures
 
 POOL_SIZE = 150  # FluxConfig's default: tokens pooled at each end of the prompt
+LAYERS = 32  # Llama-3.1-8B: the layers one forward's mask scan serves
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,14 +34,20 @@ def main(argv: list[str] | None = None) -> None:
     results = harness.Results(args.out, harness.provenance(command, timing="CUDA events, median of 50 calls after 10"),
                               targets=[])
     # as the compiled model runs it: inlined tensor ops (passes/lower.py), compiled by Inductor
-    inlined = torch.compile(router_logits_reference, dynamic=False)
+    index_fn = torch.compile(pooled_token_index, dynamic=False)
+    layer_fn = torch.compile(router_logits_at, dynamic=False)
     for seq in (32768, 131072):
         query = torch.randn(1, seq, 32, 128, device="cuda", dtype=torch.bfloat16)  # (1, T, H, D)
         valid = torch.ones(1, seq, dtype=torch.bool, device="cuda")  # (1, T)
-        for impl, fn in (("op", torch.ops.fluxc.router_logits), ("inductor", inlined)):
-            times = harness.iter_ms(lambda q=query, v=valid, f=fn: f(q, v, weights, POOL_SIZE), iters=50, warm=10,
-                                    cuda=True)
-            results.add(T=seq, impl=impl, pool_size=POOL_SIZE, ms=harness.median(times))
+        op = harness.iter_ms(lambda q=query, v=valid: torch.ops.fluxc.router_logits(q, v, weights, POOL_SIZE),
+                             iters=50, warm=10, cuda=True)
+        results.add(T=seq, impl="op", pool_size=POOL_SIZE, ms=harness.median(op))
+        index = index_fn(valid, POOL_SIZE)  # (1, 2P)
+        index_ms = harness.median(harness.iter_ms(lambda v=valid: index_fn(v, POOL_SIZE), iters=50, warm=10, cuda=True))
+        layer_ms = harness.median(harness.iter_ms(lambda q=query, i=index: layer_fn(q, i, weights), iters=50, warm=10,
+                                                  cuda=True))
+        results.add(T=seq, impl="inductor", pool_size=POOL_SIZE, ms=layer_ms + index_ms / LAYERS, layer_ms=layer_ms,
+                    index_ms=index_ms, layers=LAYERS)
     results.data["targets"] = measures.targets_for("router_op", results.data)
     results.flush()
     harness.print_targets(results.data["targets"])

@@ -96,7 +96,7 @@ def test_inductor_reads_the_threshold_live(tmp_path):
     ids, mask = batch(seq=12, left_pad=3, size=4, seed=5)
     eager = fluxc.compile(model, path, config=CFG)
     inductor = fluxc.compile(model, path, config=CFG.replace(compiler="inductor"))
-    inlined = counters["router_ops_inlined"]
+    inlined, indices = counters["router_ops_inlined"], counters["router_pool_indices"]
     seen = set()
     for t in (0.5, 1e-4, 0.9999, 0.2, 0.8):
         eager.set_threshold(t)
@@ -107,3 +107,4 @@ def test_inductor_reads_the_threshold_live(tmp_path):
     assert len(seen) >= 3 and inductor._backend.graphs == 1
     # Inductor got the routers as plain tensor ops (fused with the layer), not as three opaque custom-op calls
     assert counters["router_ops_inlined"] - inlined == 3
+    assert counters["router_pool_indices"] - indices == 1  # the mask's scan, once for the three layers

@@ -39,13 +39,12 @@ class LayerRouter(nn.Module):
         return router_logits(query, valid, self.weights(), pool_size)
 
 
-def pool_queries(query: Tensor, valid: Tensor, pool_size: int) -> Tensor:
-    """Mean over the first and last `pool_size` real tokens (concatenated), then over heads: (B, D) fp32.
+def pooled_token_index(valid: Tensor, pool_size: int) -> Tensor:
+    """Positions of the first and last `pool_size` real tokens (concatenated), (B, 2P) int64, -1 where a prompt
+    has fewer real tokens than the rank. valid (B, T) marks real (non-padding) tokens, left or right padded.
 
-    query (B, T, H, D); valid (B, T) marks real (non-padding) tokens, left or right padded. A token in both
-    slices (a prompt shorter than 2 * pool_size) counts twice. Reads only those 2 * pool_size tokens: the
-    j-th real token is found by a search in the running count of real tokens (O(B * T) integers, no copy of
-    the (B, T, H, D) queries)."""
+    Found by a search in the running count of real tokens (O(B * T) integers). It depends on the mask alone, so a
+    compiled model computes it once per forward for every layer's router (`fluxc.passes.lower`)."""
     batch, seq = valid.shape
     count = torch.cumsum(valid.to(torch.int64), dim=1)  # (B, T) real tokens up to and including t
     n_real = count[:, -1:]  # (B, 1)
@@ -53,16 +52,35 @@ def pool_queries(query: Tensor, valid: Tensor, pool_size: int) -> Tensor:
     ranks = torch.cat([j.expand(batch, -1), n_real - pool_size + j], dim=1)  # (B, 2P) ranks of the pooled tokens
     used = (ranks >= 0) & (ranks < n_real)  # (B, 2P) ranks that exist
     index = torch.searchsorted(count, (ranks + 1).clamp(1, seq).contiguous())  # (B, 2P) first t with count > rank
-    index = index.clamp_max(seq - 1)
-    tokens = query.gather(1, index[:, :, None, None].expand(-1, -1, *query.shape[2:]))  # (B, 2P, H, D)
-    per_token = tokens.to(torch.float32).mean(dim=2)  # (B, 2P, D) mean over heads
+    return torch.where(used, index.clamp_max(seq - 1), -1)
+
+
+def pool_queries_at(query: Tensor, index: Tensor) -> Tensor:
+    """Mean over the tokens at `index` (B, 2P; -1 skipped), then over heads: (B, D) fp32. query (B, T, H, D).
+    Reads only those 2P tokens, no copy of the queries."""
+    used = index >= 0  # (B, 2P)
+    gather = index.clamp_min(0)[:, :, None, None].expand(-1, -1, *query.shape[2:])  # (B, 2P, H, D)
+    per_token = query.gather(1, gather).to(torch.float32).mean(dim=2)  # (B, 2P, D) mean over heads
     weight = used.to(torch.float32)  # (B, 2P)
     pooled = torch.einsum("bp,bpd->bd", weight, per_token)  # (B, D)
     return pooled / weight.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 
+def pool_queries(query: Tensor, valid: Tensor, pool_size: int) -> Tensor:
+    """Mean over the first and last `pool_size` real tokens (concatenated), then over heads: (B, D) fp32.
+
+    query (B, T, H, D); valid (B, T) marks real (non-padding) tokens, left or right padded. A token in both
+    slices (a prompt shorter than 2 * pool_size) counts twice."""
+    return pool_queries_at(query, pooled_token_index(valid, pool_size))
+
+
 def router_logits_reference(query: Tensor, valid: Tensor, weights: list[Tensor], pool_size: int) -> Tensor:
     return router_mlp(pool_queries(query, valid, pool_size), weights)
+
+
+def router_logits_at(query: Tensor, index: Tensor, weights: list[Tensor]) -> Tensor:
+    """`router_logits_reference` given the pooled tokens' `pooled_token_index`: one layer's share of the work."""
+    return router_mlp(pool_queries_at(query, index), weights)
 
 
 def router_mlp(x: Tensor, weights: list[Tensor]) -> Tensor:

@@ -3,7 +3,8 @@
 `fluxc::router_logits` is an opaque custom op so that export can translate it (ONNX) and training can see its
 inputs; run as such inside an Inductor graph it is ~25 separate kernel launches per layer (pooling, weight
 casts, five small linears). Inlined, Inductor fuses the pooling gather, the head mean and the MLP's pointwise
-work into a few kernels of the layer's graph.
+work into a few kernels of the layer's graph, and the pooled tokens' positions (a scan of the mask: the
+costliest part at long prompts) are found once per forward for every layer that shares the mask.
 """
 
 from __future__ import annotations
@@ -16,20 +17,29 @@ import torch
 import torch.fx as fx
 
 from fluxc.ops import router
-from fluxc.ops.router import router_logits_reference
+from fluxc.ops.router import pooled_token_index, router_logits_at
 from fluxc.passes.rewrite import counters
 
 
 def inline_router_ops(gm: fx.GraphModule) -> int:
-    """Replace every `fluxc::router_logits` call in `gm` by its reference decomposition; returns how many."""
+    """Replace every `fluxc::router_logits` call in `gm` by its decomposition, the pooled tokens' positions
+    computed once per (mask, pool size); returns how many calls."""
     inlined = 0
-    for node in gm.graph.nodes:
+    index_of: dict[tuple[fx.Node, int], fx.Node] = {}
+    for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.fluxc.router_logits.default:
-            node.target = router_logits_reference  # same arguments: (query, valid, weights, pool_size)
+            query, valid, weights, pool_size = node.args
+            key = (valid, pool_size)
+            if key not in index_of:  # before the first router: every later layer's router comes after it
+                with gm.graph.inserting_before(node):
+                    index_of[key] = gm.graph.call_function(pooled_token_index, (valid, pool_size))
+            node.target = router_logits_at
+            node.args = (query, index_of[key], weights)
             inlined += 1
     if inlined:
         gm.recompile()
         counters["router_ops_inlined"] += inlined
+        counters["router_pool_indices"] += len(index_of)
     return inlined
 
 
@@ -39,4 +49,4 @@ def cacheable_inlined() -> dict[str, str]:
     graph calling a Python function unless it is marked; its key is the digest of the function's module source,
     so an edit to the router invalidates what was cached."""
     digest = hashlib.sha256(inspect.getsource(router).encode()).hexdigest()[:16]
-    return {f"{router_logits_reference.__module__}.{router_logits_reference.__name__}": digest}
+    return {f"{f.__module__}.{f.__name__}": digest for f in (pooled_token_index, router_logits_at)}
