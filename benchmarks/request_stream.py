@@ -82,7 +82,8 @@ class TimedEngine(DecodeEngine):
         self.prefill_ms: list[float] = []
         self.admissions: list[int] = []  # prompts per prefill forward
         self.kv: dict[int, int] = {}
-        self.request_routes: list[tuple[bool, ...]] = []  # per admitted request, in admission order (the prompts' order)
+        # per admitted request, in admission order (the prompts' order): its routes and the routers' margins
+        self.request_routes: list[tuple[tuple[bool, ...], tuple[float, ...]]] = []
 
     def add_requests(self, prompts: list[torch.Tensor], max_new_tokens: int, sampling: Any = None) -> list[int]:
         start = time.perf_counter()
@@ -91,7 +92,7 @@ class TimedEngine(DecodeEngine):
         for request in requests:  # prompts admitted together get their first tokens together
             self.prefill_ms.append((time.perf_counter() - start) * 1e3)
             self.times[request] = [start, float("nan")]
-            self.request_routes.append(self.routes_of(request))
+            self.request_routes.append((self.routes_of(request), self.route_margins_of(request)))
         if requests:
             self.admissions.append(len(requests))
         return requests
@@ -206,6 +207,23 @@ def near_tie(untouched: Any, reference32: Any, reference: torch.Tensor, other: t
     return gap <= tolerance, gap, tolerance
 
 
+def route_flip_tied(engine: tuple[tuple[bool, ...], tuple[float, ...]],
+                    loop: tuple[tuple[bool, ...], tuple[float, ...]]) -> tuple[bool, list[list[float]]] | None:
+    """Where two runs of one prompt took different routes, whether every flipped layer was a near-tied decision:
+    both runs' margins within twice the largest margin difference the two runs show on the layers they routed
+    alike (their own noise). Returns (tied, [[layer, engine margin, loop margin] per flip]), None if the routes
+    agree."""
+    (routes_a, margins_a), (routes_b, margins_b) = engine, loop
+    flips = [i for i, (a, b) in enumerate(zip(routes_a, routes_b)) if a != b]
+    if not flips:
+        return None
+    alike = [abs(margins_a[i] - margins_b[i]) for i in range(len(routes_a))
+             if i not in flips and margins_a[i] == margins_a[i] and margins_b[i] == margins_b[i]]  # not NaN
+    noise = max(alike, default=0.0)
+    tied = all(max(abs(margins_a[i]), abs(margins_b[i])) <= 2 * noise for i in flips)
+    return tied, [[i, round(margins_a[i], 4), round(margins_b[i], 4)] for i in flips]
+
+
 def logit_errors(engine: DecodeEngine, untouched: Any, reference32: Any, prompt: torch.Tensor, new: int
                  ) -> tuple[float, float]:
     """Mean |logit error| against the fp32 model over `prompt`'s decode steps, along the engine's own greedy
@@ -231,7 +249,8 @@ def checks(args: argparse.Namespace, model: Any, router: str, run: dict[str, Any
     - routes forced full: the engine's decode-step logit error against the untouched bf16 model's (the same
       tokens), and its greedy answers against the untouched model's `generate` (sdpa);
     - the router: the engine's answers (from `run`, else served here at the largest batch) against the plain
-      DynamicCache loop's, and whether both took the same route;
+      DynamicCache loop's, and whether both took the same route (where not, the flip is a near-tie or not by
+      `route_flip_tied`);
     - for scale, transformers' eager attention against its sdpa (two correct bf16 implementations).
     A pair that differs is a near-tie or not at its first difference (`near_tie`; for the routed pair the
     untouched models stand in for the routed ones)."""
@@ -256,7 +275,8 @@ def checks(args: argparse.Namespace, model: Any, router: str, run: dict[str, Any
     loop, loop_routes = [], []
     for p in subset:
         loop.append(fluxc.generate(run["fm"], p[None].to(device), args.new, engine=False)[0])
-        loop_routes.append(tuple(fluxc.last_route(run["fm"])[0].tolist()))
+        loop_routes.append((tuple(fluxc.last_route(run["fm"])[0].tolist()),
+                            tuple(fluxc.last_route_margins(run["fm"])[0].tolist())))
     routed = run["outputs"][max(args.batches)][:args.check]
     engine_routes = run["routes"][max(args.batches)][:args.check]
     implementation = model.config._attn_implementation
@@ -265,13 +285,17 @@ def checks(args: argparse.Namespace, model: Any, router: str, run: dict[str, Any
         eager = hf_generate()
     finally:
         model.set_attn_implementation(implementation)
+    flips = [route_flip_tied(e, lo) for e, lo in zip(engine_routes, loop_routes)]
     row: dict[str, Any] = dict(kind="check", prompts=len(subset),
                                full_logit_error=sum(e for e, _ in errors) / len(errors),
                                untouched_logit_error=sum(u for _, u in errors) / len(errors),
-                               router_same_routes=sum(a == b for a, b in zip(loop_routes, engine_routes)))
+                               router_same_routes=sum(f is None for f in flips),
+                               router_route_flips=[f[1] for f in flips if f is not None])
     for name, pairs in (("full_equals_untouched", zip(wants, got)), ("router_equals_dynamic_loop", zip(loop, routed)),
                         ("hf_eager_equals_sdpa", zip(wants, eager))):
         ties = [near_tie(model, reference32, ref.to(device), out.to(device)) for ref, out in pairs]
+        if name.startswith("router"):  # answers after different routes: the routes' flip decides
+            ties = [t if f is None or t is None else (f[0], *t[1:]) for t, f in zip(ties, flips)]
         prefix = name.split("_equals")[0]
         row[name] = sum(t is None for t in ties)
         row[prefix + "_near_ties"] = sum(t is not None and t[0] for t in ties)

@@ -9,7 +9,7 @@ logging, environment or torch configuration.
 
 import importlib
 
-from fluxc.api import FluxModule, compile, last_route, sites
+from fluxc.api import FluxModule, compile, last_route, last_route_margins, sites
 from fluxc.checkpoint import Fingerprint, read_checkpoint, save_routers
 from fluxc.config import FluxConfig
 from fluxc.errors import (
@@ -52,6 +52,6 @@ def __dir__() -> list[str]:
 __all__ = [
     "CapacityError", "CheckpointError", "CheckpointMismatchError", "RecompileLimitError", "RequestError", "DecodeEngine", "FluxCache", "SamplingConfig", "ConfigError", "CorruptCheckpointError", "Fingerprint",
     "FluxConfig", "FluxError", "FluxModule", "ImplementationError", "MaskError", "NoAttentionError", "NotTracedError",
-    "RouteError", "RouteState", "SiteInfo", "compile", "generate", "last_route", "read_checkpoint",
+    "RouteError", "RouteState", "SiteInfo", "compile", "generate", "last_route", "last_route_margins", "read_checkpoint",
     "save_routers", "sites", "__version__", "ExportError", "export", "export_aoti", "export_onnx",
 ]

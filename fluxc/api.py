@@ -1,4 +1,4 @@
-"""Public API: `compile`, `sites`, `last_route`."""
+"""Public API: `compile`, `sites`, `last_route`, `last_route_margins`."""
 
 from __future__ import annotations
 
@@ -185,6 +185,17 @@ def sites(m: Any, *example_args: Any, **example_kwargs: Any) -> list[SiteInfo]:
         raise NotTracedError("the model has not been traced yet: call it once, or pass example inputs to "
                              "fluxc.sites(m, *args, **kwargs)")
     return list(backend.sites)
+
+
+def last_route_margins(m: Any) -> torch.Tensor:
+    """float32 [batch, num_layers] of the last prefill: each router's logit_full - logit_sparse over the operating
+    point (> 0 ran full attention, near 0 a near-tied decision); NaN where no router decided."""
+    if isinstance(m, RouteState):
+        return m.last_margins()
+    backend = _backend_of(m)
+    if backend.sites is None:
+        raise NotTracedError("no prefill has run yet: call the model first")
+    return backend.state.last_margins()
 
 
 def last_route(m: Any) -> torch.Tensor:

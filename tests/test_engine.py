@@ -181,6 +181,7 @@ def test_prompts_admitted_together_equal_each_alone(tmp_path):
     prompts = [torch.randint(1, 128, (n,), generator=g) for n in (31, 8, 1, 19)]
     together = engine.add_requests(prompts, 6)
     kv_together = [engine.kv_bytes(r) for r in together]
+    margins = [torch.tensor(engine.route_margins_of(r)) for r in together]  # (L,) each
     assert engine.stats["prefill_forwards"] == 1
     while not all(engine.finished(r) for r in together):
         engine.step()
@@ -188,13 +189,17 @@ def test_prompts_admitted_together_equal_each_alone(tmp_path):
     for prompt in prompts:
         request = engine.add_request(prompt, 6)
         alone.append((engine.routes_of(request), engine.kv_bytes(request)))
+        torch.testing.assert_close(torch.tensor(engine.route_margins_of(request)), margins[len(alone) - 1],
+                                   rtol=1e-4, atol=1e-4)
         while not engine.finished(request):
             engine.step()
         alone[-1] += (engine.tokens_of(request),)
     assert engine.stats["prefill_forwards"] == 1 + len(prompts)
     routes = set()
-    for request, kv_held, (route, kv, tokens) in zip(together, kv_together, alone):
+    for request, kv_held, (route, kv, tokens), margin in zip(together, kv_together, alone, margins):
         assert engine.routes_of(request) == route and torch.equal(engine.tokens_of(request), tokens)
+        routed = ~margin.isnan()  # layers a router decided: the margin's sign is the route
+        assert routed.any() and torch.equal(margin[routed] > 0, torch.tensor(route)[routed])
         assert kv_held == kv  # the same pages: sparse layers compacted to their rings
         routes.add(route)
     assert len(routes) > 1, "the routers should route these prompts apart"

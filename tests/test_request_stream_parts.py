@@ -77,3 +77,15 @@ def test_near_tie_tells_a_bf16_tie_from_a_real_difference(stream):
     tied, gap, _ = stream.near_tie(close, close, reference, other)
     assert tied and gap == pytest.approx(0.05, abs=1e-4)
     assert stream.near_tie(truth, truth, reference, reference) is None
+
+
+def test_a_route_flip_is_tied_only_within_the_runs_own_noise(stream):
+    """Two runs of a prompt that routed a layer apart: a near-tie when the flipped layer's margins are within
+    twice the margin differences the runs show on the layers they routed alike; NaN (forced) layers are skipped."""
+    nan = float("nan")
+    engine = ((True, False, True, True), (2.0, -1.0, 0.01, nan))
+    assert stream.route_flip_tied(engine, engine) is None
+    tied, flips = stream.route_flip_tied(engine, ((True, False, False, True), (2.1, -1.05, -0.02, nan)))
+    assert tied and flips == [[2, 0.01, -0.02]]  # noise 0.1 (layer 0): |0.02| <= 0.2
+    tied, _ = stream.route_flip_tied(engine, ((True, True, True, True), (2.1, 0.5, 0.01, nan)))
+    assert not tied  # layer 1 moved from -1.0 to 0.5 while the others moved at most 0.1

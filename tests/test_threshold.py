@@ -46,6 +46,7 @@ def test_routes_follow_the_threshold_without_recompiling(tmp_path):
         routes = _prefill(fm, ids, mask)
     margin = _margins(routers, pooled)
     assert torch.equal(routes, margin > 0)  # 0.5: the router's argmax
+    torch.testing.assert_close(fluxc.last_route_margins(fm), margin, rtol=1e-5, atol=1e-5)  # as recorded
     graphs = fm._backend.graphs
     cuts = margin.flatten().sort().values
     points = [p for p in (float(torch.sigmoid((a + b) / 2)) for a, b in zip(cuts[:-1], cuts[1:])) if 1e-6 < p < 1 - 1e-6]
@@ -54,7 +55,9 @@ def test_routes_follow_the_threshold_without_recompiling(tmp_path):
         fm.set_threshold(t)
         with capture_router_inputs() as pooled:  # a layer's query follows the routes of the layers before it
             got = _prefill(fm, ids, mask)
-        assert torch.equal(got, _margins(routers, pooled) > math.log(t / (1 - t))), t
+        want = _margins(routers, pooled) - math.log(t / (1 - t))  # over the operating point
+        assert torch.equal(got, want > 0), t
+        torch.testing.assert_close(fluxc.last_route_margins(fm), want, rtol=1e-5, atol=1e-5)
         seen.add(tuple(got.flatten().tolist()))
     assert len(seen) >= 4  # the thresholds really moved the routes
     assert fm._backend.graphs == graphs  # the operating point is data: nothing retraced
@@ -108,3 +111,13 @@ def test_inductor_reads_the_threshold_live(tmp_path):
     # Inductor got the routers as plain tensor ops (fused with the layer), not as three opaque custom-op calls
     assert counters["router_ops_inlined"] - inlined == 3
     assert counters["router_pool_indices"] - indices == 1  # the mask's scan, once for the three layers
+
+
+def test_forced_routes_have_no_margins(tmp_path):
+    """A forced route is no router's decision: its margins read NaN, never a made-up confidence."""
+    model = tiny_model("llama", "sdpa", layers=3)
+    ids, mask = batch(seq=12, left_pad=3, size=4, seed=5)
+    fm = fluxc.compile(model, route=["full", "sparse", "full"], config=CFG)
+    routes = _prefill(fm, ids, mask)
+    assert routes.tolist() == [[True, False, True]] * 4
+    assert fluxc.last_route_margins(fm).shape == (4, 3) and fluxc.last_route_margins(fm).isnan().all()

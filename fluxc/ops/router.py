@@ -175,6 +175,29 @@ def _(state, counter, routes, layers, undecided):
     return None
 
 
+@torch.library.custom_op("fluxc::record_margins", mutates_args=("state",))
+def record_margins(state: Tensor, margins: list[Tensor], starts: list[Tensor], layers: list[int]) -> None:
+    """state[:B, layers[i]] = margins[i] (B,) where starts[i] (a sequence's prefill), else kept: each router's
+    margin over the operating point (> 0 runs full attention), kept beside the routes for calibration and for
+    telling a near-tied decision from a clear one. The decode steps' rows keep their prefill's margins."""
+    batch = margins[0].shape[0]
+    new = torch.stack(margins, dim=1).to(state.dtype)  # (B, n)
+    begin = torch.stack(starts, dim=1)  # (B, n)
+    first = layers[0]
+    if list(layers) == list(range(first, first + len(layers))):
+        held = state[:batch, first:first + len(layers)]
+        held.copy_(torch.where(begin, new, held))
+    else:
+        for column, layer in enumerate(layers):
+            held = state[:batch, layer]
+            held.copy_(torch.where(begin[:, column], new[:, column], held))
+
+
+@record_margins.register_fake
+def _(state, margins, starts, layers):
+    return None
+
+
 class RouteRecorder(nn.Module):
     """Training-mode companion of the rewritten graph: holds the Gumbel temperature and receives each
     layer's straight-through sample, so the loss can see per-sequence sparsity."""

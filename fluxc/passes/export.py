@@ -115,6 +115,9 @@ def export_pass(gm: fx.GraphModule, *, step: Literal["prefill", "decode"], fixed
         # the undecided-row count is a serving diagnostic on the route state: a program keeps no state
         dead.extend(n for n in node.all_input_nodes if n not in routes)  # before erasing: erase clears args
         graph.erase_node(node)
+    for node in [n for n in graph.nodes if _is_op(n, torch.ops.fluxc.record_margins.default)]:
+        dead.extend(node.all_input_nodes)  # the margins are a serving diagnostic too: a program keeps no state
+        graph.erase_node(node)
     layer_of_route = {route: layer for layer, route in route_of.items()}
     sites = [n for n in graph.nodes if _is_op(n, torch.ops.fluxc.routed_attention.default)]
     site_layer = {}

@@ -60,11 +60,14 @@ class RouteState(nn.Module):
         self.register_buffer("nonfinite", torch.zeros((), dtype=torch.int64), persistent=False)
         # the operating point: a layer runs full attention when logit_full - logit_sparse > full_bias
         self.register_buffer("full_bias", torch.zeros((), dtype=torch.float32), persistent=False)
+        # per sequence and layer, the last prefill's logit_full - logit_sparse - full_bias (NaN: no router decided)
+        self.register_buffer("margin", torch.full((max_batch, 0), math.nan), persistent=False)
         self.threshold = 0.5
 
     def ensure(self, num_layers: int, device: torch.device) -> None:
         if self.route.shape[1] != num_layers or self.route.device != device:
             self.route = torch.full((self.max_batch, num_layers), STATE_UNSET, dtype=torch.int8, device=device)
+            self.margin = torch.full((self.max_batch, num_layers), math.nan, device=device)
             self.nonfinite = self.nonfinite.to(device)
             self.full_bias = self.full_bias.to(device)
 
@@ -80,8 +83,18 @@ class RouteState(nn.Module):
 
     def last(self) -> torch.Tensor:
         """bool (batch, layers) of the last prefill (True = full attention)."""
-        rows = (self.route != STATE_UNSET).all(dim=1) if self.route.shape[1] else self.route.new_zeros(0, dtype=torch.bool)
-        return self.route[rows] == 1
+        return self.route[self._last_rows()] == 1
+
+    def last_margins(self) -> torch.Tensor:
+        """float32 (batch, layers) of the last prefill: each router's logit_full - logit_sparse over the operating
+        point (> 0 ran full attention; near 0 a near-tied decision); NaN where no router decided (forced routes,
+        the model's own local layers)."""
+        return self.margin[self._last_rows()]
+
+    def _last_rows(self) -> torch.Tensor:
+        if not self.route.shape[1]:
+            return self.route.new_zeros(0, dtype=torch.bool)
+        return (self.route != STATE_UNSET).all(dim=1)
 
 
 @dataclass(frozen=True)
@@ -220,6 +233,8 @@ class RouteRecords:
     routes: list[fx.Node] = field(default_factory=list)
     layers: list[int] = field(default_factory=list)
     undecided: list[fx.Node] = field(default_factory=list)  # (B,) bool: router logits not finite
+    # per router-routed layer: (layer, (B,) float margin over the operating point, (B,) bool this step is a prefill)
+    margins: list[tuple[int, fx.Node, fx.Node]] = field(default_factory=list)
 
     def add(self, route: fx.Node, layer: int) -> None:
         self.routes.append(route)
@@ -233,6 +248,10 @@ class RouteRecords:
             graph.call_function(torch.ops.fluxc.record_routes.default,
                                 (graph.get_attr("flux_state.route"), graph.get_attr("flux_state.nonfinite"),
                                  list(self.routes), list(self.layers), list(self.undecided)))
+            if self.margins:
+                layers, margins, starts = zip(*self.margins)
+                graph.call_function(torch.ops.fluxc.record_margins.default,
+                                    (graph.get_attr("flux_state.margin"), list(margins), list(starts), list(layers)))
 
 
 def flux_pass(gm: fx.GraphModule, options: PassOptions) -> PassResult:
@@ -551,6 +570,8 @@ def _route_node(graph: fx.Graph, options: PassOptions, layer: int, router: int |
     starts = graph.call_function(operator.eq, (first_pos, key_start))  # (B,) this step begins the sequence
     records.undecided.append(graph.call_function(operator.and_, (graph.call_function(operator.invert, (finite,)),
                                                                   starts)))
+    over = graph.call_function(operator.sub, (margin, graph.get_attr("flux_state.full_bias")))  # (B,) > 0: full
+    records.margins.append((layer, over, starts))
     # the batch from the positions (computed once per graph), not from this layer's queries: the state's
     # column then reads outside the layer's compiled region (`fluxc.passes.regions`)
     batch = graph.call_method("size", (valid, 0))

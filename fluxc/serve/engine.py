@@ -63,6 +63,7 @@ class _Sequence:
     done: bool = False
     nonfinite: Tensor | None = None  # () bool on the device: its logits were NaN / inf at some step
     error: RequestError | None = None
+    margins: tuple[float, ...] = ()  # per layer, the router's margin over the operating point (NaN: no router)
 
 
 @dataclass
@@ -317,8 +318,11 @@ class DecodeEngine:
         if not self._sites_checked:
             self._check_local_sites()
         nonfinite_before = self.stats["nonfinite_routes"]
-        read = torch.cat([state.route[:len(prompts)].to(torch.int64).flatten(), state.nonfinite.view(1)]).tolist()
-        undecided = read.pop()  # the one host read of the admitted requests' routes
+        rows = len(prompts)
+        read = torch.cat([state.route[:rows].to(torch.float64).flatten(), state.margin[:rows].to(torch.float64).flatten(),
+                          state.nonfinite.view(1).to(torch.float64)]).tolist()
+        undecided = int(read.pop())  # the one host read of the admitted requests' routes and their margins
+        margins_read, read = read[rows * self.num_layers:], read[:rows * self.num_layers]
         self.stats["nonfinite_routes"] = undecided  # the route state counts every sequence since compile
         if undecided > nonfinite_before:
             log.warning("fluxc: requests %s: the router gave non-finite logits in %d layer(s); they run full "
@@ -329,6 +333,7 @@ class DecodeEngine:
             routes = tuple(bool(r) for r in read[row * self.num_layers:(row + 1) * self.num_layers])
             seqs.append(self._settle(request, count, max_new_tokens, pages[row], routes, table[row],
                                      ~finite[row]))
+            seqs[-1].margins = tuple(margins_read[row * self.num_layers:(row + 1) * self.num_layers])
         return first, seqs
 
     def _settle(self, request: int, count: int, max_new_tokens: int, pages: list[list[int]],
@@ -603,6 +608,11 @@ class DecodeEngine:
     def routes_of(self, request: int) -> tuple[bool, ...]:
         """Per layer, True where the request runs full attention (decided at its prefill)."""
         return self._requests[request].routes
+
+    def route_margins_of(self, request: int) -> tuple[float, ...]:
+        """Per layer, the router's logit_full - logit_sparse over the operating point at the request's prefill
+        (> 0 ran full; near 0 a near-tied decision); NaN where no router decided."""
+        return self._requests[request].margins
 
     @property
     def reserved_pages(self) -> int:
