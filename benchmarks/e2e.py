@@ -6,8 +6,8 @@ init skipped, then N(0, 0.02) matrices and unit norms (a few hundred fused fills
 not depend on the weights; zeros are avoided on purpose (they can run faster than real data).
 
 fluxc runs with *forced* routes (a fraction r of the layers sparse, spread evenly: r in 0, .5, .75, 1), so
-speed does not depend on an untrained router; `compiler="eager"` (an Inductor compile of an 8B graph does
-not fit the budget); `DecodeEngine(cuda_graphs=True)`. Baselines, same process, same weights:
+speed does not depend on an untrained router; the default compiler (Inductor, region by region: the 32
+layers' regions compile once; `--compiler eager` for the eager graph); `DecodeEngine(cuda_graphs=True)`. Baselines, same process, same weights:
   (a)  transformers SDPA as users run it (prefill with a DynamicCache, logits of the last token only);
   (a') the same with SDPA forced to FlashAttention-2 (`sdpa_kernel(FLASH_ATTENTION)`);
   (b)  transformers StaticCache + `torch.compile(model.forward, mode="reduce-overhead")` decode. Its cache
@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                    "smoke 3600)")
     ap.add_argument("--rs", default="0,0.75,1,0.5", help="SA fractions (0, .75, 1 required; others optional)")
     ap.add_argument("--phases", default="", help="comma list of phase names to run (default all); fluxc = all r")
-    ap.add_argument("--compiler", default="eager", choices=("eager", "inductor"), help="FluxConfig.compiler")
+    ap.add_argument("--compiler", default="inductor", choices=("eager", "inductor"),
+                    help="FluxConfig.compiler (default: fluxc's default, Inductor)")
     ap.add_argument("--b-backend", default=None, help="backend of (b): inductor (mode reduce-overhead; default on "
                                                       "GPU) or eager (smoke default)")
     args = ap.parse_args(argv)
