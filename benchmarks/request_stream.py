@@ -187,11 +187,12 @@ def hf_runs(args: argparse.Namespace, model: Any, prompts: list[torch.Tensor], p
 
 def near_tie(untouched: Any, reference32: Any, reference: torch.Tensor, other: torch.Tensor
              ) -> tuple[bool, float, float] | None:
-    """Where two greedy sequences first differ, whether the two tokens are a bf16 near-tie: the fp32 model
-    (`reference32`, the truth) separates them by no more than twice the error the untouched bf16 model itself
-    makes there (its largest logit error on the fp32 model's top 5; at least 4 bf16 ulps), i.e. two
-    implementations of PyTorch's own bf16 accuracy may pick either. Returns (tied, fp32 gap, tolerance), None if
-    the sequences do not differ."""
+    """Where `other` (the answer under test) first departs from `reference`, whether its token is acceptable: the
+    fp32 model (`reference32`, the truth) prefers the reference's token by no more than twice the error the
+    untouched bf16 model itself makes there (its largest logit error on the fp32 model's top 5; at least 4 bf16
+    ulps), i.e. an implementation of PyTorch's own bf16 accuracy may pick either; a token the truth prefers
+    passes. Returns (acceptable, fp32 preference for the reference's token, tolerance), None if the answers do
+    not differ."""
     differ = (reference != other).nonzero()
     if len(differ) == 0:
         return None
@@ -200,11 +201,11 @@ def near_tie(untouched: Any, reference32: Any, reference: torch.Tensor, other: t
         truth = reference32(input_ids=reference[None, :j]).logits[0, -1].float()  # (V,)
         bf16 = untouched(input_ids=reference[None, :j]).logits[0, -1].float()  # (V,)
     a, b = truth[reference[j]], truth[other[j]]
-    gap = float((a - b).abs())
+    preference = float(a - b)
     own_error = float((bf16 - truth)[truth.topk(5).indices].abs().max())
     ulps = 4 * 2**-8 * max(1.0, float(torch.maximum(a.abs(), b.abs())))
     tolerance = max(2 * own_error, ulps)
-    return gap <= tolerance, gap, tolerance
+    return preference <= tolerance, preference, tolerance
 
 
 def route_flip_tied(engine: tuple[tuple[bool, ...], tuple[float, ...]],
@@ -299,7 +300,8 @@ def checks(args: argparse.Namespace, model: Any, router: str, run: dict[str, Any
         prefix = name.split("_equals")[0]
         row[name] = sum(t is None for t in ties)
         row[prefix + "_near_ties"] = sum(t is not None and t[0] for t in ties)
-        row[prefix + "_gaps"] = [[round(t[1], 4), round(t[2], 4)] for t in ties if t is not None]  # [fp32 gap, tolerance]
+        # [fp32 preference for the reference's token, tolerance] per pair that differs
+        row[prefix + "_gaps"] = [[round(t[1], 4), round(t[2], 4)] for t in ties if t is not None]
     results.add(**row)
 
 

@@ -52,9 +52,9 @@ def test_append_needs_the_same_prompts(stream, tmp_path):
 
 
 def test_near_tie_tells_a_bf16_tie_from_a_real_difference(stream):
-    """The checks' rule: two greedy answers that first differ where the fp32 model separates the two tokens by no
-    more than twice the untouched bf16 model's own logit error there (at least 4 bf16 ulps) count as a near-tie;
-    a wider gap is a real difference."""
+    """The checks' rule: where the answer under test first departs from the reference, its token is acceptable
+    when the fp32 model prefers the reference's token by no more than twice the untouched bf16 model's own logit
+    error there (at least 4 bf16 ulps), or prefers the tested token; a wider preference is a real difference."""
     import types
 
     import torch
@@ -76,6 +76,9 @@ def test_near_tie_tells_a_bf16_tie_from_a_real_difference(stream):
     close = Logits([19.95, 0.0, 20.0, 0.0, 0.0, 0.0])
     tied, gap, _ = stream.near_tie(close, close, reference, other)
     assert tied and gap == pytest.approx(0.05, abs=1e-4)
+    prefers_other = Logits([23.0, 0.0, 20.0, 0.0, 0.0, 0.0])  # the reference's token was the bf16 error
+    tied, gap, _ = stream.near_tie(truth, prefers_other, reference, other)
+    assert tied and gap == pytest.approx(-3.0)
     assert stream.near_tie(truth, truth, reference, reference) is None
 
 
