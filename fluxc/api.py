@@ -190,19 +190,18 @@ def sites(m: Any, *example_args: Any, **example_kwargs: Any) -> list[SiteInfo]:
 def last_route_margins(m: Any) -> torch.Tensor:
     """float32 [batch, num_layers] of the last prefill: each router's logit_full - logit_sparse over the operating
     point (> 0 ran full attention, near 0 a near-tied decision); NaN where no router decided."""
-    if isinstance(m, RouteState):
-        return m.last_margins()
-    backend = _backend_of(m)
-    if backend.sites is None:
-        raise NotTracedError("no prefill has run yet: call the model first")
-    return backend.state.last_margins()
+    return _prefilled_state(m).last_margins()
 
 
 def last_route(m: Any) -> torch.Tensor:
     """bool [batch, num_layers] of the last prefill's decisions (True = full attention)."""
+    return _prefilled_state(m).last()
+
+
+def _prefilled_state(m: Any) -> RouteState:
     if isinstance(m, RouteState):
-        return m.last()
+        return m
     backend = _backend_of(m)
     if backend.sites is None:
         raise NotTracedError("no prefill has run yet: call the model first")
-    return backend.state.last()
+    return backend.state
