@@ -290,6 +290,8 @@ def checks(args: argparse.Namespace, model: Any, router: str, run: dict[str, Any
     row: dict[str, Any] = dict(kind="check", prompts=len(subset),
                                full_logit_error=sum(e for e, _ in errors) / len(errors),
                                untouched_logit_error=sum(u for _, u in errors) / len(errors),
+                               # per prompt: [tokens, engine's error, untouched bf16's error], to find outliers
+                               logit_errors=[[p.numel(), round(e, 4), round(u, 4)] for p, (e, u) in zip(subset, errors)],
                                router_same_routes=sum(f is None for f in flips),
                                router_route_flips=[f[1] for f in flips if f is not None])
     for name, pairs in (("full_equals_untouched", zip(wants, got)), ("router_equals_dynamic_loop", zip(loop, routed)),
@@ -300,8 +302,9 @@ def checks(args: argparse.Namespace, model: Any, router: str, run: dict[str, Any
         prefix = name.split("_equals")[0]
         row[name] = sum(t is None for t in ties)
         row[prefix + "_near_ties"] = sum(t is not None and t[0] for t in ties)
-        # [fp32 preference for the reference's token, tolerance] per pair that differs
-        row[prefix + "_gaps"] = [[round(t[1], 4), round(t[2], 4)] for t in ties if t is not None]
+        # [prompt, its tokens, fp32 preference for the reference's token, tolerance] per pair that differs
+        row[prefix + "_gaps"] = [[i, subset[i].numel(), round(t[1], 4), round(t[2], 4)]
+                                 for i, t in enumerate(ties) if t is not None]
     results.add(**row)
 
 
