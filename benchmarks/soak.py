@@ -144,9 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     # a prompt prefilled in a left-padded group is not bitwise the prompt prefilled alone (bf16 GEMM shapes).
     unaffected = [i for i, kind in enumerate(plan) if not isinstance(outcomes.get(i), fluxc.FluxError)]
     clean, _ = serve(engine, [prompts[i] for i in unaffected], args.new, ["clean"] * len(unaffected), args.seed)
-    lost = [i for k, i in enumerate(unaffected)
-            if isinstance(clean.get(k), fluxc.FluxError) or k not in clean
-            or not torch.equal(outcomes[i].cpu(), clean[k].cpu())]
+    lost = [i for k, i in enumerate(unaffected)  # an error or no answer in the clean run counts as lost too
+            if not isinstance(clean.get(k), torch.Tensor) or not torch.equal(outcomes[i].cpu(), clean[k].cpu())]
     errors = {i: out for i, out in outcomes.items() if isinstance(out, fluxc.FluxError)}
     unexpected = [i for i in errors if plan[i] == "clean"]
     missing = [i for i in range(args.requests) if i not in outcomes]

@@ -150,6 +150,16 @@ def _backward(ctx, grad):
 router_logits.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _layer_columns(layers: list[int]) -> list[tuple[slice | int, slice | int]]:
+    """(state columns, value columns) pairs writing values column i to state column layers[i]: one slice when the
+    layers are consecutive (the usual case), else one pair per layer. Python indices only: a host-side index
+    tensor would be a copy a CUDA graph cannot capture."""
+    first = layers[0]
+    if list(layers) == list(range(first, first + len(layers))):
+        return [(slice(first, first + len(layers)), slice(None))]
+    return list(zip(layers, range(len(layers))))
+
+
 @torch.library.custom_op("fluxc::record_routes", mutates_args=("state", "counter"))
 def record_routes(state: Tensor, counter: Tensor, routes: list[Tensor], layers: list[int],
                   undecided: list[Tensor]) -> None:
@@ -158,14 +168,9 @@ def record_routes(state: Tensor, counter: Tensor, routes: list[Tensor], layers: 
     full). One op per forward, after its last layer: a prefill is host-bound, and per-layer ops cost launches."""
     batch = routes[0].shape[0]
     decided = torch.stack(routes, dim=1).to(state.dtype)  # (B, n)
-    first = layers[0]
-    if list(layers) == list(range(first, first + len(layers))):
-        state[:batch, first:first + len(layers)].copy_(decided)
-        state[batch:, first:first + len(layers)].fill_(-1)  # a smaller batch must not inherit older rows
-    else:
-        for column, layer in enumerate(layers):
-            state[:batch, layer].copy_(decided[:, column])
-            state[batch:, layer].fill_(-1)
+    for into, of in _layer_columns(layers):
+        state[:batch, into].copy_(decided[:, of])
+        state[batch:, into].fill_(-1)  # a smaller batch must not inherit older rows
     if undecided:
         counter.add_(torch.stack(undecided).sum().to(counter.dtype))
 
@@ -183,14 +188,9 @@ def record_margins(state: Tensor, margins: list[Tensor], starts: list[Tensor], l
     batch = margins[0].shape[0]
     new = torch.stack(margins, dim=1).to(state.dtype)  # (B, n)
     begin = torch.stack(starts, dim=1)  # (B, n)
-    first = layers[0]
-    if list(layers) == list(range(first, first + len(layers))):
-        held = state[:batch, first:first + len(layers)]
-        held.copy_(torch.where(begin, new, held))
-    else:
-        for column, layer in enumerate(layers):
-            held = state[:batch, layer]
-            held.copy_(torch.where(begin[:, column], new[:, column], held))
+    for into, of in _layer_columns(layers):
+        held = state[:batch, into]
+        held.copy_(torch.where(begin[:, of], new[:, of], held))
 
 
 @record_margins.register_fake

@@ -322,7 +322,8 @@ class DecodeEngine:
         read = torch.cat([state.route[:rows].to(torch.float64).flatten(), state.margin[:rows].to(torch.float64).flatten(),
                           state.nonfinite.view(1).to(torch.float64)]).tolist()
         undecided = int(read.pop())  # the one host read of the admitted requests' routes and their margins
-        margins_read, read = read[rows * self.num_layers:], read[:rows * self.num_layers]
+        width = self.num_layers
+        routes_read, margins_read = read[:rows * width], read[rows * width:]  # (rows, layers) each, row-major
         self.stats["nonfinite_routes"] = undecided  # the route state counts every sequence since compile
         if undecided > nonfinite_before:
             log.warning("fluxc: requests %s: the router gave non-finite logits in %d layer(s); they run full "
@@ -330,10 +331,11 @@ class DecodeEngine:
         finite = torch.isfinite(logits).all(dim=-1)  # (n,)
         seqs = []
         for row, (request, count) in enumerate(zip(requests, counts)):
-            routes = tuple(bool(r) for r in read[row * self.num_layers:(row + 1) * self.num_layers])
+            at = slice(row * width, (row + 1) * width)
+            routes = tuple(bool(r) for r in routes_read[at])
             seqs.append(self._settle(request, count, max_new_tokens, pages[row], routes, table[row],
                                      ~finite[row]))
-            seqs[-1].margins = tuple(margins_read[row * self.num_layers:(row + 1) * self.num_layers])
+            seqs[-1].margins = tuple(margins_read[at])
         return first, seqs
 
     def _settle(self, request: int, count: int, max_new_tokens: int, pages: list[list[int]],
