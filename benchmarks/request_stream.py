@@ -36,6 +36,7 @@ import json
 import pathlib
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,6 +44,7 @@ from torch._dynamo.utils import compile_times
 
 import fluxc
 from fluxc.serve.engine import DecodeEngine
+from fluxc.serve.generate import _generate_dynamic
 from fluxc.training.data import make_example
 from fluxc.training.models import load_model, load_smollm2, smollm2_gguf
 
@@ -185,11 +187,22 @@ def hf_runs(args: argparse.Namespace, model: Any, prompts: list[torch.Tensor], p
                         wall_s=wall, tokens_per_s=len(prompts) * args.new / wall, **percentiles(latency))
 
 
-def near_tie(untouched: Any, reference32: Any, reference: torch.Tensor, other: torch.Tensor
+LogitsAt = Callable[[torch.Tensor], torch.Tensor]  # a prefix (T,) -> the next token's logits (V,), float32
+
+
+def last_logits(model: Any) -> LogitsAt:
+    """`model`'s next-token logits after a prefix, from one forward over it."""
+    def at(prefix: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=prefix[None]).logits[0, -1].float()
+    return at
+
+
+def near_tie(bf16: LogitsAt, truth: LogitsAt, reference: torch.Tensor, other: torch.Tensor
              ) -> tuple[bool, float, float] | None:
     """Where `other` (the answer under test) first departs from `reference`, whether its token is acceptable: the
-    fp32 model (`reference32`, the truth) prefers the reference's token by no more than twice the error the
-    untouched bf16 model itself makes there (its largest logit error on the fp32 model's top 5; at least 4 bf16
+    fp32 model (`truth`) prefers the reference's token by no more than twice the error the reference's bf16
+    implementation (`bf16`) itself makes there (its largest logit error on the fp32 model's top 5; at least 4 bf16
     ulps), i.e. an implementation of PyTorch's own bf16 accuracy may pick either; a token the truth prefers
     passes. Returns (acceptable, fp32 preference for the reference's token, tolerance), None if the answers do
     not differ."""
@@ -197,12 +210,10 @@ def near_tie(untouched: Any, reference32: Any, reference: torch.Tensor, other: t
     if len(differ) == 0:
         return None
     j = int(differ[0])
-    with torch.no_grad():
-        truth = reference32(input_ids=reference[None, :j]).logits[0, -1].float()  # (V,)
-        bf16 = untouched(input_ids=reference[None, :j]).logits[0, -1].float()  # (V,)
-    a, b = truth[reference[j]], truth[other[j]]
+    true_logits, own = truth(reference[:j]), bf16(reference[:j])  # (V,) each
+    a, b = true_logits[reference[j]], true_logits[other[j]]
     preference = float(a - b)
-    own_error = float((bf16 - truth)[truth.topk(5).indices].abs().max())
+    own_error = float((own - true_logits)[true_logits.topk(5).indices].abs().max())
     ulps = 4 * 2**-8 * max(1.0, float(torch.maximum(a.abs(), b.abs())))
     tolerance = max(2 * own_error, ulps)
     return preference <= tolerance, preference, tolerance
@@ -253,8 +264,8 @@ def checks(args: argparse.Namespace, model: Any, router: str, run: dict[str, Any
       DynamicCache loop's, and whether both took the same route (where not, the flip is a near-tie or not by
       `route_flip_tied`);
     - for scale, transformers' eager attention against its sdpa (two correct bf16 implementations).
-    A pair that differs is a near-tie or not at its first difference (`near_tie`; for the routed pair the
-    untouched models stand in for the routed ones)."""
+    A pair that differs is a near-tie or not at its first difference (`near_tie`; a routed pair against the fp32
+    model on the same route, `routed_near_tie`)."""
     device = next(model.parameters()).device
     subset = prompts[:args.check]
     if run is None:
@@ -273,9 +284,13 @@ def checks(args: argparse.Namespace, model: Any, router: str, run: dict[str, Any
                                do_sample=False, pad_token_id=pad)[0] for p in subset]
 
     wants = hf_generate()
-    loop, loop_routes = [], []
+    loop, loop_routes, loop_logits = [], [], []
     for p in subset:
-        loop.append(fluxc.generate(run["fm"], p[None].to(device), args.new, engine=False)[0])
+        steps: list[torch.Tensor] = []  # the loop's own next-token logits, the routed pairs' bf16 error
+        # the DynamicCache loop `fluxc.generate(..., engine=False)` runs, with its logits kept
+        loop.append(_generate_dynamic(run["fm"], p[None].to(device), args.new, attention_mask=None, do_sample=False,
+                                      temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, logits=steps)[0])
+        loop_logits.append(steps)
         loop_routes.append((tuple(fluxc.last_route(run["fm"])[0].tolist()),
                             tuple(fluxc.last_route_margins(run["fm"])[0].tolist())))
     routed = run["outputs"][max(args.batches)][:args.check]
@@ -293,19 +308,37 @@ def checks(args: argparse.Namespace, model: Any, router: str, run: dict[str, Any
                                # per prompt: [tokens, engine's error, untouched bf16's error], to find outliers
                                logit_errors=[[p.numel(), round(e, 4), round(u, 4)] for p, (e, u) in zip(subset, errors)],
                                router_same_routes=sum(f is None for f in flips),
-                               router_route_flips=[f[1] for f in flips if f is not None])
-    for name, pairs in (("full_equals_untouched", zip(wants, got)), ("router_equals_dynamic_loop", zip(loop, routed)),
-                        ("hf_eager_equals_sdpa", zip(wants, eager))):
-        ties = [near_tie(model, reference32, ref.to(device), out.to(device)) for ref, out in pairs]
-        if name.startswith("router"):  # answers after different routes: the routes' flip decides
-            ties = [t if f is None or t is None else (f[0], *t[1:]) for t, f in zip(ties, flips)]
-        prefix = name.split("_equals")[0]
-        row[name] = sum(t is None for t in ties)
-        row[prefix + "_near_ties"] = sum(t is not None and t[0] for t in ties)
+                               # [prompt, [[layer, engine margin, loop margin] per flipped layer]]
+                               router_route_flips=[[i, f[1]] for i, f in enumerate(flips) if f is not None])
+    untouched, truth = last_logits(model), last_logits(reference32)
+    ties = {
+        "full": [near_tie(untouched, truth, ref.to(device), out.to(device)) for ref, out in zip(wants, got)],
+        "hf_eager": [near_tie(untouched, truth, ref.to(device), out.to(device)) for ref, out in zip(wants, eager)],
+        # a routed pair on the same route: its truth is the fp32 model on that route, its bf16 error the loop's
+        # own; on routes that flipped, the flip decides (a near-tie of the routers or not)
+        "router": [(f[0], float("nan"), float("nan")) if f is not None else
+                   routed_near_tie(reference32, run["fm"].flux_config, route, steps, p.numel(), ref.to(device), out.to(device))
+                   for p, ref, out, (route, _), steps, f in zip(subset, loop, routed, loop_routes, loop_logits, flips)],
+    }
+    for prefix, found in ties.items():
+        row[prefix + "_equals_" + {"full": "untouched", "hf_eager": "sdpa", "router": "dynamic_loop"}[prefix]] = (
+            sum(t is None for t in found))
+        row[prefix + "_near_ties"] = sum(t is not None and t[0] for t in found)
         # [prompt, its tokens, fp32 preference for the reference's token, tolerance] per pair that differs
         row[prefix + "_gaps"] = [[i, subset[i].numel(), round(t[1], 4), round(t[2], 4)]
-                                 for i, t in enumerate(ties) if t is not None]
+                                 for i, t in enumerate(found) if t is not None]
     results.add(**row)
+
+
+def routed_near_tie(reference32: Any, config: fluxc.FluxConfig, route: tuple[bool, ...],
+                    loop_steps: list[torch.Tensor], prompt_len: int, reference: torch.Tensor, other: torch.Tensor
+                    ) -> tuple[bool, float, float] | None:
+    """`near_tie` for answers of the routed model (its `config`): the truth is the fp32 model with the reference's
+    route forced (eager: a truth, not a speed), the bf16 error the reference loop's own logits at that step."""
+    if bool((reference == other).all()):
+        return None
+    routed32 = fluxc.compile(reference32, route=list(route), config=config.replace(compiler="eager"))
+    return near_tie(lambda prefix: loop_steps[prefix.numel() - prompt_len][0], last_logits(routed32), reference, other)
 
 
 def fp32_model(args: argparse.Namespace, model: Any) -> Any:

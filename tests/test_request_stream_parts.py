@@ -67,16 +67,19 @@ def test_near_tie_tells_a_bf16_tie_from_a_real_difference(stream):
         def forward(self, input_ids):
             return types.SimpleNamespace(logits=self.row.expand(1, input_ids.shape[1], -1))
 
+    def logits(row: list[float]):
+        return stream.last_logits(Logits(row))
+
     reference, other = torch.tensor([3, 1, 2]), torch.tensor([3, 1, 0])  # first differ at 2: token 2 against 0
-    truth = Logits([19.0, 0.0, 20.0, 0.0, 0.0, 0.0])
-    tied, gap, tolerance = stream.near_tie(Logits([19.0, 0.0, 20.6, 0.0, 0.0, 0.0]), truth, reference, other)
+    truth = logits([19.0, 0.0, 20.0, 0.0, 0.0, 0.0])
+    tied, gap, tolerance = stream.near_tie(logits([19.0, 0.0, 20.6, 0.0, 0.0, 0.0]), truth, reference, other)
     assert tied and gap == pytest.approx(1.0) and tolerance == pytest.approx(1.2, abs=1e-4)  # bf16 is 0.6 off
     tied, gap, tolerance = stream.near_tie(truth, truth, reference, other)  # an exact bf16: 4 ulps at 20
     assert not tied and gap == pytest.approx(1.0) and tolerance == pytest.approx(0.3125)
-    close = Logits([19.95, 0.0, 20.0, 0.0, 0.0, 0.0])
+    close = logits([19.95, 0.0, 20.0, 0.0, 0.0, 0.0])
     tied, gap, _ = stream.near_tie(close, close, reference, other)
     assert tied and gap == pytest.approx(0.05, abs=1e-4)
-    prefers_other = Logits([23.0, 0.0, 20.0, 0.0, 0.0, 0.0])  # the reference's token was the bf16 error
+    prefers_other = logits([23.0, 0.0, 20.0, 0.0, 0.0, 0.0])  # the reference's token was the bf16 error
     tied, gap, _ = stream.near_tie(truth, prefers_other, reference, other)
     assert tied and gap == pytest.approx(-3.0)
     assert stream.near_tie(truth, truth, reference, reference) is None

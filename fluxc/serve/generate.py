@@ -114,7 +114,8 @@ def _generate(model: Any, input_ids: torch.Tensor | list[torch.Tensor], prompts:
 @torch.no_grad()
 def _generate_dynamic(model: Any, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None,
                       do_sample: bool, temperature: float, top_k: int, top_p: float,
-                      eos_token_id: int | None) -> torch.Tensor:
+                      eos_token_id: int | None, logits: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The plain DynamicCache loop; `logits`, when given, receives each step's next-token logits (B, V)."""
 
     keyword = cache_keyword(model)
     if keyword is None:
@@ -132,6 +133,8 @@ def _generate_dynamic(model: Any, input_ids: torch.Tensor, max_new_tokens: int, 
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                     **{keyword: cache})
         cache = output_cache(out)
+        if logits is not None:
+            logits.append(out.logits[:, -1].float())  # (B, V)
         next_ids = select_tokens(out.logits[:, -1], sampling)  # (B, 1)
         if eos_token_id is not None:
             next_ids = torch.where(done[:, None], torch.full_like(next_ids, eos_token_id), next_ids)
