@@ -12,7 +12,9 @@ The engine (8 slots) is warmed up, then serves the stream as a server loop would
 Afterwards: pages in use and reserved (0 wanted), device memory against its level after warm-up, compiles and
 CUDA-graph captures after warm-up (0 wanted), and every unaffected request against a clean run of the same
 prompts through the same server loop on the same engine (other neighbours in its decode batches), token for
-token (0 lost wanted).
+token (0 lost wanted). The engine runs `batch_invariant=True` (one decode bucket): a fault changes a request's
+neighbours, and only a batch-invariant decode makes its tokens independent of them (`--no-batch-invariant`
+measures the default buckets, where a bf16 near-tie may tip either way when the batch size differs).
 
     python benchmarks/soak.py --out soak.json [--requests 1000] [--gguf path.gguf]   # GPU
     python benchmarks/soak.py --smoke --out /tmp/soak.json                            # tiny, CPU
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cancel", type=float, default=0.05)
     ap.add_argument("--fail", type=float, default=0.02)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True)
     add_model_arguments(ap)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                                                            model="tiny" if args.smoke else "SmolLM2-135M-Instruct"))
     poison_token(model, poison)  # before compiling: Dynamo traces the hook into the graphs
     fm = fluxc.compile(model, router)
-    engine = DecodeEngine(fm, max_batch=8, max_len=args.max_len + args.new + 8)
+    engine = DecodeEngine(fm, max_batch=8, max_len=args.max_len + args.new + 8, batch_invariant=args.batch_invariant)
     warm_s = engine.warm_up()
     harness.sync(cuda)
     base_memory = torch.cuda.memory_allocated() if cuda else None
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     hit = collections.Counter(plan[i] for i in errors)
     results.add(kind="warmup", impl="fluxc", s=warm_s)
     results.add(kind="soak", impl="fluxc", requests=args.requests, new=args.new, min_len=args.min_len,
-                max_len=args.max_len, s=soak_s, decode_steps=steps,
+                max_len=args.max_len, s=soak_s, decode_steps=steps, batch_invariant=args.batch_invariant,
                 planned={k: by_kind[k] for k in ("clean", *FAULTS)}, ended_with_error={k: hit[k] for k in hit},
                 leaked_pages=leaked, reserved_pages_left=reserved, memory_delta_bytes=memory_delta,
                 compiles_after_warmup=soak_compiles, captures_after_warmup=soak_captures,

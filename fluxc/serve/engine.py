@@ -88,6 +88,9 @@ class DecodeEngine:
     `cuda_graphs`: "auto" (on for CUDA models), True (raise if impossible) or False (the same steps eagerly).
     `max_prefill_tokens`: the most padded tokens (prompts x the longest) `generate` prefills in one forward;
     prompts waiting beyond it go in the next (a bound on the prefill's activation memory).
+    `batch_invariant`: every decode step runs the largest bucket, so a request's tokens do not depend on how
+    many others share its steps (bf16 GEMMs pick their kernels, hence their rounding, by batch size); it costs
+    the padded rows' work when few requests run.
 
     A request that fails (its pages cannot be allocated, its logits turn NaN / inf) ends with a `RequestError`
     (`error_of`) while the others run on untouched. One thread at a time drives an engine: its methods hold
@@ -96,11 +99,13 @@ class DecodeEngine:
 
     def __init__(self, model: FluxModule, *, max_batch: int = 8, max_len: int | None = None, page_size: int = 16,
                  num_pages: int | None = None, cuda_graphs: bool | str = "auto",
-                 max_prefill_tokens: int = 65536) -> None:
+                 max_prefill_tokens: int = 65536, batch_invariant: bool = False) -> None:
         if flux_backend_of(model) is None:
             raise ConfigError(f"model must be a fluxc.compile(...) result (FluxModule), got {type(model).__name__}")
         if not (isinstance(cuda_graphs, bool) or (isinstance(cuda_graphs, str) and cuda_graphs == "auto")):
             raise ConfigError(f"cuda_graphs={cuda_graphs!r}: use True, False or 'auto'")
+        if not isinstance(batch_invariant, bool):
+            raise ConfigError(f"batch_invariant={batch_invariant!r}: use True or False")
         for name, value, low in (("max_batch", max_batch, 1), ("page_size", page_size, 1),
                                  ("max_prefill_tokens", max_prefill_tokens, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -120,6 +125,8 @@ class DecodeEngine:
         self.max_prefill_tokens = max_prefill_tokens
         self.width = math.ceil(self.max_len / page_size)  # block table columns
         self.buckets = tuple(sorted({max(MIN_BUCKET, 1 << (b - 1).bit_length()) for b in range(1, max_batch + 1)}))
+        if batch_invariant:
+            self.buckets = self.buckets[-1:]
         self.max_batch = self.buckets[-1]
         self._num_pages = num_pages
         self.spec = SiteSpec.for_config(model.flux_config)
