@@ -106,6 +106,31 @@ def _mixed_router_setup(tmp_path):
     return model, ids, mask, cfg, str(path)
 
 
+def test_batch_invariant_runs_every_decode_step_at_the_largest_bucket(tmp_path, monkeypatch):
+    """`batch_invariant=True`: one bucket, so a request decodes at the same batch size alone or among others (its
+    tokens cannot depend on its neighbours' count); its answers are the default engine's."""
+    model, _, _, cfg, path = _mixed_router_setup(tmp_path)
+    fm = fluxc.compile(model, path, config=cfg)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 128, (n,), generator=g) for n in (9, 17, 13)]
+    default, invariant = _engine(fm), _engine(fm, batch_invariant=True)
+    assert default.buckets == (2, 4) and invariant.buckets == (4,)
+    steps = []
+    step = DecodeEngine._step
+    monkeypatch.setattr(DecodeEngine, "_step", lambda self, bucket, sampling: (steps.append(bucket),
+                                                                                step(self, bucket, sampling)))
+    alone = invariant.generate(prompts[:1], 6)
+    assert set(steps) == {4}, steps  # one request still decodes at 4 rows
+    together = invariant.generate(prompts, 6)
+    assert torch.equal(alone[0], together[0])
+    assert all(torch.equal(a, b) for a, b in zip(together, default.generate(prompts, 6)))
+    steps.clear()
+    default.generate(prompts[:1], 6)
+    assert set(steps) == {2}  # the default engine decodes one request at its smallest bucket
+    with pytest.raises(fluxc.ConfigError, match="batch_invariant='yes'"):
+        _engine(fm, batch_invariant="yes")
+
+
 def test_one_compile_serves_every_length_and_routing_mask(tmp_path):
     """Prompts of many lengths whose routers pick different masks: after the first prompt (one prefill compile,
     one decode compile), nothing traces or compiles again; the masks seen differ."""
