@@ -316,7 +316,7 @@ def checks(args: argparse.Namespace, model: Any, router: str, run: dict[str, Any
         "hf_eager": [near_tie(untouched, truth, ref.to(device), out.to(device)) for ref, out in zip(wants, eager)],
         # a routed pair on the same route: its truth is the fp32 model on that route, its bf16 error the loop's
         # own; on routes that flipped, the flip decides (a near-tie of the routers or not)
-        "router": [(f[0], float("nan"), float("nan")) if f is not None else
+        "router": [(f[0], None, None) if f is not None else
                    routed_near_tie(reference32, run["fm"].flux_config, route, steps, p.numel(), ref.to(device), out.to(device))
                    for p, ref, out, (route, _), steps, f in zip(subset, loop, routed, loop_routes, loop_logits, flips)],
     }
@@ -325,7 +325,8 @@ def checks(args: argparse.Namespace, model: Any, router: str, run: dict[str, Any
             sum(t is None for t in found))
         row[prefix + "_near_ties"] = sum(t is not None and t[0] for t in found)
         # [prompt, its tokens, fp32 preference for the reference's token, tolerance] per pair that differs
-        row[prefix + "_gaps"] = [[i, subset[i].numel(), round(t[1], 4), round(t[2], 4)]
+        # (None, None after a route flip: the flip decided)
+        row[prefix + "_gaps"] = [[i, subset[i].numel(), *(None if x is None else round(x, 4) for x in t[1:])]
                                  for i, t in enumerate(found) if t is not None]
     results.add(**row)
 
