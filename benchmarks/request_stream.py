@@ -311,18 +311,17 @@ def checks(args: argparse.Namespace, model: Any, router: str, run: dict[str, Any
                                # [prompt, [[layer, engine margin, loop margin] per flipped layer]]
                                router_route_flips=[[i, f[1]] for i, f in enumerate(flips) if f is not None])
     untouched, truth = last_logits(model), last_logits(reference32)
-    ties = {
-        "full": [near_tie(untouched, truth, ref.to(device), out.to(device)) for ref, out in zip(wants, got)],
-        "hf_eager": [near_tie(untouched, truth, ref.to(device), out.to(device)) for ref, out in zip(wants, eager)],
+    ties = {  # (the pair's prefix, what the reference is) -> per prompt, near_tie's answer
+        ("full", "untouched"): [near_tie(untouched, truth, ref.to(device), out.to(device)) for ref, out in zip(wants, got)],
+        ("hf_eager", "sdpa"): [near_tie(untouched, truth, ref.to(device), out.to(device)) for ref, out in zip(wants, eager)],
         # a routed pair on the same route: its truth is the fp32 model on that route, its bf16 error the loop's
         # own; on routes that flipped, the flip decides (a near-tie of the routers or not)
-        "router": [(f[0], None, None) if f is not None else
+        ("router", "dynamic_loop"): [(f[0], None, None) if f is not None else
                    routed_near_tie(reference32, run["fm"].flux_config, route, steps, p.numel(), ref.to(device), out.to(device))
                    for p, ref, out, (route, _), steps, f in zip(subset, loop, routed, loop_routes, loop_logits, flips)],
     }
-    for prefix, found in ties.items():
-        row[prefix + "_equals_" + {"full": "untouched", "hf_eager": "sdpa", "router": "dynamic_loop"}[prefix]] = (
-            sum(t is None for t in found))
+    for (prefix, reference_name), found in ties.items():
+        row[f"{prefix}_equals_{reference_name}"] = sum(t is None for t in found)
         row[prefix + "_near_ties"] = sum(t is not None and t[0] for t in found)
         # [prompt, its tokens, fp32 preference for the reference's token, tolerance] per pair that differs
         # (None, None after a route flip: the flip decided)

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", help="result JSON")
     args = parser.parse_args(argv)
     routers = [LayerRouter(128, (1024, 256, 512, 128)).cuda() for _ in range(LAYERS)]
-    weights = [w.detach() for w in routers[0].weights()]
     per_layer = [[w.detach() for w in r.weights()] for r in routers]
+    weights = per_layer[0]  # the single-layer rows' router
     command = None if argv is None else ["benchmarks/router_op.py", *argv]
     results = harness.Results(args.out, harness.provenance(command, timing="CUDA events, median of 50 calls after 10"),
                               targets=[])

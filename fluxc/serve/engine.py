@@ -89,8 +89,8 @@ class DecodeEngine:
     `max_prefill_tokens`: the most padded tokens (prompts x the longest) `generate` prefills in one forward;
     prompts waiting beyond it go in the next (a bound on the prefill's activation memory).
     `batch_invariant`: every decode step runs the largest bucket, so a request's tokens do not depend on how
-    many others share its steps (bf16 GEMMs pick their kernels, hence their rounding, by batch size); it costs
-    the padded rows' work when few requests run.
+    many others share its steps (bf16 GEMMs and the split-KV decode split their work, hence round, by batch
+    size); it costs the padded rows' work when few requests run.
 
     A request that fails (its pages cannot be allocated, its logits turn NaN / inf) ends with a `RequestError`
     (`error_of`) while the others run on untouched. One thread at a time drives an engine: its methods hold
