@@ -165,6 +165,18 @@ def prefill_section(rec, K, L, args):
             q, k, v, fa_route, lens, lens, **kw), route="host-sync"))
     else:
         rec.add(**base, impl="fa4_direct", mask="causal", skipped=fa4.unavailable_reason(q.device))
+    # fluxc's routed op as the model runs it: the default choice (`impl="auto"`, logged) on this GPU
+    from fluxc.ops.dispatch import resolve_impl, run_kernel
+    from fluxc.spec import SiteSpec
+
+    auto = resolve_impl("auto", q.device)
+    spec = SiteSpec(is_causal=True, scale=scale, **SA, n_last=0)
+    qpos = torch.arange(L, device="cuda")[None]
+    start = torch.zeros(1, dtype=torch.long, device="cuda")
+    for name, route, mask, pairs in (("fluxc_fa", fa_route, "causal", pc), ("fluxc_sa", sa_route, "sa_block", ps)):
+        guarded(rec, f"{name} {L}", lambda route=route, name=name, mask=mask, pairs=pairs: row(
+            name, mask, pairs, lambda: run_kernel(auto, q, k, v, None, route, qpos, start, spec, explicit=False),
+            route="auto", backend=auto))
     guarded(rec, f"ours_sa {L}", lambda: row("ours_triton", "sa_block", ps, lambda: attn.routed_prefill(
         q, k, v, sa_route, lens, lens, **kw), route="device"))
     guarded(rec, f"ours_sa_tok {L}", lambda: row("ours_triton", "sa_token", pst, lambda: attn.routed_prefill(
@@ -182,21 +194,26 @@ def prefill_section(rec, K, L, args):
         def causal(b, h, qi, ki):
             return ki <= qi
 
-        def flex_plain(mask_mod, label, pairs, mask):
+        def flex_plain(mask_mod, label, pairs, mask, backend="TRITON"):
             t0 = time.time()
             bm = create_block_mask(mask_mod, 1, None, L, L, device="cuda", BLOCK_SIZE=128, _compile=True)
             build_s = time.time() - t0
             import torch._dynamo.config as dc
 
+            opts = {"BACKEND": backend} if backend != "TRITON" else None
+
             def run():
                 with dc.patch(recompile_limit=64):  # every (length, mask) is a recompile; never fall back to eager
-                    return cflex(q, k, v, block_mask=bm, scale=scale, enable_gqa=True)
-            row("flex", mask, pairs, run, mask_build_s=build_s)
+                    return cflex(q, k, v, block_mask=bm, scale=scale, enable_gqa=True, kernel_options=opts)
+            row("flex_triton" if backend == "TRITON" else "flex_flash", mask, pairs, run, mask_build_s=build_s)
 
         sa_mm = flex.make_mask_mod(sa_route, lens, lens, routed=False, **SA)
         if L in args.flex_causal_lengths:
             guarded(rec, f"flex causal {L}", lambda: flex_plain(causal, "causal", pc, "causal"))
         guarded(rec, f"flex sa {L}", lambda: flex_plain(sa_mm, "sa", ps, "sa_block"))
+        if fa4.unavailable_reason(q.device) is None:  # FlexAttention on flash-attn-4's CuTe kernel
+            guarded(rec, f"flex_flash causal {L}", lambda: flex_plain(causal, "causal", pc, "causal", "FLASH"))
+            guarded(rec, f"flex_flash sa {L}", lambda: flex_plain(sa_mm, "sa", ps, "sa_block", "FLASH"))
 
         def ours_flex(route, mask, pairs):
             bm = flex.build_block_mask(route, lens, lens, 1, L, L, compile_mask=True, **SA)

@@ -345,8 +345,8 @@ def kernels_prefill_region(sources: Mapping[str, Source]) -> str:
     columns: list[tuple[str, list[dict[str, Any]], bool]] = [  # (header, selectors joined by " / ", TFLOP/s)
         ("SDPA flash", [dict(impl="sdpa_flash")], False),
         ("SDPA cuDNN", [dict(impl="sdpa_cudnn")], True),
-        ("flex causal", [dict(impl="flex", mask="causal")], False),
-        ("flex SA", [dict(impl="flex", mask="sa_block")], False),
+        ("flex causal", [dict(impl=["flex_triton", "flex"], mask="causal")], False),
+        ("flex SA", [dict(impl=["flex_triton", "flex"], mask="sa_block")], False),
         ("ours Triton FA", [dict(impl="ours_triton", mask="causal", route="device")], True),
         ("ours Triton SA", [dict(impl="ours_triton", mask="sa_block", route="device")], True),
         ("ours SA token-exact", [dict(impl="ours_triton", mask="sa_token")], False),
