@@ -97,3 +97,27 @@ def test_fa4_requested_where_it_cannot_run_names_what_is_missing(monkeypatch):
     assert fluxc.FluxConfig(impl="fa4").impl == "fa4"
     with pytest.raises(fluxc.ConfigError, match="'fa4'"):
         fluxc.FluxConfig(impl="fa5")
+
+
+def test_kernel_output_layout_matches_the_ops_fake_under_inductor(monkeypatch):
+    """A library kernel may hand back another memory layout (cuDNN SDPA writes (B, T, H, D)); the op returns
+    the contiguous layout its fake promises, or Inductor's stride assertion fails at run time."""
+    from fluxc.ops import attention as attention_op
+
+    q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))  # (B, H, T, D)
+    route, qpos, start = torch.tensor([True, False]), torch.arange(16)[None].expand(2, -1), torch.zeros(2, dtype=torch.long)
+    spec = SiteSpec(is_causal=True, scale=8 ** -0.5, sink=2, window=4, block=2, block_exact=True, n_last=0)
+    reference = attention_op.routed_attention_reference(q, k, v, None, route, qpos, start, spec)
+
+    def transposed_layout(*args, **kwargs):
+        return reference.transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, T, D) over (B, T, H, D) memory
+
+    monkeypatch.setattr(attention_op, "resolve_impl", lambda impl, device: "triton")
+    monkeypatch.setattr(attention_op, "run_kernel", transposed_layout)
+
+    def site(q, k, v):
+        return torch.ops.fluxc.routed_attention(q, k, v, None, route, qpos, start, spec.encode()) * 2
+
+    torch._dynamo.reset()
+    out = torch.compile(site, backend="inductor", fullgraph=True)(q, k, v)
+    torch.testing.assert_close(out, reference * 2)

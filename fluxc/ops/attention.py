@@ -135,7 +135,8 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, 
     if chosen != "reference":
         out = run_kernel(chosen, q, k, v, attn_mask, route, qpos, key_start, site, explicit=site.impl != "auto")
         if out is not None:
-            return out
+            # library kernels may return another layout (cuDNN SDPA: (B, T, H, D) memory); Inductor asserts the fake's
+            return out.contiguous()
     return routed_attention_reference(q, k, v, attn_mask, route, qpos, key_start, site).contiguous()
 
 
