@@ -33,9 +33,11 @@ Analytical floor (written into the JSON with its parts):
 Largest batch at 128K: B_max = floor((usable - weights - transient) / per_seq), usable = device memory
 minus what lies outside PyTorch's allocator, per_seq = the engine's cache bytes per sequence after a 128K
 prefill, transient = that prefill's peak minus memory before it minus its cache (sequences are prefilled one
-at a time, then decoded together). Verified (optional phase) by holding a `transient`-sized buffer,
-prefilling B_max short prompts whose max_new_tokens make the cache capacity that of 128K + new tokens
-(the engine sizes its cache by capacity), decoding 2 steps, then trying B_max + 1.
+at a time, then decoded together). Verified (optional phase) on an engine with the default KV pool (90% of
+free memory less a max_len prefill's activations) by prefilling B_max short prompts whose max_new_tokens make
+their page reservation that of 128K + new tokens, decoding 2 steps, then trying B_max + 1. The timed phases'
+engines get a pool sized to the run's largest prefill (B=8 at the short length, every layer full), so the
+rest of the device is left to that prefill's activations.
 
 Routing costs (optional, last): routers loaded from a fresh checkpoint whose last layer is zero with a bias
 that picks the r = 0.75 routes (the router MLP runs in full, the decisions equal the forced ones), so the

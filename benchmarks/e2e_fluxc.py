@@ -17,10 +17,20 @@ from e2e_spec import GIB, route_for
 from models import forced_routers
 
 
-def new_engine(run: Run, fm: Any) -> Any:
+def new_engine(run: Run, fm: Any, sized_to_workload: bool = True) -> Any:
+    """The decode engine of a phase. `sized_to_workload`: its KV pool holds this run's largest prefill (B=big x
+    the short length, every layer full) and no more, so the rest of the device stays free for that prefill's
+    activations (the default pool would keep room for a prefill of max_len tokens only); else the default pool."""
     spec = run.spec
-    return fluxc.DecodeEngine(fm, cuda_graphs=run.cuda, max_batch=spec.big_batch,
-                              max_len=max(spec.lengths) + spec.new_tokens)
+    max_len = max(spec.lengths) + spec.new_tokens
+    largest = spec.big_batch * (spec.lengths[0] + spec.new_tokens)
+    pages = None
+    if sized_to_workload:
+        page = 16
+        pages = spec.layers * max(spec.big_batch * -(-(spec.lengths[0] + spec.new_tokens) // page),
+                                  -(-max_len // page)) + 1
+    return fluxc.DecodeEngine(fm, cuda_graphs=run.cuda, max_batch=spec.big_batch, max_len=max_len,
+                              page_size=16, num_pages=pages, max_prefill_tokens=max(largest, 2))
 
 
 def graphs(fm: Any) -> int | None:
@@ -174,7 +184,8 @@ def maxbatch_model(run: Run, r: float, prefill: dict[str, Any]) -> None:
 
 
 def verify_phase(run: Run) -> None:
-    """Hold the measured transient, prefill B_max short prompts sized to the long length's capacity, decode."""
+    """Prefill B_max short prompts sized to the long length's capacity on an engine with the default pool (which
+    keeps room for a max_len prefill's activations), decode; B_max + 1 must not fit."""
     spec = run.spec
     long = spec.lengths[2]
     for r in (0.0, 0.75):
@@ -190,8 +201,8 @@ def verify_phase(run: Run) -> None:
 
             def go(batch: int = batch, expect: str = expect, mb: dict = mb, fm: Any = fm,
                    route: list[str] = route, r: float = r) -> None:
-                blob = torch.empty(max(0, int(mb["transient_gib"] * GIB)), dtype=torch.uint8, device=spec.device)
-                engine = new_engine(run, fm)
+                # the default pool keeps room for a max_len prefill's activations: the measured transient's role
+                engine = new_engine(run, fm, sized_to_workload=False)
                 run.mem.reset()
                 outcome, nbytes, detail = "fits", None, ""
                 try:
@@ -208,12 +219,14 @@ def verify_phase(run: Run) -> None:
                 run.rec.add(kind="maxbatch_verify", impl="fluxc", r=r, B=batch, L=long, expected=expect,
                             outcome=outcome, cache_gib=None if nbytes is None else nbytes / GIB,
                             cache_per_seq_gib=None if nbytes is None else nbytes / batch / GIB,
-                            peak_gib=run.mem.peak(), transient_held_gib=blob.numel() / GIB, detail=detail)
+                            peak_gib=run.mem.peak(),
+                            pool_gib=None if engine.pool is None else engine.pool.num_pages * engine.pool.page_bytes / GIB,
+                            detail=detail)
                 if expect == "fits":
                     mb["verified"] = outcome == "fits"
                 else:
                     mb["b_max_plus_1"] = outcome
-                engine = blob = None
+                engine = None
             run.step(f"verify r={r} B={batch}", run.trace_s + 6 if expect == "fits" else 4, go)
             run.free()
         run.rec.flush()
