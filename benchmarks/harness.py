@@ -171,7 +171,8 @@ def provenance(argv: Sequence[str] | None = None, **extra: Any) -> dict[str, Any
     now = datetime.datetime.now(datetime.timezone.utc)
     meta: dict[str, Any] = dict(
         gpu=gpu_name(), torch=_version("torch"), triton=_version("triton"), transformers=_version("transformers"),
-        fluxc=_version("fluxc"), cuda=getattr(getattr(torch, "version", None), "cuda", None),
+        fluxc=_version("fluxc"), flash_attn_4=_version("flash-attn-4"),
+        cuda=getattr(getattr(torch, "version", None), "cuda", None),
         commit=git_commit(), tree_digest=tree_digest(), command=shlex.join(list(sys.argv if argv is None else argv)),
         date=now.isoformat(), unix_time=now.timestamp(), host=platform.node(), python=platform.python_version())
     meta.update(extra)
