@@ -422,3 +422,18 @@ def test_default_pool_leaves_room_for_prefill_activations():
     assert pages == (9 * gib - gib) // (gib // 100) and "1.00 GiB kept for prefill activations" in why
     with pytest.raises(fluxc.CapacityError, match="lower max_prefill_tokens or max_len, or pass num_pages="):
         default_pool_pages(wanted=10**6, page_bytes=gib // 100, free_bytes=10 * gib, reserve_bytes=9 * gib)
+
+
+def test_allocate_makes_the_pool_before_the_first_request():
+    model = tiny_model("llama", "sdpa")
+    engine = _engine(fluxc.compile(model, config=SMALL, route="full"), max_batch=2)
+    assert engine.pool is None
+    engine.allocate()
+    pool = engine.pool
+    assert pool is not None and pool.num_pages == engine.max_batch * engine.num_layers * engine.width + 1
+    assert pool.k.dtype == next(model.parameters()).dtype
+    engine.allocate()  # a second call keeps the pool
+    ids, _ = batch(seq=8, left_pad=0)
+    state = engine.prefill(ids, max_new_tokens=2)
+    assert engine.pool is pool and engine.pages_in_use() > 0
+    engine.end(state)

@@ -183,6 +183,14 @@ class DecodeEngine:
         self._decode_fn = torch.compile(private_forward(model.model), backend=model._backend, fullgraph=True)
 
     # --- set-up
+    def allocate(self) -> None:
+        """Allocate the KV pool and the decode step's buffers now, on the model's device and dtype, as a server
+        does at start-up; otherwise the first request does (and pays for it)."""
+        with self.lock:
+            if self.pool is None:
+                parameter = next(self.model.model.parameters())
+                self._allocate(parameter.device, parameter.dtype)
+
     def _allocate(self, device: torch.device, dtype: torch.dtype) -> None:
         """The pool and the decode step's buffers (one set, the bucket's graphs read prefixes of them)."""
         probe = PagePool(2, self.page_size, self.kv_heads, self.head_dim, self.head_dim, dtype, device)
@@ -260,8 +268,7 @@ class DecodeEngine:
             return []
         device = next(self.model.model.parameters()).device
         prompts = [self._check_request(p, max_new_tokens).to(device) for p in prompts]
-        if self.pool is None:
-            self._allocate(device, next(self.model.model.parameters()).dtype)
+        self.allocate()
         assert self.pool is not None
         free_slots = [slot for slot, seq in enumerate(self._slots) if seq is None]
         if len(prompts) > len(free_slots):
@@ -851,9 +858,7 @@ class DecodeEngine:
 
     def _admissible(self, waiting: collections.deque, max_new_tokens: int) -> list[tuple[int, Tensor]]:
         """Pop the waiting (index, prompt)s, in order, that free slots and pages take now (admitted together)."""
-        if self.pool is None:
-            parameter = next(self.model.model.parameters())
-            self._allocate(parameter.device, parameter.dtype)
+        self.allocate()
         assert self.pool is not None
         slots, pages = self._slots.count(None), self.pool.free - self._reserved
         admit: list[tuple[int, Tensor]] = []
