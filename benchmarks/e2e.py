@@ -32,8 +32,8 @@ Analytical floor (written into the JSON with its parts):
   Also `bytes_floor_ms` = (non-embedding weights + KV bytes) / copy bandwidth (the issue's ~17 ms).
 Largest batch at 128K: B_max = floor((usable - weights - transient) / per_seq), usable = device memory
 minus what lies outside PyTorch's allocator, per_seq = the engine's cache bytes per sequence after a 128K
-prefill, transient = that prefill's peak minus memory before it minus its cache (sequences are prefilled one
-at a time, then decoded together). Verified (optional phase) on an engine with the default KV pool (90% of
+prefill, transient = that prefill's peak minus memory before it (the engine's pool, which holds the cache,
+exists before; sequences are prefilled one at a time, then decoded together). Verified (optional phase) on an engine with the default KV pool (90% of
 free memory less a max_len prefill's activations) by prefilling B_max short prompts whose max_new_tokens make
 their page reservation that of 128K + new tokens, decoding 2 steps, then trying B_max + 1. The timed phases'
 engines get a pool sized to the run's largest prefill (B=8 at the short length, every layer full), so the

@@ -39,7 +39,9 @@ def graphs(fm: Any) -> int | None:
 
 
 def timed_prefill(run: Run, engine: Any, fm: Any, ids: torch.Tensor) -> dict[str, Any]:
-    """One timed engine.prefill of ids (B, T); memory and recompiles around it."""
+    """One timed engine.prefill of ids (B, T); memory and recompiles around it. The engine's KV pool exists
+    before (a server allocates it at start-up), so `peak - before` is the prefill's transient memory."""
+    engine.allocate()
     run.free(collect=False)
     before = run.mem.reset()
     g0 = graphs(fm)
@@ -168,7 +170,7 @@ def maxbatch_model(run: Run, r: float, prefill: dict[str, Any]) -> None:
         free_b, total_b = torch.cuda.mem_get_info()
         outside = total_b - free_b - torch.cuda.memory_reserved()  # CUDA context, libraries' workspaces
         usable = total_b - outside
-        transient = prefill["peak"] * GIB - prefill["before"] * GIB - per_seq
+        transient = prefill["peak"] * GIB - prefill["before"] * GIB  # the cache lives in the pool, allocated before
         how = "measured"
     else:
         dense = run.rec.data["maxbatch"].get("0.0", {}).get("per_seq_gib", per_seq / GIB) * GIB
