@@ -108,7 +108,7 @@ class Run:
         self.current = 0
         self.gen = torch.Generator(device="cpu").manual_seed(1234)
         self.cfg = fluxc.FluxConfig(sink=spec.sink, window=spec.window, block=spec.block,
-                                    router_hidden=spec.router_hidden, compiler=args.compiler)
+                                    router_hidden=spec.router_hidden, compiler=args.compiler, impl=args.impl)
         self.rec = harness.Results(args.out, self.meta(argv), phases=[], targets=[], floors={}, maxbatch={},
                                    errors=[], skipped=[])
         self.tally = LogTally()  # fluxc logs at INFO why a site runs the reference instead of the kernels
