@@ -132,20 +132,22 @@ def test_batch_invariant_runs_every_decode_step_at_the_largest_bucket(tmp_path, 
 
 
 def test_one_compile_serves_every_length_and_routing_mask(tmp_path):
-    """Prompts of many lengths whose routers pick different masks: after the first prompt (one prefill compile,
-    one decode compile), nothing traces or compiles again; the masks seen differ."""
+    """Prompts of many lengths whose routers pick different masks: after one prompt alone and two together (a
+    prefill compile each, one decode compile), nothing traces or compiles again; the masks seen differ."""
     model, ids, mask, cfg, path = _mixed_router_setup(tmp_path)
     fm = fluxc.compile(model, path, config=cfg)
     engine = _engine(fm)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(1, 128, (n,), generator=g) for n in (7, 12, 19, 26, 33, 9, 41, 15)]
     outs = engine.generate(prompts[:1], 5)
-    assert fm._backend.graphs == 2  # the prefill (dynamic length) and the decode step (dynamic batch)
-    outs += engine.generate(prompts[1:], 5)
-    assert fm._backend.graphs == 2, "a new length, batch bucket or routing mask traced or compiled again"
-    assert engine.stats["prefills"] == len(prompts) and set(engine.buckets) >= {2, 4}
+    assert fm._backend.graphs == 2  # one prompt's prefill (dynamic length) and the decode step (dynamic batch)
+    outs += engine.generate(prompts[1:3], 5)
+    assert fm._backend.graphs == 3  # the prefill of several prompts (dynamic batch and length)
+    outs += engine.generate(prompts[3:], 5) + engine.generate(prompts[7:], 5)
+    assert fm._backend.graphs == 3, "a new length, batch bucket or routing mask traced or compiled again"
+    assert engine.stats["prefills"] == len(prompts) + 1 and set(engine.buckets) >= {2, 4}
     masks = set()
-    for prompt, out in zip(prompts, outs):  # each answer is the prompt's alone (SA without eviction, batch 1)
+    for prompt, out in zip(prompts + prompts[7:], outs):  # each answer is the prompt's alone (SA without eviction, batch 1)
         assert torch.equal(out, fluxc.generate(fm, prompt[None], 5, engine=False)[0])
         masks.add(tuple(bool(x) for x in fluxc.last_route(fm)[0].tolist()))
     assert len(masks) > 1, "the routers should pick more than one routing mask over these prompts"
@@ -394,7 +396,7 @@ def test_the_served_graphs_are_cacheable(tmp_path, monkeypatch):
     compiled = flux_counters["regions_compiled"]
     engine = _engine(fluxc.compile(model, path, config=cfg.replace(compiler="inductor")))
     engine.warm_up()
-    assert engine.compiles == 2
+    assert engine.compiles == 3
     compiled = flux_counters["regions_compiled"] - compiled
     assert compiled >= 4  # at least a head and a tail region per graph
     assert counters["aot_autograd"]["autograd_cache_bypass"] == 0

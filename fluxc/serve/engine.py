@@ -323,13 +323,14 @@ class DecodeEngine:
         counts = [p.numel() for p in prompts]
         longest = max(*counts, 2)
         # Rows are left-padded to the longest prompt (each writes its last `count` keys, the padding goes to the
-        # scratch page). A single prompt gets a one-token companion row and a one-token prompt a padding column:
-        # Dynamo specialises sizes of 1, and from 2 up one compile serves every admission.
-        rows = max(len(prompts), MIN_BUCKET)
+        # scratch page). A one-token prompt gets a padding column: Dynamo specialises sizes of 1, so lengths from 2
+        # share one compile. Batches do not get a companion row, which would double a long prompt's work: one
+        # prompt and several compile one graph each (both at warm_up).
+        rows = len(prompts)
         ids = torch.zeros((rows, longest), dtype=torch.long)  # (B, T)
         mask = torch.zeros((rows, longest), dtype=torch.long)  # (B, T) 1 = a prompt token
         table = torch.zeros((rows, self.num_layers, self.width), dtype=torch.int32)  # (B, L, W); 0: scratch
-        lengths = torch.ones(rows, dtype=torch.int32)  # the companion row's one key goes to scratch
+        lengths = torch.ones(rows, dtype=torch.int32)  # (B,) keys per row after the prefill
         pages = []
         for row, (count, own) in enumerate(zip(counts, taken)):
             per_layer = math.ceil(count / self.page_size)
@@ -340,8 +341,6 @@ class DecodeEngine:
         ids = ids.to(device)
         for row, prompt in enumerate(prompts):
             ids[row, longest - counts[row]:] = prompt
-        ids[len(prompts):, -1] = prompts[0][-1]
-        mask[len(prompts):, -1] = 1
         mask = mask.to(device)
         positions = (mask.cumsum(1) - 1).clamp_min(0)  # (B, T) each prompt counts from its first token
         table = table.to(device)
@@ -690,7 +689,7 @@ class DecodeEngine:
         compile and capture nothing."""
         start = time.perf_counter()
         token = torch.ones(prompt_len, dtype=torch.long)
-        for bucket in self.buckets:
+        for bucket in (1, *self.buckets):  # 1: a single prompt's prefill graph (Dynamo specialises a batch of 1)
             requests = self.add_requests([token] * bucket, 3, sampling)
             while any(not self._requests[r].done for r in requests):
                 self.step(sampling)
@@ -712,7 +711,8 @@ class DecodeEngine:
 
     @property
     def compiles(self) -> int:
-        """Graphs the model's backend compiled so far (prefill and decode step: 2 once warm)."""
+        """Graphs the model's backend compiled so far (3 once warm: the prefill of one prompt and of several, the
+        decode step)."""
         return self.model._backend.graphs
 
     # --- the batch APIs
