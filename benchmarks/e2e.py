@@ -226,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compiler", default="inductor", choices=("eager", "inductor"),
                     help="FluxConfig.compiler (default: fluxc's default, Inductor)")
     ap.add_argument("--impl", default="auto", choices=("auto", "triton", "fa4"),
-                    help="FluxConfig.impl (default: fluxc's default, auto: flash-attn-4 where it runs, logged); "
-                         "triton: the same run without flash-attn-4")
+                    help="FluxConfig.impl (default: fluxc's default, auto: flash-attn-4 where it is installed, else "
+                         "cuDNN SDPA for all-full prefills, logged; triton: fluxc's Triton kernels alone)")
     ap.add_argument("--b-backend", default=None, help="backend of (b): inductor (mode reduce-overhead; default on "
                                                       "GPU) or eager (smoke default)")
     args = ap.parse_args(argv)
