@@ -53,8 +53,7 @@ def prefill_activation_bytes(text_config: Any, tokens: int, dtype: torch.dtype, 
     """An estimate of the transient device memory of a prefill forward over `tokens` tokens: one decoder
     layer's widest moment (the MLP's gate, up and their product beside two copies of the residual stream), plus
     float32 logits over `vocab` for every token when the model cannot keep only the last position's (None: it
-    can). On Llama-3.1-8B (bf16,
-    H100) the transient measured at 8 x 32K tokens was 0.91x of it."""
+    can). On Llama-3.1-8B (bf16, H100) the transient measured at 8 x 32K tokens was 0.91x of it."""
     hidden = text_config.hidden_size
     intermediate = getattr(text_config, "intermediate_size", None) or 4 * hidden
     per_token = (3 * intermediate + 2 * hidden) * torch.finfo(dtype).bits // 8
@@ -330,14 +329,13 @@ class DecodeEngine:
         ids = torch.zeros((rows, longest), dtype=torch.long)  # (B, T)
         mask = torch.zeros((rows, longest), dtype=torch.long)  # (B, T) 1 = a prompt token
         table = torch.zeros((rows, self.num_layers, self.width), dtype=torch.int32)  # (B, L, W); 0: scratch
-        lengths = torch.ones(rows, dtype=torch.int32)  # (B,) keys per row after the prefill
+        lengths = torch.tensor(counts, dtype=torch.int32)  # (B,) keys per row after the prefill
         pages = []
         for row, (count, own) in enumerate(zip(counts, taken)):
             per_layer = math.ceil(count / self.page_size)
             pages.append([own[i * per_layer:(i + 1) * per_layer] for i in range(self.num_layers)])
             table[row, :, :per_layer] = torch.tensor(own, dtype=torch.int32).view(self.num_layers, per_layer)
             mask[row, longest - count:] = 1
-            lengths[row] = count
         ids = ids.to(device)
         for row, prompt in enumerate(prompts):
             ids[row, longest - counts[row]:] = prompt
