@@ -3,6 +3,7 @@ model), its verification, and the router engine against the forced routes it rep
 
 from __future__ import annotations
 
+import math
 import pathlib
 import tempfile
 from typing import Any
@@ -16,6 +17,8 @@ from e2e_run import Run
 from e2e_spec import GIB, route_for
 from models import forced_routers
 
+PAGE_SIZE = 16  # keys per KV page (DecodeEngine's default)
+
 
 def new_engine(run: Run, fm: Any, sized_to_workload: bool = True) -> Any:
     """The decode engine of a phase. `sized_to_workload`: its KV pool holds this run's largest prefill (B=big x
@@ -23,14 +26,12 @@ def new_engine(run: Run, fm: Any, sized_to_workload: bool = True) -> Any:
     activations (the default pool would keep room for a prefill of max_len tokens only); else the default pool."""
     spec = run.spec
     max_len = max(spec.lengths) + spec.new_tokens
-    largest = spec.big_batch * (spec.lengths[0] + spec.new_tokens)
+    short = spec.lengths[0] + spec.new_tokens
     pages = None
-    if sized_to_workload:
-        page = 16
-        pages = spec.layers * max(spec.big_batch * -(-(spec.lengths[0] + spec.new_tokens) // page),
-                                  -(-max_len // page)) + 1
+    if sized_to_workload:  # + 1: the pool's scratch page
+        pages = spec.layers * max(spec.big_batch * math.ceil(short / PAGE_SIZE), math.ceil(max_len / PAGE_SIZE)) + 1
     return fluxc.DecodeEngine(fm, cuda_graphs=run.cuda, max_batch=spec.big_batch, max_len=max_len,
-                              page_size=16, num_pages=pages, max_prefill_tokens=max(largest, 2))
+                              page_size=PAGE_SIZE, num_pages=pages, max_prefill_tokens=max(spec.big_batch * short, 2))
 
 
 def graphs(fm: Any) -> int | None:

@@ -30,7 +30,9 @@ import traceback
 
 import torch
 
+from fluxc.ops.dispatch import resolve_impl, run_kernel
 from fluxc.patterns import window_start
+from fluxc.spec import SiteSpec
 
 import harness
 import measures
@@ -166,9 +168,6 @@ def prefill_section(rec, K, L, args):
     else:
         rec.add(**base, impl="fa4_direct", mask="causal", skipped=fa4.unavailable_reason(q.device))
     # fluxc's routed op as the model runs it: the default choice (`impl="auto"`, logged) on this GPU
-    from fluxc.ops.dispatch import resolve_impl, run_kernel
-    from fluxc.spec import SiteSpec
-
     auto = resolve_impl("auto", q.device)
     spec = SiteSpec(is_causal=True, scale=scale, **SA, n_last=0)
     qpos = torch.arange(L, device="cuda")[None]
