@@ -21,6 +21,7 @@ def main(src: str, dst: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(20, 6.5), gridspec_kw=dict(width_ratios=[1.1, 1.1, 1.0]))
 
     ax = axes[0]
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 series, each its own colour
     series = {}
     for r in rows:
         if r["kind"] != "prefill":
@@ -29,7 +30,7 @@ def main(src: str, dst: str) -> None:
         series.setdefault(key, []).append((r["L"], r["ms"]))
     for key, pts in sorted(series.items()):
         pts.sort()
-        style = "-" if "ours" in key else "--"
+        style = "-" if key.startswith(("ours", "fluxc")) else "--"
         ax.plot([p[0] / 1024 for p in pts], [p[1] for p in pts], style, marker="o", label=key)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
