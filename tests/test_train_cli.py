@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import fluxc
 from fluxc.training import load_run_config
@@ -156,3 +157,20 @@ def test_route_supervision_alone_through_the_cli(tmp_path, capsys):
     assert info["step"] == 0 and info["run_config"]["train"]["supervise_batches"] == 2
     assert _fluxc("train", "--config", "tiny", "--out", str(tmp_path / "none"), "--steps", "0", *FAST) != 0
     assert "steps=0 must be >= 1 (0 only with supervise_batches" in capsys.readouterr().err
+
+
+def test_route_supervision_refits_from_recorded_inputs(tmp_path, capsys):
+    """run.supervise_inputs: the first run records the routers' pooled inputs; a second run reads them (no forward
+    pass over the data) and fits the same routers; a file recorded for other data is refused, naming what differs."""
+    inputs = tmp_path / "inputs.safetensors"
+    sup = ["--steps", "0", "--set", "train.supervise_batches=2", "--set", "train.supervise_steps=20",
+           "--set", f"run.supervise_inputs={inputs}", *FAST]
+    assert _fluxc("train", "--config", "tiny", "--out", str(tmp_path / "a"), *sup) == 0
+    assert "4 examples run with their target routes, written to" in capsys.readouterr().out
+    assert _fluxc("train", "--config", "tiny", "--out", str(tmp_path / "b"), *sup) == 0
+    assert f"read 4 examples from {inputs}" in capsys.readouterr().out
+    first = load_file(tmp_path / "a" / "routers.safetensors")
+    second = load_file(tmp_path / "b" / "routers.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert _fluxc("train", "--config", "tiny", "--out", str(tmp_path / "c"), *sup, "--set", "data.seed=5") != 0
+    assert "was recorded for other ['data'] than this run's" in capsys.readouterr().err

@@ -70,6 +70,9 @@ class RunSpec:
     seed: int = 0  # torch seed: router initialisation (the Gumbel noise follows train.seed)
     collective_timeout_s: float = 600.0  # several processes: a collective waiting longer fails the run, no hang
     index: str = "auto"  # every train / eval appends config, commit, results: "auto" = index.jsonl beside run.out; "": off
+    # route supervision's pooled router inputs (a few KB per example): read from this file when it exists, so routers
+    # are refitted without forward passes (on a CPU, from inputs a GPU recorded); written there when it does not
+    supervise_inputs: str = ""
 
 
 @dataclass(frozen=True)

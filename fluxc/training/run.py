@@ -37,7 +37,7 @@ from .evaluation import evaluate
 from .models import DTYPES, GGUF_SOURCES, gguf_path, load_model, resolve_device
 from .runs import git_state, host_provenance, record_run, sha256_file
 from .state_io import SUFFIX as STATE_SUFFIX
-from .state_io import load_state, refuse_pickled
+from .state_io import load_state, refuse_pickled, save_state
 from .text_sources import text_corpus
 from .trainer import RouterTrainer, lm_loss, mark_dynamic
 
@@ -403,10 +403,13 @@ def train(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: An
                 f"(includes tracing the graph)")
         if cfg.train.supervise_batches and not cfg.run.resume:
             t = time.perf_counter()
-            batches = [to_device(training_batch(cfg, tokenizer, i, procs.rank, procs.world), procs.device)
-                       for i in range(cfg.train.supervise_batches)]
             with loop.sdpa_ctx():
-                fit = trainer.supervise(batches, cfg.train.supervise_steps, calibrate=cfg.train.calibrate_batches > 0)
+                data, source = supervision_data(cfg, trainer, tokenizer, procs, provenance["model"])
+            timings["supervise_inputs_s"] = time.perf_counter() - t
+            say(f"route supervision inputs: {source} in {timings['supervise_inputs_s']:.1f} s")
+            t = time.perf_counter()
+            fit = trainer.fit_routes(data["inputs"], data["want"], cfg.train.supervise_steps,
+                                     calibrate=cfg.train.calibrate_batches > 0)
             timings["supervise_s"] = time.perf_counter() - t
             accuracy = fit["accuracy"]
             say(f"route supervision on {fit['examples']} examples in {timings['supervise_s']:.1f} s "
@@ -457,6 +460,47 @@ def train(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: An
                    curves=str(out / TRAIN_LOG), from_step=start, git=provenance["git"],
                    **{k: v for k, v in summary.items() if k not in ("checkpoint", "timings")}, timings=timings)
     return summary
+
+
+def supervision_key(cfg: RunConfig, model_info: dict[str, Any]) -> dict[str, Any]:
+    """What route supervision's inputs depend on: the data, the families' target routes, the SA method and the
+    model's weights (not the dtype or device they were computed in)."""
+    weights = {k: model_info.get(k) for k in ("source", "class", "parameters", "gguf_sha256")}
+    return {"data": cfg.to_dict()["data"], "supervise_batches": cfg.train.supervise_batches,
+            "targets": dict(sorted(cfg.train.targets.items())), "train_seed": cfg.train.seed,
+            "router_on_prompt": cfg.train.router_on_prompt, "flux": cfg.flux.method_dict(), "model": weights}
+
+
+def supervision_data(cfg: RunConfig, trainer: RouterTrainer, tokenizer: Any, procs: Processes,
+                     model_info: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Route supervision's inputs (`RouterTrainer.supervision_inputs`) and where they came from: computed from
+    `train.supervise_batches` batches, or read from `run.supervise_inputs` when that file exists and was recorded
+    for the same data, targets, method and model (written there after computing them otherwise)."""
+    path = Path(cfg.run.supervise_inputs) if cfg.run.supervise_inputs else None
+    if path is not None and procs.world > 1:
+        raise ConfigError(f"run.supervise_inputs={str(path)!r} works with one process (this run has {procs.world}); "
+                          f"record the inputs with one process or leave run.supervise_inputs empty")
+    key = supervision_key(cfg, model_info)
+    if path is not None and path.is_file():
+        stored = load_state(path)
+        if stored.get("key") != json.loads(json.dumps(key)):
+            differ = sorted(k for k in key if json.loads(json.dumps(key[k])) != stored.get("key", {}).get(k))
+            raise ConfigError(f"run.supervise_inputs={str(path)!r} was recorded for other {differ} than this run's; "
+                              f"use the config it was recorded with ({stored.get('recorded', {})}) or another path")
+        if trainer.module.routers is None:  # the routers exist once the graph has been traced: one short forward
+            short = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, lengths=(256,), batch_size=1))
+            trainer.router_inputs([to_device(training_batch(short, tokenizer, 0), procs.device)])
+        return stored, f"read {len(stored['want'])} examples from {path}"
+    batches = [to_device(training_batch(cfg, tokenizer, i, procs.rank, procs.world), procs.device)
+               for i in range(cfg.train.supervise_batches)]
+    data = trainer.supervision_inputs(batches)
+    if path is None:
+        return data, f"{len(data['want'])} examples run with their target routes"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recorded = {"dtype": cfg.model.dtype, "device": str(procs.device), "git": git_state().get("commit"),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    save_state(path, {**data, "key": key, "recorded": recorded})
+    return data, f"{len(data['want'])} examples run with their target routes, written to {path}"
 
 
 def _agree(value: int, procs: Processes) -> int:

@@ -251,19 +251,35 @@ class RouterTrainer:
         draws = torch.rand(len(full), self._route_columns(), generator=g)  # (B, R)
         return full, (draws < full[:, None]).float()
 
-    def supervise(self, batches: list[dict[str, Any]], steps: int, calibrate: bool = False) -> dict[str, Any]:
-        """Route supervision: run `batches` with their target routes (`target_routes`), then fit every router to
-        its layer's target probability of full attention on the pooled inputs those routes produce
-        (binary cross-entropy on logit_full - logit_sparse, up to `steps` full-batch AdamW steps at
-        train.router_lr on four fifths of the examples; the step with the lowest loss on the other fifth is kept).
-        A warm start for the Lagrangian phase: the routers begin context-aware instead of at the sparsity prior.
-        `calibrate`: first standardise the routers' inputs (`calibrate`) on the same pooled inputs. Returns the
-        kept step, its loss and accuracy per router on the checked fifth (examples with a one-sided target)."""
+    def supervision_inputs(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
+        """Route supervision's data: run `batches` with their target routes (`target_routes`) and keep every
+        router's pooled inputs. Returns {"inputs": R x (N, D) float32, "want": (N,) target probability of full
+        attention, "tasks": N family names}; `fit_routes` fits the routers to it (a file can hold it between)."""
         device = batches[0]["input_ids"].device
         drawn = [self.target_routes(b, i) for i, b in enumerate(batches)]
         inputs = self.router_inputs(batches, [routes.to(device) for _, routes in drawn])  # R x (N, D)
         want = torch.cat([full for full, _ in drawn]).to(device)  # (N,)
+        return {"inputs": inputs, "want": want, "tasks": [t for b in batches for t in b["task"]]}
+
+    def supervise(self, batches: list[dict[str, Any]], steps: int, calibrate: bool = False) -> dict[str, Any]:
+        """Route supervision: `supervision_inputs(batches)`, then `fit_routes` on them."""
+        data = self.supervision_inputs(batches)
+        return self.fit_routes(data["inputs"], data["want"], steps, calibrate)
+
+    def fit_routes(self, inputs: list[torch.Tensor], want: torch.Tensor, steps: int, calibrate: bool = False
+                   ) -> dict[str, Any]:
+        """Fit every router to its layer's target probability of full attention `want` (N,) on its pooled inputs
+        `inputs[r]` (N, D) (binary cross-entropy on logit_full - logit_sparse, up to `steps` full-batch AdamW steps
+        at train.router_lr on four fifths of the examples; the step with the lowest loss on the other fifth is
+        kept). A warm start for the Lagrangian phase: the routers begin context-aware instead of at the sparsity
+        prior. `calibrate`: first standardise the routers' inputs (`calibrate`) on the same pooled inputs. Returns
+        the kept step, its loss and accuracy per router on the checked fifth (examples with a one-sided target)."""
         self._optimizer()  # with several processes: every rank starts from rank 0's routers
+        if len(inputs) != len(self.module.routers):
+            raise ConfigError(f"route supervision has inputs for {len(inputs)} routers; the model has "
+                              f"{len(self.module.routers)}")
+        device = next(self.module.routers.parameters()).device
+        inputs, want = [x.to(device, torch.float32) for x in inputs], want.to(device, torch.float32)
         calibration = self.calibrate([], inputs) if calibrate else None
         # every fifth example checks the fit: the routers keep the step with the lowest loss on them
         check = torch.arange(want.numel(), device=device) % 5 == 4
