@@ -150,6 +150,34 @@ def test_flex_lowering_eager_matches_reference(K, name):
     assert (out.double() - r64).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("pattern,block_exact,native_window", [("streaming", True, 0), ("streaming", False, 0),
+                                                                 ("triangle", True, 0), ("streaming", False, 40)])
+def test_flex_block_lists_bound_the_mask(K, pattern, block_exact, native_window):
+    """The closed-form block lists against the mask_mod evaluated on every token pair: every block holding an
+    allowed pair is listed, a block listed as full allows every pair, and most covered blocks are found."""
+    flex = submodule(K, "flex")
+    g = torch.Generator().manual_seed(3)
+    kw = dict(sink=32, window=64, block=32, block_exact=block_exact, pattern=pattern, n_last=48,
+              native_window=native_window)
+    for Tq, Tk in ((300, 300), (1, 300), (200, 333)):
+        B = 5
+        kv_lens = torch.randint(max(Tq, 1), Tk + 1, (B,), generator=g)
+        q_lens = torch.minimum(kv_lens, torch.randint(1, Tq + 1, (B,), generator=g)) if Tq > 1 else torch.ones(B, dtype=torch.long)
+        route = torch.tensor([1, 0, 0, 1, 0])
+        partial, full = flex.sa_block_lists(route, kv_lens, q_lens, Tq, Tk, block_size=16, **kw)
+        mask_mod = flex.make_mask_mod(route, kv_lens, q_lens, **kw)
+        b, q, k = torch.arange(B)[:, None, None], torch.arange(Tq)[None, :, None], torch.arange(Tk)[None, None, :]
+        allowed = mask_mod(b, 0, q, k)  # (B, Tq, Tk)
+        pad = (-Tq % 16, -Tk % 16)
+        grid = torch.nn.functional.pad(allowed, (0, pad[1], 0, pad[0])).view(B, -1, 16, (Tk + pad[1]) // 16, 16)
+        any_pair, every_pair = grid.any(dim=(2, 4)), grid.all(dim=(2, 4))  # (B, Qb, Kb)
+        partial, full = partial[:, 0], full[:, 0]
+        assert not (partial & full).any()
+        assert torch.equal(any_pair & ~(partial | full), torch.zeros_like(any_pair))  # nothing allowed is dropped
+        assert not (full & ~every_pair).any()  # full blocks skip the mask_mod: they must allow every pair
+        assert full.sum() >= 0.8 * every_pair.sum()
+
+
 def test_reference_block_exact_rule_matches_brief(K):
     """Block-exact rule from the method: k//128 < sink_blocks or k//128 > q//128 - local_blocks."""
     ref = submodule(K, "reference")
