@@ -174,3 +174,36 @@ def test_route_supervision_refits_from_recorded_inputs(tmp_path, capsys):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert _fluxc("train", "--config", "tiny", "--out", str(tmp_path / "c"), *sup, "--set", "data.seed=5") != 0
     assert "was recorded for other ['data'] than this run's" in capsys.readouterr().err
+
+
+def test_eval_cut_short_leaves_a_self_describing_file(tmp_path, monkeypatch):
+    """An evaluation interrupted (a time limit's SIGINT) keeps eval.json with the rows it finished and the
+    summary, table, config and provenance they belong to, marked incomplete."""
+    import fluxc.training.evaluation as evaluation
+
+    out = tmp_path / "ev"
+    real = evaluation._continuation_nll
+
+    def interrupted(runner, examples, pad, device):
+        if runner.__class__.__name__ != type(model_seen[0]).__name__:  # the routed modes: cut short there
+            raise KeyboardInterrupt
+        return real(runner, examples, pad, device)
+
+    model_seen = []
+    real_runner = evaluation._runner
+
+    def runner(mode, model, router, flux):
+        model_seen[:] = [model]
+        return real_runner(mode, model, router, flux)
+
+    monkeypatch.setattr(evaluation, "_continuation_nll", interrupted)
+    monkeypatch.setattr(evaluation, "_runner", runner)
+    with pytest.raises(KeyboardInterrupt):
+        _fluxc("eval", "--config", "tiny", "--out", str(out), "--modes", "full,sparse", *FAST)
+    result = json.loads((out / "eval.json").read_text())
+    assert result["complete"] is False
+    assert set(result["families"]["passkey"]["modes"]) == {"full", "sparse"}  # passkey ran in both modes
+    assert set(result["families"]["lm"]["modes"]) == {"full"}  # lm's sparse row was cut short
+    assert "| passkey |" in result["table"] and result["provenance"]["git"] and result["config"]["model"]
+    assert result["summary"]["capable_families"]
+

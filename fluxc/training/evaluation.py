@@ -278,15 +278,25 @@ def evaluate(cfg: RunConfig, router: str | None, *, model: Any = None, tokenizer
     families: dict[str, dict[str, Any]] = {t: {"kind": TASKS[t], "metric": "perplexity" if t in PERPLEXITY_TASKS
                                               else "accuracy", "examples": 0, "modes": {}} for t in spec.tasks}
     samples: dict[str, list[dict[str, Any]]] = {}
+    about = {"config": cfg.to_dict(), "flux": flux.to_dict(), "router": router,
+             "router_provenance": read_checkpoint(router).provenance if router else None,
+             "lengths": list(spec.lengths), "layers": layers, "timings": timings, "provenance": run_provenance(device)}
+
+    def document(complete: bool) -> dict[str, Any]:
+        """eval.json: every finished (mode, family) row with the summary, criteria and table they give, so a run
+        cut short still leaves a self-describing file (``complete`` false)."""
+        summary, criteria = _summarise(families, spec.capable_threshold)
+        return {"complete": complete, "families": families, "summary": summary, "criteria": criteria,
+                "samples": samples, "table": markdown_table(families), "pareto": pareto(families), **about}
+
+    def write_partial() -> None:
+        (out / EVAL_JSON).write_text(json.dumps(document(False), indent=1, default=str))
+
     with _recompiles_fail_loudly():
         _run_modes(spec, model, router, flux, tokenizer, data, pad, eos, layers, device, families, samples, timings,
-                   out, echo)
-    summary, criteria = _summarise(families, spec.capable_threshold)
-    front = pareto(families)
-    result = {"complete": True, "families": families, "summary": summary, "criteria": criteria, "samples": samples,
-              "table": markdown_table(families), "pareto": front, "config": cfg.to_dict(), "flux": flux.to_dict(),
-              "router": router, "router_provenance": read_checkpoint(router).provenance if router else None,
-              "lengths": list(spec.lengths), "layers": layers, "timings": timings, "provenance": run_provenance(device)}
+                   write_partial, echo)
+    result = document(True)
+    summary, criteria, front = result["summary"], result["criteria"], result["pareto"]
     (out / EVAL_JSON).write_text(json.dumps(result, indent=1, default=str))
     wrote = [out / EVAL_JSON]
     if "router" in spec.modes:
@@ -308,7 +318,7 @@ def evaluate(cfg: RunConfig, router: str | None, *, model: Any = None, tokenizer
 
 def _run_modes(spec: Any, model: Any, router: str | None, flux: FluxConfig, tokenizer: Any, data: list[Example],
                pad: int, eos: int | None, layers: int, device: torch.device, families: dict[str, dict[str, Any]],
-               samples: dict[str, list[dict[str, Any]]], timings: dict[str, float], out: Path,
+               samples: dict[str, list[dict[str, Any]]], timings: dict[str, float], write_partial: Callable[[], None],
                echo: Callable[[str], None]) -> None:
     """Every (mode, family) of `spec`, filling `families` and `samples`; eval.json is rewritten after each. The
     router's operating points share one compiled runner: a threshold is data, not a recompile."""
@@ -364,8 +374,7 @@ def _run_modes(spec: Any, model: Any, router: str | None, flux: FluxConfig, toke
             families[task]["modes"][mode] = row
             shown = f"ppl {row['perplexity']:.3f}" if task in PERPLEXITY_TASKS else f"acc {row['accuracy']:.1%}"
             echo(f"eval {mode:<6} {task:<18} {shown}  SA {row['sa_fraction']:.2f}  saved {row['work_saved']:.1%}")
-            partial = {"complete": False, "families": families, "samples": samples, "router": router}
-            (out / EVAL_JSON).write_text(json.dumps(partial, indent=1, default=str))  # kept if the run is cut short
+            write_partial()  # kept if the run is cut short
         timings[f"{mode}_s"] = time.perf_counter() - t
         del runner
     del routed
