@@ -207,3 +207,34 @@ def test_eval_cut_short_leaves_a_self_describing_file(tmp_path, monkeypatch):
     assert "| passkey |" in result["table"] and result["provenance"]["git"] and result["config"]["model"]
     assert result["summary"]["capable_families"]
 
+
+
+def test_eval_shards_merge_into_the_whole_evaluation(tmp_path, capsys):
+    """eval.shard splits the held-out set into runs; `fluxc eval --merge` joins their eval.json files into the
+    statistics one run over every example gives; shards of different evaluations are refused."""
+    common = ["eval", "--config", "tiny", "--modes", "full,sparse", *FAST, "--set", "eval.examples=4"]
+    assert _fluxc(*common, "--out", str(tmp_path / "whole")) == 0
+    for i in range(2):
+        assert _fluxc(*common, "--out", str(tmp_path / f"s{i}"), "--set", f"eval.shard=[{i},2]") == 0
+    shards = [str(tmp_path / f"s{i}" / "eval.json") for i in (1, 0)]  # any order
+    assert _fluxc("eval", "--merge", *shards, "--out", str(tmp_path / "merged")) == 0
+    assert "merged 2 shard(s) (complete)" in capsys.readouterr().out
+    whole = json.loads((tmp_path / "whole" / "eval.json").read_text())
+    merged = json.loads((tmp_path / "merged" / "eval.json").read_text())
+    assert merged["complete"] and merged["config"]["eval"]["shard"] == [0, 1]
+    for task, family in whole["families"].items():
+        assert merged["families"][task]["examples"] == family["examples"] == 4
+        for mode, row in family["modes"].items():
+            got = merged["families"][task]["modes"][mode]
+            assert got["sa_fraction"] == pytest.approx(row["sa_fraction"])
+            assert got["work_saved"] == pytest.approx(row["work_saved"])
+            if "outcomes" in row:
+                assert sorted(got["outcomes"]) == sorted(row["outcomes"]) and got["ci95"] == row["ci95"]
+            else:
+                assert got["perplexity"] == pytest.approx(row["perplexity"], rel=1e-4)
+                assert sorted(got["target_tokens"]) == sorted(row["target_tokens"])
+                assert got["ci95"] == pytest.approx(row["ci95"], rel=1e-3)
+    assert _fluxc("eval", "--merge", shards[0], shards[0], "--out", str(tmp_path / "bad")) == 2
+    assert "repeat or disagree" in capsys.readouterr().err
+    assert _fluxc("eval", "--config", "tiny", "--set", "eval.shard=[2,2]", "--out", str(tmp_path / "x")) == 2
+    assert "eval.shard=[2, 2] must be [i, n]" in capsys.readouterr().err

@@ -88,6 +88,9 @@ class EvalSpec:
     modes: tuple[str, ...] = ("full", "sparse", "router")
     threshold: float = 0.5  # the router's operating point in mode "router" (fluxc.compile's threshold)
     thresholds: tuple[float, ...] = ()  # a sweep of operating points: the Pareto view (pareto.json / .png)
+    # (i, n): evaluate only examples i, i + n, i + 2n, ... of the held-out set, so n runs (e.g. n device calls) share
+    # one evaluation; `fluxc eval --merge` joins their eval.json files into the one the whole set gives
+    shard: tuple[int, int] = (0, 1)
     capable_threshold: float = 0.5  # a family counts as one the model can do when full attention scores this
     out: str = ""  # folder of eval.json and the heatmap; empty: run.out
 
@@ -172,6 +175,11 @@ class RunConfig:
             raise ConfigError(f"run.time_budget_s={self.run.time_budget_s} must be >= 0 (0: no budget)")
         if self.run.fit_steps_to_budget and not self.run.time_budget_s:
             raise ConfigError("run.fit_steps_to_budget=true needs run.time_budget_s > 0")
+        shard = self.eval.shard
+        if len(shard) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard) \
+                or not 0 <= shard[0] < shard[1]:
+            raise ConfigError(f"eval.shard={list(shard)} must be [i, n] with 0 <= i < n (e.g. [0, 3] for the first of "
+                              f"three runs)")
         bad_modes = [m for m in self.eval.modes if m not in MODES]
         if bad_modes or not self.eval.modes:
             raise ConfigError(f"eval.modes={list(self.eval.modes)} must be a non-empty subset of {list(MODES)}")

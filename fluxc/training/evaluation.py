@@ -270,6 +270,7 @@ def evaluate(cfg: RunConfig, router: str | None, *, model: Any = None, tokenizer
             flux = theirs.replace(compiler=flux.compiler, impl=flux.impl)
     t = time.perf_counter()
     data = examples if examples is not None else heldout_examples(cfg, tokenizer, spec.examples)
+    data = data[spec.shard[0]::spec.shard[1]]
     timings["data_s"] = time.perf_counter() - t
     pad = getattr(tokenizer, "pad_token_id", None)
     eos = end_of_turn_id(tokenizer) if cfg.data.chat else getattr(tokenizer, "eos_token_id", None)
@@ -296,24 +297,33 @@ def evaluate(cfg: RunConfig, router: str | None, *, model: Any = None, tokenizer
         _run_modes(spec, model, router, flux, tokenizer, data, pad, eos, layers, device, families, samples, timings,
                    write_partial, echo)
     result = document(True)
-    summary, criteria, front = result["summary"], result["criteria"], result["pareto"]
-    (out / EVAL_JSON).write_text(json.dumps(result, indent=1, default=str))
-    wrote = [out / EVAL_JSON]
-    if "router" in spec.modes:
-        heatmap(families, out / HEATMAP, layers)
-        wrote.append(out / HEATMAP)
-    if spec.thresholds:
-        keep = ("router", "router_provenance", "lengths", "config")
-        (out / PARETO_JSON).write_text(json.dumps({"families": front, **{k: result[k] for k in keep}}, indent=1,
-                                                  default=str))
-        pareto_plot(front, out / PARETO_PNG)
-        wrote += [out / PARETO_JSON, out / PARETO_PNG]
+    summary, criteria = result["summary"], result["criteria"]
+    wrote = write_evaluation(result, out)
     echo(result["table"])
     echo("criteria: " + json.dumps(criteria))
     index = record_run(cfg, "eval", git=result["provenance"]["git"], router=router, router_sha256=sha256_file(router) if router else None,
                        results=[str(w) for w in wrote], summary=summary, criteria=criteria)
     echo("wrote " + ", ".join(str(w) for w in [*wrote, *([index] if index else [])]))
     return result
+
+
+def write_evaluation(result: dict[str, Any], out: Path) -> list[Path]:
+    """eval.json, the heatmap when the router ran, pareto.json / .png when its operating point was swept."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / EVAL_JSON).write_text(json.dumps(result, indent=1, default=str))
+    wrote = [out / EVAL_JSON]
+    families = result["families"]
+    if any("router" in f["modes"] for f in families.values()):
+        heatmap(families, out / HEATMAP, result["layers"])
+        wrote.append(out / HEATMAP)
+    if any(row.get("threshold") is not None and mode != "router" for f in families.values()
+           for mode, row in f["modes"].items()):
+        keep = ("router", "router_provenance", "lengths", "config")
+        (out / PARETO_JSON).write_text(json.dumps({"families": result["pareto"], **{k: result[k] for k in keep}},
+                                                  indent=1, default=str))
+        pareto_plot(result["pareto"], out / PARETO_PNG)
+        wrote += [out / PARETO_JSON, out / PARETO_PNG]
+    return wrote
 
 
 def _run_modes(spec: Any, model: Any, router: str | None, flux: FluxConfig, tokenizer: Any, data: list[Example],
@@ -394,8 +404,111 @@ def _breakdown(examples: list[Example], outcomes: list[int], nll: list[float],
                 k = sum(outcomes[i] for i in rows)
                 out[key][name] = {"examples": len(rows), "accuracy": k / len(rows), "ci95": list(wilson(k, len(rows)))}
             elif nll:
-                per_token = sum(nll[i] for i in rows) / max(1, sum(tokens[i] for i in rows))
-                out[key][name] = {"examples": len(rows), "perplexity": math.exp(per_token)}
+                total, count = sum(nll[i] for i in rows), sum(tokens[i] for i in rows)
+                out[key][name] = {"examples": len(rows), "perplexity": math.exp(total / max(1, count)),
+                                  "nll": total, "tokens": count}
+    return out
+
+
+def merge_evaluations(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One eval.json from those of the shards of one evaluation (`eval.shard`): per family and mode the examples'
+    outcomes (or NLLs) in shard order, with every statistic recomputed from them as one run gives it. The shards
+    must share the router, the SA method and the config but for `eval.shard`; ``complete`` when all n shards are
+    there and each finished."""
+    if not docs:
+        raise ConfigError("merge_evaluations: no eval.json to merge")
+
+    def sameness(doc: dict[str, Any]) -> dict[str, str]:
+        """What must agree, by name: the config but where outputs go (run) and the shard, the method, the router."""
+        config = json.loads(json.dumps(doc.get("config") or {}, default=str))
+        config.pop("run", None)
+        for key in ("shard", "out"):
+            config.get("eval", {}).pop(key, None)
+        parts = {f"config.{k}": v for k, v in config.items()}
+        parts.update(flux=doc.get("flux"), router_provenance=doc.get("router_provenance"))
+        return {k: json.dumps(v, sort_keys=True, default=str) for k, v in parts.items()}
+
+    differ = sorted({k for d in docs for k, v in sameness(d).items() if sameness(docs[0]).get(k) != v})
+    if differ:
+        raise ConfigError(f"merge_evaluations: the eval.json files differ in {differ}; merge only the shards of one "
+                          f"evaluation (same router, method and config but eval.shard)")
+    shards = [tuple((d.get("config") or {}).get("eval", {}).get("shard", (0, 1))) for d in docs]
+    if len(set(shards)) != len(shards) or len({n for _, n in shards}) != 1:
+        raise ConfigError(f"merge_evaluations: shards {shards} repeat or disagree on their count; give each shard "
+                          f"[i, n] of one evaluation once")
+    order = sorted(range(len(docs)), key=lambda i: shards[i])
+    docs = [docs[i] for i in order]
+    families: dict[str, dict[str, Any]] = {}
+    for task, first in docs[0]["families"].items():
+        modes = [m for m in first["modes"] if all(m in d["families"].get(task, {}).get("modes", {}) for d in docs)]
+        family = {**{k: v for k, v in first.items() if k != "modes"}, "modes": {},
+                  "examples": sum(d["families"][task]["examples"] for d in docs)}
+        for mode in modes:
+            rows = [d["families"][task]["modes"][mode] for d in docs]
+            counts = [len(r.get("outcomes") or r.get("nll") or []) for r in rows]
+            n = max(1, sum(counts))
+            row: dict[str, Any] = {"threshold": rows[0].get("threshold")}
+            row["sa_fraction"] = sum(r["sa_fraction"] * c for r, c in zip(rows, counts)) / n
+            row["work_saved"] = sum(r["work_saved"] * c for r, c in zip(rows, counts)) / n
+            per_layer = [r["sa_fraction_per_layer"] for r in rows if r["sa_fraction_per_layer"]]
+            row["sa_fraction_per_layer"] = ([sum(r["sa_fraction_per_layer"][i] * c for r, c in zip(rows, counts)
+                                                 if r["sa_fraction_per_layer"]) / n for i in range(len(per_layer[0]))]
+                                            if per_layer else [])
+            row["breakdown"] = _merge_breakdowns([r.get("breakdown") or {} for r in rows])
+            if "outcomes" in rows[0]:
+                outcomes = [o for r in rows for o in r["outcomes"]]
+                row.update(accuracy=sum(outcomes) / max(1, len(outcomes)), correct=sum(outcomes),
+                           ci95=list(wilson(sum(outcomes), len(outcomes))), outcomes=outcomes)
+            else:
+                nll = [v for r in rows for v in r["nll"]]
+                tokens = [v for r in rows for v in r["target_tokens"]]
+                per_token, low, high = ratio_ci(nll, tokens)
+                row.update(nll_per_token=per_token, perplexity=math.exp(per_token), tokens=sum(tokens),
+                           ci95=[math.exp(low), math.exp(high)], nll=nll, target_tokens=tokens)
+            family["modes"][mode] = row
+        families[task] = family
+    base = docs[0]
+    summary, criteria = _summarise(families, (base.get("summary") or {}).get("capable_threshold", 0.5))
+    samples: dict[str, list[Any]] = {}
+    for d in docs:
+        for key, shown in (d.get("samples") or {}).items():
+            samples.setdefault(key, []).extend(shown[: max(0, 3 - len(samples.get(key, [])))])
+    config = json.loads(json.dumps(base.get("config") or {}))
+    config.setdefault("eval", {})["shard"] = [0, 1]
+    timings: dict[str, float] = {}
+    for d in docs:
+        for key, value in (d.get("timings") or {}).items():
+            timings[key] = timings.get(key, 0.0) + value
+    n_shards = shards[0][1]
+    return {"complete": len(docs) == n_shards and all(d.get("complete") for d in docs), "families": families,
+            "summary": summary, "criteria": criteria, "samples": samples, "table": markdown_table(families),
+            "pareto": pareto(families), "config": config, "flux": base.get("flux"), "router": base.get("router"),
+            "router_provenance": base.get("router_provenance"), "lengths": base.get("lengths"),
+            "layers": base.get("layers"), "timings": timings,
+            "provenance": base.get("provenance"), "merged": [
+                {"shard": list(s), "complete": d.get("complete"), "provenance": d.get("provenance")}
+                for s, d in zip(sorted(shards), docs)]}
+
+
+def _merge_breakdowns(parts: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """`_breakdown` of the union of shards: accuracy from the groups' counts, perplexity from their NLL sums."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for part in parts:
+        for key, groups in part.items():
+            for name, g in groups.items():
+                into = out.setdefault(key, {}).setdefault(name, {"examples": 0})
+                into["examples"] += g["examples"]
+                if "accuracy" in g:
+                    into["correct"] = into.get("correct", 0) + round(g["accuracy"] * g["examples"])
+                elif "nll" in g:
+                    into["nll"], into["tokens"] = into.get("nll", 0.0) + g["nll"], into.get("tokens", 0) + g["tokens"]
+    for groups in out.values():
+        for g in groups.values():
+            if "correct" in g:
+                k = g.pop("correct")
+                g.update(accuracy=k / g["examples"], ci95=list(wilson(k, g["examples"])))
+            elif "nll" in g:
+                g["perplexity"] = math.exp(g["nll"] / max(1, g["tokens"]))
     return out
 
 
