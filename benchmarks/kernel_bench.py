@@ -165,6 +165,15 @@ def prefill_section(rec, K, L, args):
             qt, kt, vt, softmax_scale=scale, causal=True)))
         guarded(rec, f"ours_fa4 {L}", lambda: row("ours_fa4", "causal", pc, lambda: fa4.routed_prefill_fa4(
             q, k, v, fa_route, lens, lens, **kw), route="host-sync"))
+
+        def sa_flash():  # the sparse branch on flash-attn-4 through FlexAttention, compiled once for every length
+            import torch._dynamo.utils as dynamo_utils
+
+            before = dict(dynamo_utils.counters["stats"])
+            row("ours_fa4_sa_flash", "sa_block", ps, lambda: fa4.routed_prefill_fa4(
+                q, k, v, sa_route, lens, lens, sparse="flash", **kw), route="host-sync",
+                frames_compiled=dynamo_utils.counters["stats"]["unique_graphs"] - before.get("unique_graphs", 0))
+        guarded(rec, f"ours_fa4_sa_flash {L}", sa_flash)
     else:
         rec.add(**base, impl="fa4_direct", mask="causal", skipped=fa4.unavailable_reason(q.device))
     # fluxc's routed op as the model runs it: the default choice (`impl="auto"`, logged) on this GPU

@@ -20,6 +20,7 @@ import torch
 
 from . import attention as triton_kernels
 from ._common import check_padded_prefill, host_batch_facts
+from .errors import KernelError
 
 __all__ = ["unavailable_reason", "full_prefill_fa4", "routed_prefill_fa4"]
 
@@ -75,9 +76,13 @@ def full_prefill_fa4(q, k, v, kv_lens=None, q_lens=None, *, scale: float, softca
 
 def routed_prefill_fa4(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: int, window: int, block: int,
                        block_exact: bool, pattern: str, n_last: int, softcap: float = 0.0, native_window: int = 0,
-                       kv_start=None) -> torch.Tensor:
+                       kv_start=None, sparse: str = "triton") -> torch.Tensor:
     """Same contract as ``attention.routed_prefill``. Reads route and lengths on the host (one sync): a batch
-    routed all-full without left padding runs `full_prefill_fa4`, any other the routed Triton kernel."""
+    routed all-full without left padding runs `full_prefill_fa4`, any other the routed Triton kernel, or with
+    ``sparse="flash"`` (no left padding, no soft-cap) FlexAttention on flash-attn-4's kernel: the routed mask_mod
+    and its closed-form block lists, compiled once for every length (`flex.routed_prefill_flex`)."""
+    if sparse not in ("triton", "flash"):
+        raise KernelError(f"sparse={sparse!r}: use 'triton' or 'flash'")
     check_padded_prefill(q, k, v, route, kv_lens, q_lens, kv_start, sink=sink, window=window, block=block,
                          block_exact=block_exact, pattern=pattern, n_last=n_last, softcap=softcap,
                          native_window=native_window)
@@ -85,6 +90,13 @@ def routed_prefill_fa4(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: i
     if all_full and no_left_padding:
         lengths = (None, None) if unpadded else (kv_lens, q_lens)
         return full_prefill_fa4(q, k, v, *lengths, scale=scale, softcap=softcap, native_window=native_window)
+    if sparse == "flash" and no_left_padding and softcap == 0.0:
+        from . import flex as flex_kernels
+
+        return flex_kernels.routed_prefill_flex(q, k, v, route, kv_lens, q_lens, scale=scale, sink=sink,
+                                                window=window, block=block, block_exact=block_exact, pattern=pattern,
+                                                n_last=n_last, native_window=native_window, backend="FLASH",
+                                                dynamic=True)
     return triton_kernels.routed_prefill(q, k, v, route, kv_lens, q_lens, scale=scale, sink=sink, window=window,
                                          block=block, block_exact=block_exact, pattern=pattern, n_last=n_last,
                                          softcap=softcap, native_window=native_window, kv_start=kv_start)

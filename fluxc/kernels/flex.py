@@ -124,10 +124,10 @@ def _ordered(blocks):
 
 
 @functools.cache
-def _compiled_flex():
+def _compiled_flex(dynamic: bool = False):
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=dynamic)
 
 
 def _recompile_budget():
@@ -149,10 +149,15 @@ def _softcap_mod(softcap: float):
 def routed_prefill_flex(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: int, window: int, block: int,
                         block_exact: bool, pattern: str, n_last: int, softcap: float = 0.0, native_window: int = 0,
                         out=None, block_mask=None, compile: bool = True, compile_mask: bool | None = None,
-                        ) -> torch.Tensor:
+                        backend: str = "TRITON", dynamic: bool = False) -> torch.Tensor:
     """Same contract as ``attention.routed_prefill`` (see flex.py's docstring for the two
     differences).  ``block_mask``: a prebuilt ``build_block_mask(...)`` for these route/length
-    values; ``compile``: run ``torch.compile(flex_attention)`` (False: eager, for CPU tests)."""
+    values; ``compile``: run ``torch.compile(flex_attention)`` (False: eager, for CPU tests).
+    ``backend``: FlexAttention's kernel, "TRITON" (Inductor's) or "FLASH" (flash-attn-4's CuTe kernel, Hopper and
+    Blackwell); ``dynamic``: compile once for every length (the mask_mod reads lengths from device tensors, so
+    no Python scalar in it becomes a guard)."""
+    if backend not in ("TRITON", "FLASH"):
+        raise KernelError(f"backend={backend!r}: use 'TRITON' or 'FLASH'")
     pat = check_padded_prefill(q, k, v, route, kv_lens, q_lens, sink=sink, window=window, block=block,
                                block_exact=block_exact, pattern=pattern, n_last=n_last, softcap=softcap,
                                native_window=native_window)
@@ -165,13 +170,15 @@ def routed_prefill_flex(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: 
                                       compile_mask=(compile and Tk >= 32768) if compile_mask is None
                                       else compile_mask)
     if compile:
-        fn = _compiled_flex()
+        fn = _compiled_flex(dynamic)
     else:
         from torch.nn.attention.flex_attention import flex_attention as fn
     score_mod = _softcap_mod(pat.softcap) if pat.softcap > 0 else None
     if compile:
+        options = {"BACKEND": backend} if backend != "TRITON" else None
         with _recompile_budget():
-            res = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=float(scale), enable_gqa=Hq != Hkv)
+            res = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=float(scale), enable_gqa=Hq != Hkv,
+                     kernel_options=options)
     else:
         res = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=float(scale), enable_gqa=Hq != Hkv)
     valid = (torch.arange(Tq, device=q.device)[None, :] < q_lens[:, None])[:, None, :, None]

@@ -72,6 +72,24 @@ def test_mixed_and_sparse_batches_run_the_triton_kernel_in_one_launch(monkeypatc
     assert calls == {"dense": 1, "triton": 2}
 
 
+def test_sparse_branch_on_flash_attn_4_matches_reference_and_compiles_once():
+    """sparse="flash": sparse and mixed batches (right padding, GQA) through FlexAttention on flash-attn-4's kernel
+    against float64; new prompt lengths after the first two reuse the compiled kernel (dynamic shapes)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    scale = 128 ** -0.5
+    graphs = []
+    for length, routes, lens in ((1100, [False, False], [1100, 900]), (1500, [True, False], [1500, 1500]),
+                                 (2300, [False, True], [2000, 2300]), (3000, [False, False], [3000, 2500])):
+        q, k, v = _inputs(2, 8, 2, length, 128, seed=length)
+        route = torch.tensor(routes, device="cuda")
+        kv = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        out = fa4.routed_prefill_fa4(q, k, v, route, kv, kv, scale=scale, sparse="flash", **RULE)
+        _check(out, q, k, v, route, kv, kv, scale=scale, **RULE)
+        graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
+    assert graphs[3] == graphs[1], graphs  # lengths 2300 and 3000 compiled nothing new
+
+
 def test_auto_picks_fa4_and_explicit_fa4_runs_it(monkeypatch):
     from fluxc.ops.dispatch import resolve_impl, run_kernel
     from fluxc.spec import SiteSpec

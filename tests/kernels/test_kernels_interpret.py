@@ -278,3 +278,15 @@ def test_reference_kv_start_is_left_padding(K, block_exact, pattern):
                                               n, n, **pk)
         assert (out[b:b + 1, :, s:] - want).abs().max().item() < 1e-12
         assert (out[b, :, :s] == 0).all()
+
+
+def test_flash_backends_reject_unknown_names(K):
+    """The sparse-branch and FlexAttention backend names are checked before any kernel is looked for."""
+    fa4, flex = submodule(K, "fa4"), submodule(K, "flex")
+    q, k, v, route, kl, ql = _small()
+    with pytest.raises(K.KernelError, match="sparse='cudnn': use 'triton' or 'flash'"):
+        fa4.routed_prefill_fa4(q, k, v, route, kl, ql, scale=0.1, sink=4, window=4, block=4, block_exact=False,
+                               pattern="streaming", n_last=0, sparse="cudnn")
+    with pytest.raises(K.KernelError, match="backend='CUTE': use 'TRITON' or 'FLASH'"):
+        flex.routed_prefill_flex(q, k, v, route, kl, ql, scale=0.1, sink=4, window=4, block=4, block_exact=False,
+                                 pattern="streaming", n_last=0, backend="CUTE")
