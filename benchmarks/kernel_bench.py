@@ -235,6 +235,32 @@ def prefill_section(rec, K, L, args):
             guarded(rec, f"ours_flex sa {L}", lambda: ours_flex(sa_route, "sa_block", ps))
 
 
+def full_matrix_section(rec, B, hq, hkv, L, args):
+    """The full branch as the routed op runs it by default (`impl="auto"`) against cuDNN SDPA, at batch B and GQA
+    hq:hkv: the routed model routed all-full must not be slower than the untouched one."""
+    g = torch.Generator(device="cuda").manual_seed(B * 1000 + hkv + L)
+    q = torch.randn(B, hq, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    pairs = B * pairs_causal(L)
+    base = dict(kind="prefill_full", L=L, B=B, Hq=hq, Hkv=hkv)
+
+    def row(impl, fn, **extra):
+        ms = bench(fn, rep=args.rep)
+        rec.add(**base, impl=impl, mask="causal", ms=ms, pairs=pairs,
+                tflops=4.0 * pairs * D * hq / (ms * 1e-3) / 1e12, **extra)
+
+    fn = sdpa_fn(q, k, v, "cudnn", True)
+    guarded(rec, f"full {B}x{L} {hq}:{hkv} sdpa_cudnn", lambda: row("sdpa_cudnn", fn, gqa=fn.gqa))
+    auto = resolve_impl("auto", q.device)
+    spec = SiteSpec(is_causal=True, scale=D ** -0.5, **SA, n_last=0)
+    qpos = torch.arange(L, device="cuda")[None].expand(B, -1)
+    start = torch.zeros(B, dtype=torch.long, device="cuda")
+    route = torch.ones(B, dtype=torch.bool, device="cuda")
+    guarded(rec, f"full {B}x{L} {hq}:{hkv} fluxc_fa", lambda: row(
+        "fluxc_fa", lambda: run_kernel(auto, q, k, v, None, route, qpos, start, spec, explicit=False), backend=auto))
+
+
 def decode_section(rec, K, B, L, args):
     attn = importlib.import_module(K.__name__ + ".attention")
     flex = importlib.import_module(K.__name__ + ".flex")
@@ -386,6 +412,8 @@ def main():
     ap.add_argument("--flex-decode", default="1x32768,8x32768")
     ap.add_argument("--skip-flex", action="store_true")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
+    ap.add_argument("--full-matrix", default="",
+                    help="the full branch against cuDNN at BxL:Hq:Hkv points, e.g. 1x8192:32:8,8x32768:32:4 ('' skips)")
     ap.add_argument("--decode-only", action="store_true", help="copy bandwidth + the decode section only")
     ap.add_argument("--ring-sweep", action="store_true", help="also sweep the ring decode's launch configurations")
     args = ap.parse_args()
@@ -419,6 +447,11 @@ def main():
         for spec in [s for s in args.decode.split(",") if s]:
             B, L = (int(x) for x in spec.split("x"))
             decode_section(rec, K, B, L, args)
+        for point in [s for s in args.full_matrix.split(",") if s]:
+            shape, hq, hkv = point.split(":")
+            B, L = (int(x) for x in shape.split("x"))
+            full_matrix_section(rec, B, int(hq), int(hkv), L, args)
+            torch.cuda.empty_cache()  # the next point's B x L operands
         evaluate(rec)
     rec.flush()
     print("\n== summary ==")
