@@ -483,8 +483,11 @@ def supervision_data(cfg: RunConfig, trainer: RouterTrainer, tokenizer: Any, pro
     key = supervision_key(cfg, model_info)
     if path is not None and path.is_file():
         stored = load_state(path)
-        if stored.get("key") != json.loads(json.dumps(key)):
-            differ = sorted(k for k in key if json.loads(json.dumps(key[k])) != stored.get("key", {}).get(k))
+        def same(a: Any, b: Any) -> bool:  # tuples come back as lists from some writers: compare as JSON
+            return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+        if not same(stored.get("key"), key):
+            differ = sorted(k for k in key if not same(key[k], (stored.get("key") or {}).get(k)))
             raise ConfigError(f"run.supervise_inputs={str(path)!r} was recorded for other {differ} than this run's; "
                               f"use the config it was recorded with ({stored.get('recorded', {})}) or another path")
         if trainer.module.routers is None:  # the routers exist once the graph has been traced: one short forward
