@@ -19,6 +19,7 @@ import importlib.util
 import torch
 
 from . import attention as triton_kernels
+from . import flex as flex_kernels
 from ._common import check_padded_prefill, host_batch_facts
 from .errors import KernelError
 
@@ -91,8 +92,6 @@ def routed_prefill_fa4(q, k, v, route, kv_lens, q_lens, *, scale: float, sink: i
         lengths = (None, None) if unpadded else (kv_lens, q_lens)
         return full_prefill_fa4(q, k, v, *lengths, scale=scale, softcap=softcap, native_window=native_window)
     if sparse == "flash" and no_left_padding and softcap == 0.0:
-        from . import flex as flex_kernels
-
         return flex_kernels.routed_prefill_flex(q, k, v, route, kv_lens, q_lens, scale=scale, sink=sink,
                                                 window=window, block=block, block_exact=block_exact, pattern=pattern,
                                                 n_last=n_last, native_window=native_window, backend="FLASH",

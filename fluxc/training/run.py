@@ -491,7 +491,8 @@ def supervision_data(cfg: RunConfig, trainer: RouterTrainer, tokenizer: Any, pro
             raise ConfigError(f"run.supervise_inputs={str(path)!r} was recorded for other {differ} than this run's; "
                               f"use the config it was recorded with ({stored.get('recorded', {})}) or another path")
         if trainer.module.routers is None:  # the routers exist once the graph has been traced: one short forward
-            short = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, lengths=(256,), batch_size=1))
+            short = dataclasses.replace(cfg, data=dataclasses.replace(
+                cfg.data, lengths=(min(cfg.data.lengths[0], 512),), batch_size=1))
             trainer.router_inputs([to_device(training_batch(short, tokenizer, 0), procs.device)])
         return stored, f"read {len(stored['want'])} examples from {path}"
     batches = [to_device(training_batch(cfg, tokenizer, i, procs.rank, procs.world), procs.device)
