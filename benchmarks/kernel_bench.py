@@ -177,14 +177,10 @@ def prefill_section(rec, K, L, args):
     else:
         rec.add(**base, impl="fa4_direct", mask="causal", skipped=fa4.unavailable_reason(q.device))
     # fluxc's routed op as the model runs it: the default choice (`impl="auto"`, logged) on this GPU
-    auto = resolve_impl("auto", q.device)
-    spec = SiteSpec(is_causal=True, scale=scale, **SA, n_last=0)
-    qpos = torch.arange(L, device="cuda")[None]
-    start = torch.zeros(1, dtype=torch.long, device="cuda")
     for name, route, mask, pairs in (("fluxc_fa", fa_route, "causal", pc), ("fluxc_sa", sa_route, "sa_block", ps)):
-        guarded(rec, f"{name} {L}", lambda route=route, name=name, mask=mask, pairs=pairs: row(
-            name, mask, pairs, lambda: run_kernel(auto, q, k, v, None, route, qpos, start, spec, explicit=False),
-            route="auto", backend=auto))
+        call, auto = default_routed(q, k, v, route)
+        guarded(rec, f"{name} {L}", lambda call=call, auto=auto, name=name, mask=mask, pairs=pairs: row(
+            name, mask, pairs, call, route="auto", backend=auto))
     guarded(rec, f"ours_sa {L}", lambda: row("ours_triton", "sa_block", ps, lambda: attn.routed_prefill(
         q, k, v, sa_route, lens, lens, **kw), route="device"))
     guarded(rec, f"ours_sa_tok {L}", lambda: row("ours_triton", "sa_token", pst, lambda: attn.routed_prefill(
@@ -235,6 +231,17 @@ def prefill_section(rec, K, L, args):
             guarded(rec, f"ours_flex sa {L}", lambda: ours_flex(sa_route, "sa_block", ps))
 
 
+def default_routed(q, k, v, route):
+    """fluxc's routed op as a model runs it: the default kernel choice (`impl="auto"`) on this GPU, causal
+    prefill of B sequences of L tokens. Returns (the call, the choice)."""
+    B, L = q.shape[0], q.shape[2]
+    auto = resolve_impl("auto", q.device)
+    spec = SiteSpec(is_causal=True, scale=q.shape[-1] ** -0.5, **SA, n_last=0)
+    qpos = torch.arange(L, device=q.device)[None].expand(B, -1)
+    start = torch.zeros(B, dtype=torch.long, device=q.device)
+    return (lambda: run_kernel(auto, q, k, v, None, route, qpos, start, spec, explicit=False)), auto
+
+
 def full_matrix_section(rec, B, hq, hkv, L, args):
     """The full branch as the routed op runs it by default (`impl="auto"`) against cuDNN SDPA, at batch B and GQA
     hq:hkv: the routed model routed all-full must not be slower than the untouched one."""
@@ -252,13 +259,8 @@ def full_matrix_section(rec, B, hq, hkv, L, args):
 
     fn = sdpa_fn(q, k, v, "cudnn", True)
     guarded(rec, f"full {B}x{L} {hq}:{hkv} sdpa_cudnn", lambda: row("sdpa_cudnn", fn, gqa=fn.gqa))
-    auto = resolve_impl("auto", q.device)
-    spec = SiteSpec(is_causal=True, scale=D ** -0.5, **SA, n_last=0)
-    qpos = torch.arange(L, device="cuda")[None].expand(B, -1)
-    start = torch.zeros(B, dtype=torch.long, device="cuda")
-    route = torch.ones(B, dtype=torch.bool, device="cuda")
-    guarded(rec, f"full {B}x{L} {hq}:{hkv} fluxc_fa", lambda: row(
-        "fluxc_fa", lambda: run_kernel(auto, q, k, v, None, route, qpos, start, spec, explicit=False), backend=auto))
+    call, auto = default_routed(q, k, v, torch.ones(B, dtype=torch.bool, device="cuda"))
+    guarded(rec, f"full {B}x{L} {hq}:{hkv} fluxc_fa", lambda: row("fluxc_fa", call, backend=auto))
 
 
 def decode_section(rec, K, B, L, args):

@@ -428,7 +428,8 @@ def merge_evaluations(docs: list[dict[str, Any]]) -> dict[str, Any]:
         parts.update(flux=doc.get("flux"), router_provenance=doc.get("router_provenance"))
         return {k: json.dumps(v, sort_keys=True, default=str) for k, v in parts.items()}
 
-    differ = sorted({k for d in docs for k, v in sameness(d).items() if sameness(docs[0]).get(k) != v})
+    reference = sameness(docs[0])
+    differ = sorted({k for d in docs[1:] for k, v in sameness(d).items() if reference.get(k) != v})
     if differ:
         raise ConfigError(f"merge_evaluations: the eval.json files differ in {differ}; merge only the shards of one "
                           f"evaluation (same router, method and config but eval.shard)")

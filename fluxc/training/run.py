@@ -404,7 +404,7 @@ def train(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: An
         if cfg.train.supervise_batches and not cfg.run.resume:
             t = time.perf_counter()
             with loop.sdpa_ctx():
-                data, source = supervision_data(cfg, trainer, tokenizer, procs, provenance["model"])
+                data, source = supervision_data(cfg, trainer, tokenizer, procs, provenance)
             timings["supervise_inputs_s"] = time.perf_counter() - t
             say(f"route supervision inputs: {source} in {timings['supervise_inputs_s']:.1f} s")
             t = time.perf_counter()
@@ -471,8 +471,13 @@ def supervision_key(cfg: RunConfig, model_info: dict[str, Any]) -> dict[str, Any
             "router_on_prompt": cfg.train.router_on_prompt, "flux": cfg.flux.method_dict(), "model": weights}
 
 
+def _as_json(value: Any) -> str:
+    """Canonical JSON: a stored key and a fresh one compare equal whatever tuple/list types each came back with."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def supervision_data(cfg: RunConfig, trainer: RouterTrainer, tokenizer: Any, procs: Processes,
-                     model_info: dict[str, Any]) -> tuple[dict[str, Any], str]:
+                     provenance: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """Route supervision's inputs (`RouterTrainer.supervision_inputs`) and where they came from: computed from
     `train.supervise_batches` batches, or read from `run.supervise_inputs` when that file exists and was recorded
     for the same data, targets, method and model (written there after computing them otherwise)."""
@@ -480,14 +485,11 @@ def supervision_data(cfg: RunConfig, trainer: RouterTrainer, tokenizer: Any, pro
     if path is not None and procs.world > 1:
         raise ConfigError(f"run.supervise_inputs={str(path)!r} works with one process (this run has {procs.world}); "
                           f"record the inputs with one process or leave run.supervise_inputs empty")
-    key = supervision_key(cfg, model_info)
+    key = supervision_key(cfg, provenance["model"])
     if path is not None and path.is_file():
         stored = load_state(path)
-        def same(a: Any, b: Any) -> bool:  # tuples come back as lists from some writers: compare as JSON
-            return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
-
-        if not same(stored.get("key"), key):
-            differ = sorted(k for k in key if not same(key[k], (stored.get("key") or {}).get(k)))
+        if _as_json(stored.get("key")) != _as_json(key):
+            differ = sorted(k for k in key if _as_json(key[k]) != _as_json((stored.get("key") or {}).get(k)))
             raise ConfigError(f"run.supervise_inputs={str(path)!r} was recorded for other {differ} than this run's; "
                               f"use the config it was recorded with ({stored.get('recorded', {})}) or another path")
         if trainer.module.routers is None:  # the routers exist once the graph has been traced: one short forward
@@ -501,7 +503,7 @@ def supervision_data(cfg: RunConfig, trainer: RouterTrainer, tokenizer: Any, pro
     if path is None:
         return data, f"{len(data['want'])} examples run with their target routes"
     path.parent.mkdir(parents=True, exist_ok=True)
-    recorded = {"dtype": cfg.model.dtype, "device": str(procs.device), "git": git_state().get("commit"),
+    recorded = {"dtype": cfg.model.dtype, "device": str(procs.device), "git": provenance["git"].get("commit"),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     save_state(path, {**data, "key": key, "recorded": recorded})
     return data, f"{len(data['want'])} examples run with their target routes, written to {path}"
