@@ -176,6 +176,22 @@ def test_route_supervision_refits_from_recorded_inputs(tmp_path, capsys):
     assert "was recorded for other ['data'] than this run's" in capsys.readouterr().err
 
 
+def test_layer_choice_through_the_cli(tmp_path, capsys):
+    """train.layer_choice_batches: a family with a middle target gets its full layers measured and chosen before
+    supervision; the run says which and how much of the all-sparse loss gap they close, and records them."""
+    out = tmp_path / "lc"
+    assert _fluxc("train", "--config", "tiny", "--out", str(out), "--steps", "0", "--set", "train.supervise_batches=2",
+                  "--set", "train.supervise_steps=20", "--set", "train.targets.lm=0.5",
+                  "--set", "train.layer_choice_batches=1", *FAST) == 0
+    printed = capsys.readouterr().out
+    assert "layer choice for 'lm': full attention in layers [" in printed and "of the gap closed)" in printed
+    chosen = printed.split("layer choice for 'lm': full attention in layers ")[1].split("]")[0] + "]"
+    entry = read_runs(out.parent / "index.jsonl")[-1]
+    assert entry["kind"] == "train" and entry["full_layers"] == {"lm": json.loads(chosen)} and entry["full_layers"]["lm"]
+    header = fluxc.read_checkpoint(out / "routers.safetensors").provenance["layer_choice"]["lm"]
+    assert header["layers"] == json.loads(chosen) and header["loss_sparse"] >= header["loss_full"] - 1e-6
+
+
 def test_eval_cut_short_leaves_a_self_describing_file(tmp_path, monkeypatch):
     """An evaluation interrupted (a time limit's SIGINT) keeps eval.json with the rows it finished and the
     summary, table, config and provenance they belong to, marked incomplete."""

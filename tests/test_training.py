@@ -309,7 +309,7 @@ def test_route_supervision_runs_target_routes_and_fits_routers_to_them():
                                                     router_lr=1e-2, targets=targets))
     batches = [_narrow_batch(torch.Generator().manual_seed(i)) for i in range(4)]
     full, routes = trainer.target_routes({"task": ["holistic", "retrieval", "lm"] * 40}, index=0)
-    assert full.tolist()[:3] == [0.0, 1.0, 0.5]
+    assert full[:3, 0].tolist() == [0.0, 1.0, 0.5] and full.shape == routes.shape
     assert routes[0::3].eq(0).all() and routes[1::3].eq(1).all()  # one-sided targets: every layer alike
     assert 0.35 < float(routes[2::3].mean()) < 0.65  # the mid target: a mix of layers
     # a forced forward takes exactly the given routes
@@ -333,6 +333,64 @@ def test_route_supervision_runs_target_routes_and_fits_routers_to_them():
         assert torch.equal(value, frozen[name]), name
 
 
+def _per_example_loss(logits, labels):
+    target = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target, ignore_index=-100,
+                                            reduction="none")  # (B, T-1)
+    return nll.sum(1) / (target != -100).sum(1)
+
+
+def test_layer_choice_takes_the_layers_whose_full_attention_lowers_the_loss_most():
+    """A family with a middle target runs full attention in the layers that help it most: `layer_gains` equals
+    the loss drop of forcing each layer alone full in the inference graph (`fluxc.compile` with a per-layer route),
+    the choice is its top (1 - target) x layers, supervision's routes and per-layer targets follow it, and the
+    fitted routers send held-out prompts of the family full in exactly those layers."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", "sdpa", layers=4)
+    targets = {"holistic": 0.5, "retrieval": 0.0}
+    trainer = RouterTrainer(model, CFG, TrainConfig(steps=0, supervise_batches=4, layer_choice_batches=1,
+                                                    router_lr=1e-2, targets=targets))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 120, (3, 24), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[:, -6:] = ids[:, -6:]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "task": ["holistic"] * 3}
+    eager = CFG.replace(compiler="eager")
+
+    def loss_with(route):
+        with torch.no_grad():
+            return _per_example_loss(fluxc.compile(model, route=route, config=eager)(input_ids=ids).logits, labels)
+
+    sparse = loss_with("sparse")
+    reference = torch.stack([(sparse - loss_with(["full" if i == layer else "sparse" for i in range(4)])).mean()
+                             for layer in range(4)])  # (R,)
+    gains = trainer.layer_gains([batch])["holistic"]
+    torch.testing.assert_close(gains, reference, atol=2e-5, rtol=1e-4)
+    assert float(reference.abs().max()) > 1e-3  # the window (4) is shorter than the prompt: layers matter
+
+    report = trainer.choose_full_layers([batch])["holistic"]
+    best = sorted(reference.argsort(descending=True)[:2].tolist())
+    assert report["layers"] == best == trainer.full_layers["holistic"]
+    assert report["loss_full"] == pytest.approx(float(loss_with("full").mean()), abs=2e-5)
+    assert report["loss_chosen"] == pytest.approx(
+        float(loss_with(["full" if i in best else "sparse" for i in range(4)]).mean()), abs=2e-5)
+
+    want, routes = trainer.target_routes({"task": ["holistic", "retrieval"]}, index=0)
+    pattern = torch.zeros(4)
+    pattern[best] = 1.0
+    assert torch.equal(want[0], pattern) and torch.equal(routes[0], pattern) and routes[1].eq(1).all()
+    fit = trainer.supervise([_narrow_batch(torch.Generator().manual_seed(i)) for i in range(4)], steps=150,
+                            calibrate=True)
+    assert min(fit["accuracy"]) == 1.0, fit
+    held_out = _narrow_batch(torch.Generator().manual_seed(9))
+    trainer.recorder.clear()
+    trainer.recorder.forced = torch.stack([pattern] * 4 + [torch.ones(4)] * 4)  # earlier layers on target
+    with torch.no_grad():
+        trainer.module(input_ids=held_out["input_ids"], attention_mask=held_out["attention_mask"])
+    decided = torch.softmax(trainer.recorder.logits(), -1)[..., 1] > 0.5  # (B, L) full attention
+    assert torch.equal(decided[:4], pattern.bool().expand(4, -1)) and decided[4:].all(), decided
+
+
 def test_supervision_config_is_checked():
     from fluxc.errors import ConfigError
 
@@ -340,6 +398,8 @@ def test_supervision_config_is_checked():
         TrainConfig(steps=0)
     with pytest.raises(ConfigError, match="supervise_steps=0"):
         TrainConfig(supervise_batches=2, supervise_steps=0)
+    with pytest.raises(ConfigError, match="layer_choice_batches=-1"):
+        TrainConfig(supervise_batches=2, layer_choice_batches=-1)
     trainer = RouterTrainer(tiny_model("llama", "sdpa", layers=2), CFG,
                             TrainConfig(steps=0, supervise_batches=1, targets={"holistic": 1.0}))
     with pytest.raises(ConfigError, match=r"no train.targets entry for \['retrieval'\]"):

@@ -48,6 +48,30 @@ def training_example(cfg: RunConfig, tokenizer: Any, step: int, slot: int, rank:
     return make_example(task, tokenizer, length, rng, chat=data.chat, split="train")
 
 
+def family_batches(cfg: RunConfig, tokenizer: Any, keys: list[str], per_key: int, rank: int = 0,
+                   world: int = 1) -> list[dict[str, Any]]:
+    """`per_key` batches of each target key in `keys` (its families of `data.tasks` in turn, `data.lengths` in
+    turn), process `rank`'s rows, collated like `training_batch`: train-split examples drawn from a stream of
+    their own, apart from the training batches."""
+    rows = per_process_batch(cfg, world)
+    out = []
+    for key in keys:
+        families = [t for t in cfg.data.tasks if cfg.target_key(t) == key]
+        if not families:
+            raise ConfigError(f"train.targets key {key!r} has no family in data.tasks={list(cfg.data.tasks)}")
+        for i in range(per_key):
+            length = cfg.data.lengths[i % len(cfg.data.lengths)]
+            index = [i * cfg.data.batch_size + rank * rows + slot for slot in range(rows)]
+            examples = [make_example(families[j % len(families)], tokenizer, length,
+                                     random.Random(f"fluxc-layers/{cfg.data.seed}/{key}/{j}"), chat=cfg.data.chat,
+                                     split="train") for j in index]
+            batch = collate(examples, pad_id(tokenizer))
+            batch["family"] = batch["task"]
+            batch["task"] = [cfg.target_key(t) for t in batch["family"]]
+            out.append(batch)
+    return out
+
+
 def pad_id(tokenizer: Any) -> int:
     pid = getattr(tokenizer, "pad_token_id", None)
     if pid is None:

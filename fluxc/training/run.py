@@ -30,7 +30,7 @@ from fluxc.checkpoint import read_checkpoint
 from fluxc.errors import ConfigError
 
 from . import data as data_module
-from .batches import BatchStream, heldout_examples, pad_id, to_device, training_batch
+from .batches import BatchStream, family_batches, heldout_examples, pad_id, to_device, training_batch
 from .config import RunConfig
 from .data import collate
 from .evaluation import evaluate
@@ -407,6 +407,15 @@ def train(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: An
                 data, source = supervision_data(cfg, trainer, tokenizer, procs, provenance)
             timings["supervise_inputs_s"] = time.perf_counter() - t
             say(f"route supervision inputs: {source} in {timings['supervise_inputs_s']:.1f} s")
+            layer_choice = data.get("layer_choice") or {}
+            trainer.full_layers = {k: list(c["layers"]) for k, c in layer_choice.items()}
+            if layer_choice:
+                provenance["layer_choice"] = layer_choice  # in the router file's header: which layers and why
+            for key, c in layer_choice.items():
+                closed = (c["loss_sparse"] - c["loss_chosen"]) / max(c["loss_sparse"] - c["loss_full"], 1e-9)
+                say(f"layer choice for {key!r}: full attention in layers {c['layers']}, its loss all-sparse "
+                    f"{c['loss_sparse']:.4f}, with them {c['loss_chosen']:.4f}, all-full {c['loss_full']:.4f} "
+                    f"({closed:.0%} of the gap closed)")
             t = time.perf_counter()
             fit = trainer.fit_routes(data["inputs"], data["want"], cfg.train.supervise_steps,
                                      calibrate=cfg.train.calibrate_batches > 0)
@@ -438,6 +447,7 @@ def train(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: An
         if procs.world > 1:
             dist.barrier()
         summary = {"steps": trainer.step_index, "planned_steps": cfg.train.steps, "checkpoint": str(ckpt_path),
+                   **({"full_layers": trainer.full_layers} if trainer.full_layers else {}),
                    "stopped": stopped, "last": loop.stats, "timings": timings, "s_per_step": loop.seconds_per_step}
         say(f"trained {trainer.step_index} steps in {_fmt_duration(timings['train_loop_s'])}; routers: {ckpt_path}")
         if cfg.run.final_eval and procs.main and not (stopped or "").startswith("interrupted"):
@@ -467,6 +477,7 @@ def supervision_key(cfg: RunConfig, model_info: dict[str, Any]) -> dict[str, Any
     model's weights (not the dtype or device they were computed in)."""
     weights = {k: model_info.get(k) for k in ("source", "class", "parameters", "gguf_sha256")}
     return {"data": cfg.to_dict()["data"], "supervise_batches": cfg.train.supervise_batches,
+            "layer_choice_batches": cfg.train.layer_choice_batches,
             "targets": dict(sorted(cfg.train.targets.items())), "train_seed": cfg.train.seed,
             "router_on_prompt": cfg.train.router_on_prompt, "flux": cfg.flux.method_dict(), "model": weights}
 
@@ -497,9 +508,14 @@ def supervision_data(cfg: RunConfig, trainer: RouterTrainer, tokenizer: Any, pro
                 cfg.data, lengths=(min(cfg.data.lengths[0], 512),), batch_size=1))
             trainer.router_inputs([to_device(training_batch(short, tokenizer, 0), procs.device)])
         return stored, f"read {len(stored['want'])} examples from {path}"
+    middle = sorted({cfg.target_key(t) for t in cfg.data.tasks} & {k for k, v in cfg.train.targets.items() if 0 < v < 1})
+    choice: dict[str, Any] = {}
+    if cfg.train.layer_choice_batches and middle:
+        choice = trainer.choose_full_layers([to_device(b, procs.device) for b in family_batches(
+            cfg, tokenizer, middle, cfg.train.layer_choice_batches, procs.rank, procs.world)])
     batches = [to_device(training_batch(cfg, tokenizer, i, procs.rank, procs.world), procs.device)
                for i in range(cfg.train.supervise_batches)]
-    data = trainer.supervision_inputs(batches)
+    data = {**trainer.supervision_inputs(batches), "layer_choice": choice}
     if path is None:
         return data, f"{len(data['want'])} examples run with their target routes"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,11 @@ class TrainConfig:
     # supervise_steps fitting steps of every router to its target on the pooled inputs those routes produce; 0: off
     supervise_batches: int = 0
     supervise_steps: int = 300
+    # a family with a middle target (0 < target < 1) runs full attention in the (1 - target) x layers whose full
+    # attention alone (every other layer sparse) lowers its loss most, measured on this many batches of its
+    # examples (`choose_full_layers`); 0: each example draws its full layers at random, and the routers then learn
+    # the target's probability on every layer (no decision at threshold 0.5)
+    layer_choice_batches: int = 0
     seed: int = 0  # the Gumbel noise: a function of (seed, step, example in the global batch)
     # weight of a distillation term: KL(untouched model || routed model) of the next-token distributions at the
     # label tokens, so routes keep what full attention would say and not only the labels' tokens; 0: off
@@ -63,6 +68,9 @@ class TrainConfig:
         if self.supervise_batches < 0 or self.supervise_steps < 1:
             raise ConfigError(f"TrainConfig.supervise_batches={self.supervise_batches} must be >= 0 (0: off) and "
                               f"supervise_steps={self.supervise_steps} >= 1")
+        if self.layer_choice_batches < 0:
+            raise ConfigError(f"TrainConfig.layer_choice_batches={self.layer_choice_batches} must be >= 0 (0: random "
+                              f"layers for middle targets)")
         if self.calibrate_batches < 0:
             raise ConfigError(f"TrainConfig.calibrate_batches={self.calibrate_batches} must be >= 0 (0: no calibration)")
         if not (isinstance(self.distill, (int, float)) and self.distill >= 0.0):
@@ -180,6 +188,7 @@ class RouterTrainer:
                                             weight_decay=0.0, maximize=True)
         self.router_opt: torch.optim.Optimizer | None = None
         self.step_index = 0
+        self.full_layers: dict[str, list[int]] = {}  # target key -> the layers route supervision runs full
 
     @staticmethod
     def _world() -> int:
@@ -239,26 +248,98 @@ class RouterTrainer:
         return summary
 
     def target_routes(self, batch: dict[str, Any], index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,) probability of full attention each example's target asks for (1 - its SA target) and (B, R)
-        0/1 routes drawn from it, a function of (train.seed, `index`, example): a family aimed at full attention
-        runs full, one aimed at sparse runs sparse, one in between a mix of layers."""
+        """(B, R) probability of full attention each example's target asks of each layer and (B, R) 0/1 routes
+        drawn from it, a function of (train.seed, `index`, example): a family aimed at full attention runs full,
+        one aimed at sparse runs sparse, one in between its `full_layers` full (when chosen) or a random mix."""
         unknown = sorted({t for t in batch["task"] if t not in self.cfg.targets})
         if unknown:
             raise ConfigError(f"route supervision: no train.targets entry for {unknown}; targets: "
                               f"{sorted(self.cfg.targets)}")
-        full = torch.tensor([1.0 - self.cfg.targets[t] for t in batch["task"]])  # (B,)
+        columns = self._route_columns()
+        full = torch.tensor([1.0 - self.cfg.targets[t] for t in batch["task"]])[:, None].repeat(1, columns)  # (B, R)
+        for row, task in enumerate(batch["task"]):
+            if task in self.full_layers:
+                full[row] = 0.0
+                full[row, self.full_layers[task]] = 1.0
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + 500_009 + index)
-        draws = torch.rand(len(full), self._route_columns(), generator=g)  # (B, R)
-        return full, (draws < full[:, None]).float()
+        draws = torch.rand(len(full), columns, generator=g)  # (B, R)
+        return full, (draws < full).float()
+
+    @torch.no_grad()
+    def forced_losses(self, batch: dict[str, Any], routes: torch.Tensor) -> torch.Tensor:
+        """(B,) each example's mean loss over its label tokens with the routes `routes` (B, R) 0/1 forced."""
+        self.recorder.clear()
+        self.set_router_tokens(batch)
+        self.recorder.forced = routes.to(batch["input_ids"].device)
+        try:
+            out = self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        finally:
+            self.recorder.clear()
+        logits = out.logits if hasattr(out, "logits") else out  # (B, T, V)
+        target = batch["labels"][:, 1:]  # (B, T-1)
+        per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE,
+                                    reduction="none").view(target.shape)  # (B, T-1)
+        return (per_token.sum(dim=1) / (target != IGNORE).sum(dim=1).clamp_min(1)).float().cpu()
+
+    @torch.no_grad()
+    def layer_gains(self, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Per target key of `batches`: (R,) mean drop of its examples' loss when that layer alone runs full
+        attention and every other layer sparse (one forward per layer and one all-sparse), averaged over all
+        processes' examples."""
+        columns = self._route_columns()
+        keys = sorted({t for b in batches for t in b["task"]})
+        sums, counts = torch.zeros(len(keys), columns, dtype=torch.float64), torch.zeros(len(keys), dtype=torch.float64)
+        for batch in batches:
+            rows = batch["input_ids"].shape[0]
+            sparse = self.forced_losses(batch, torch.zeros(rows, columns))  # (B,)
+            gains = torch.stack([sparse - self.forced_losses(batch, F.one_hot(torch.full((rows,), layer),
+                                                                              columns).float())
+                                 for layer in range(columns)], dim=1)  # (B, R)
+            for row, task in enumerate(batch["task"]):
+                sums[keys.index(task)] += gains[row].double()
+                counts[keys.index(task)] += 1
+        if self._world() > 1:  # every rank holds the same keys (the same families in its rows)
+            device = next(self.module.routers.parameters()).device
+            both = torch.cat([sums, counts[:, None]], dim=1).to(device)
+            dist.all_reduce(both)
+            sums, counts = both[:, :-1].cpu(), both[:, -1].cpu()
+        return {k: (sums[i] / counts[i].clamp_min(1)).float() for i, k in enumerate(keys)}
+
+    @torch.no_grad()
+    def choose_full_layers(self, batches: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Set `full_layers` of every target key of `batches` that has a middle target: its floor((1 - target) x R
+        + 1/2) layers of largest `layer_gains`. Returns per such key the layers, every layer's gain and the mean
+        loss of its examples (this process's) all-sparse, with the chosen layers full, and all-full."""
+        columns = self._route_columns()
+        gains = {k: g for k, g in self.layer_gains(batches).items() if 0.0 < self.cfg.targets[k] < 1.0}
+        report: dict[str, dict[str, Any]] = {}
+        for key, gain in gains.items():
+            count = math.floor((1.0 - self.cfg.targets[key]) * columns + 0.5)
+            self.full_layers[key] = sorted(gain.argsort(descending=True)[:count].tolist())
+            report[key] = {"layers": self.full_layers[key], "gains": [round(g, 5) for g in gain.tolist()]}
+        every = list(range(columns))
+        for name, full_of in (("loss_sparse", lambda t: []), ("loss_chosen", lambda t: self.full_layers.get(t, [])),
+                              ("loss_full", lambda t: every)):
+            losses: dict[str, list[float]] = {}
+            for batch in batches:
+                routes = torch.zeros(len(batch["task"]), columns)  # (B, R)
+                for row, task in enumerate(batch["task"]):
+                    routes[row, full_of(task)] = 1.0
+                for task, loss in zip(batch["task"], self.forced_losses(batch, routes).tolist()):
+                    losses.setdefault(task, []).append(loss)
+            for key in report:
+                report[key][name] = sum(losses[key]) / len(losses[key])
+        return report
 
     def supervision_inputs(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
         """Route supervision's data: run `batches` with their target routes (`target_routes`) and keep every
-        router's pooled inputs. Returns {"inputs": R x (N, D) float32, "want": (N,) target probability of full
-        attention, "tasks": N family names}; `fit_routes` fits the routers to it (a file can hold it between)."""
+        router's pooled inputs. Returns {"inputs": R x (N, D) float32, "want": (N, R) target probability of full
+        attention per layer, "tasks": N family names}; `fit_routes` fits the routers to it (a file can hold it
+        between)."""
         device = batches[0]["input_ids"].device
         drawn = [self.target_routes(b, i) for i, b in enumerate(batches)]
         inputs = self.router_inputs(batches, [routes.to(device) for _, routes in drawn])  # R x (N, D)
-        want = torch.cat([full for full, _ in drawn]).to(device)  # (N,)
+        want = torch.cat([full for full, _ in drawn]).to(device)  # (N, R)
         return {"inputs": inputs, "want": want, "tasks": [t for b in batches for t in b["task"]]}
 
     def supervise(self, batches: list[dict[str, Any]], steps: int, calibrate: bool = False) -> dict[str, Any]:
@@ -268,7 +349,8 @@ class RouterTrainer:
 
     def fit_routes(self, inputs: list[torch.Tensor], want: torch.Tensor, steps: int, calibrate: bool = False
                    ) -> dict[str, Any]:
-        """Fit every router to its layer's target probability of full attention `want` (N,) on its pooled inputs
+        """Fit every router to its layer's target probability of full attention `want` (N, R), or (N,) for every
+        layer alike, on its pooled inputs
         `inputs[r]` (N, D) (binary cross-entropy on logit_full - logit_sparse, up to `steps` full-batch AdamW steps
         at train.router_lr on four fifths of the examples; the step with the lowest loss on the other fifth is
         kept). A warm start for the Lagrangian phase: the routers begin context-aware instead of at the sparsity
@@ -280,16 +362,17 @@ class RouterTrainer:
                               f"{len(self.module.routers)}")
         device = next(self.module.routers.parameters()).device
         inputs, want = [x.to(device, torch.float32) for x in inputs], want.to(device, torch.float32)
+        want = want[:, None].expand(-1, len(inputs)) if want.dim() == 1 else want[:, :len(inputs)]  # (N, R)
         calibration = self.calibrate([], inputs) if calibrate else None
         # every fifth example checks the fit: the routers keep the step with the lowest loss on them
-        check = torch.arange(want.numel(), device=device) % 5 == 4
+        check = torch.arange(want.shape[0], device=device) % 5 == 4
         params = list(self.module.routers.parameters())
         opt = torch.optim.AdamW(params, lr=self.cfg.router_lr, betas=self.cfg.betas,
                                 weight_decay=self.cfg.weight_decay)
 
         def losses() -> tuple[torch.Tensor, torch.Tensor]:
             margins = torch.stack([self._margin(r, x) for r, x in zip(self.module.routers, inputs)])  # (R, N)
-            each = F.binary_cross_entropy_with_logits(margins, want.expand_as(margins), reduction="none").mean(0)
+            each = F.binary_cross_entropy_with_logits(margins, want.T, reduction="none").mean(0)  # (N,)
             return each[~check].mean(), each[check].mean().detach()
 
         best = (float("inf"), -1, [p.detach().clone() for p in params])
@@ -309,10 +392,12 @@ class RouterTrainer:
         with torch.no_grad():
             for p, kept in zip(params, best[2]):
                 p.copy_(kept)
-            sided = (want != 0.5) & check
-            accuracy = [float(((self._margin(r, x) > 0) == (want > 0.5))[sided].float().mean()) if sided.any()
-                        else float("nan") for r, x in zip(self.module.routers, inputs)]
-        return {"examples": int(want.numel()), "checked": int(check.sum()), "loss": best[0], "step": best[1],
+            accuracy = []
+            for r, x, aim in zip(self.module.routers, inputs, want.T):  # aim (N,): this layer's targets
+                sided = (aim != 0.5) & check
+                accuracy.append(float(((self._margin(r, x) > 0) == (aim > 0.5))[sided].float().mean())
+                                if sided.any() else float("nan"))
+        return {"examples": int(want.shape[0]), "checked": int(check.sum()), "loss": best[0], "step": best[1],
                 "accuracy": accuracy, "calibration": calibration}
 
     def _model_layers(self) -> int | None:
