@@ -39,7 +39,7 @@ SOURCES: dict[str, tuple[str, str]] = {
     "e2e": ("e2e", "e2e/e2e_h100.json"),
     "router_op": ("router_op", "e2e/router_op_h100.json"),
     "export": ("export", "gpu/export_gpu_h100_2026-11-24.json"),
-    "training": ("training", "training/smollm2_eval_h100_2k8k.json"),
+    "training": ("training", "training/smollm2_eval_h100_200.json"),
     "kernels": ("kernels", "kernels_h100.json"),
     "kernels_decode": ("kernels", "kernels_h100_decode.json"),
     "kernels_ring": ("kernels", "kernels_h100_ring_decode.json"),

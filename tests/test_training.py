@@ -348,7 +348,7 @@ def test_layer_choice_takes_the_layers_whose_full_attention_lowers_the_loss_most
     torch.manual_seed(0)
     model = tiny_model("llama", "sdpa", layers=4)
     targets = {"holistic": 0.5, "retrieval": 0.0}
-    trainer = RouterTrainer(model, CFG, TrainConfig(steps=0, supervise_batches=4, layer_choice_batches=1,
+    trainer = RouterTrainer(model, CFG, TrainConfig(steps=0, supervise_batches=4, layer_choice=("holistic",),
                                                     router_lr=1e-2, targets=targets))
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 120, (3, 24), generator=g)
@@ -398,8 +398,10 @@ def test_supervision_config_is_checked():
         TrainConfig(steps=0)
     with pytest.raises(ConfigError, match="supervise_steps=0"):
         TrainConfig(supervise_batches=2, supervise_steps=0)
-    with pytest.raises(ConfigError, match="layer_choice_batches=-1"):
-        TrainConfig(supervise_batches=2, layer_choice_batches=-1)
+    with pytest.raises(ConfigError, match="layer_choice_batches=0"):
+        TrainConfig(supervise_batches=2, layer_choice_batches=0)
+    with pytest.raises(ConfigError, match=r"layer_choice names 'retrieval', whose target is 1.0; list only"):
+        TrainConfig(supervise_batches=2, targets={"retrieval": 1.0}, layer_choice=("retrieval",))
     trainer = RouterTrainer(tiny_model("llama", "sdpa", layers=2), CFG,
                             TrainConfig(steps=0, supervise_batches=1, targets={"holistic": 1.0}))
     with pytest.raises(ConfigError, match=r"no train.targets entry for \['retrieval'\]"):

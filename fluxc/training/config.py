@@ -134,6 +134,8 @@ class RunConfig:
             raise ConfigError(f"unknown key(s) {sorted(unknown)} in [train]; known: {sorted(_TRAIN_FIELDS | {'trainable'})}")
         if "betas" in train:
             train["betas"] = tuple(train["betas"])
+        if "layer_choice" in train:
+            train["layer_choice"] = tuple(train["layer_choice"])
         cfg = cls(model=_build(ModelSpec, data.get("model", {}), "model"), flux=FluxConfig.from_dict(flux),
                   train=TrainConfig(**train), trainable=trainable,
                   data=_build(DataSpec, data.get("data", {}), "data"), run=_build(RunSpec, data.get("run", {}), "run"),

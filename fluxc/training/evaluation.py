@@ -410,44 +410,69 @@ def _breakdown(examples: list[Example], outcomes: list[int], nll: list[float],
     return out
 
 
+def _shard_positions(family_index: int, examples: int, shard: tuple[int, int]) -> list[int]:
+    """Indices within its family of the examples shard (i, n) holds of family number `family_index` (the held-out
+    list is ordered by family, `examples` each, and a shard takes every n-th example of it from the i-th)."""
+    start = family_index * examples
+    first = start + (shard[0] - start) % shard[1]
+    return [g - start for g in range(first, start + examples, shard[1])]
+
+
 def merge_evaluations(docs: list[dict[str, Any]]) -> dict[str, Any]:
     """One eval.json from those of the shards of one evaluation (`eval.shard`): per family and mode the examples'
-    outcomes (or NLLs) in shard order, with every statistic recomputed from them as one run gives it. The shards
-    must share the router, the SA method and the config but for `eval.shard`; ``complete`` when all n shards are
-    there and each finished."""
+    outcomes (or NLLs) in the order one run holds them, with every statistic recomputed from them as one run
+    gives it. Runs may split the modes between them (`eval.modes`; say full and router in two shards, all-sparse in
+    one): each mode's rows come from the runs that have it, whose shards must be [0, n] ... [n-1, n] of one n. Runs
+    share the SA method and the config but for `eval.shard` and `eval.modes`, and those with a router the router;
+    ``complete`` when every mode has all its shards and each finished."""
     if not docs:
         raise ConfigError("merge_evaluations: no eval.json to merge")
 
     def sameness(doc: dict[str, Any]) -> dict[str, str]:
-        """What must agree, by name: the config but where outputs go (run) and the shard, the method, the router."""
+        """What must agree, by name: the config but where outputs go (run), the shard and the modes; the method."""
         config = json.loads(json.dumps(doc.get("config") or {}, default=str))
         config.pop("run", None)
-        for key in ("shard", "out"):
+        for key in ("shard", "out", "modes"):
             config.get("eval", {}).pop(key, None)
         parts = {f"config.{k}": v for k, v in config.items()}
-        parts.update(flux=doc.get("flux"), router_provenance=doc.get("router_provenance"))
+        parts.update(flux=doc.get("flux"))
         return {k: json.dumps(v, sort_keys=True, default=str) for k, v in parts.items()}
 
     reference = sameness(docs[0])
     differ = sorted({k for d in docs[1:] for k, v in sameness(d).items() if reference.get(k) != v})
-    if differ:
-        raise ConfigError(f"merge_evaluations: the eval.json files differ in {differ}; merge only the shards of one "
-                          f"evaluation (same router, method and config but eval.shard)")
+    routers = {json.dumps(d.get("router_provenance"), sort_keys=True, default=str) for d in docs
+               if d.get("router_provenance") is not None}
+    if differ or len(routers) > 1:
+        raise ConfigError(f"merge_evaluations: the eval.json files differ in {differ + ['router'] * (len(routers) > 1)};"
+                          f" merge only the shards of one evaluation (same router, method and config but eval.shard "
+                          f"and eval.modes)")
     shards = [tuple((d.get("config") or {}).get("eval", {}).get("shard", (0, 1))) for d in docs]
-    if len(set(shards)) != len(shards) or len({n for _, n in shards}) != 1:
-        raise ConfigError(f"merge_evaluations: shards {shards} repeat or disagree on their count; give each shard "
-                          f"[i, n] of one evaluation once")
-    order = sorted(range(len(docs)), key=lambda i: shards[i])
-    docs = [docs[i] for i in order]
+    tasks = list((docs[0].get("config") or {}).get("eval", {}).get("tasks") or docs[0]["families"])
+    examples = int((docs[0].get("config") or {}).get("eval", {}).get("examples", 0))
     families: dict[str, dict[str, Any]] = {}
+    complete = True
     for task, first in docs[0]["families"].items():
-        modes = [m for m in first["modes"] if all(m in d["families"].get(task, {}).get("modes", {}) for d in docs)]
-        family = {**{k: v for k, v in first.items() if k != "modes"}, "modes": {},
-                  "examples": sum(d["families"][task]["examples"] for d in docs)}
+        modes = sorted({m for d in docs for m in d["families"].get(task, {}).get("modes", {})},
+                       key=lambda m: (("full", "sparse", "router").index(m) if m in ("full", "sparse", "router") else 3,
+                                      m))  # one run's order: forced routes, the router, its other thresholds
+        family = {**{k: v for k, v in first.items() if k != "modes"}, "modes": {}, "examples": examples}
         for mode in modes:
-            rows = [d["families"][task]["modes"][mode] for d in docs]
+            holders = sorted((shards[i], d) for i, d in enumerate(docs) if mode in d["families"][task]["modes"])
+            parts = [s for s, _ in holders]
+            if len(set(parts)) != len(parts) or len({n for _, n in parts}) != 1:
+                raise ConfigError(f"merge_evaluations: mode {mode!r} has shards {[list(s) for s in parts]}, which "
+                                  f"repeat or disagree on their count; give each shard [i, n] of one evaluation once")
+            complete = complete and len(parts) == parts[0][1] and all(d.get("complete") for _, d in holders)
+            rows = [d["families"][task]["modes"][mode] for _, d in holders]
+            positions = [_shard_positions(tasks.index(task), examples, s) for s in parts]
             counts = [len(r.get("outcomes") or r.get("nll") or []) for r in rows]
             n = max(1, sum(counts))
+            placed = sorted(range(sum(counts)), key=[p for ps, c in zip(positions, counts) for p in ps[:c]].__getitem__)
+
+            def joined(key: str, rows: list[dict[str, Any]] = rows, placed: list[int] = placed) -> list[Any]:
+                values = [v for r in rows for v in r[key]]
+                return [values[i] for i in placed]  # in the held-out list's order, as one run holds them
+
             row: dict[str, Any] = {"threshold": rows[0].get("threshold")}
             row["sa_fraction"] = sum(r["sa_fraction"] * c for r, c in zip(rows, counts)) / n
             row["work_saved"] = sum(r["work_saved"] * c for r, c in zip(rows, counts)) / n
@@ -457,18 +482,17 @@ def merge_evaluations(docs: list[dict[str, Any]]) -> dict[str, Any]:
                                             if per_layer else [])
             row["breakdown"] = _merge_breakdowns([r.get("breakdown") or {} for r in rows])
             if "outcomes" in rows[0]:
-                outcomes = [o for r in rows for o in r["outcomes"]]
+                outcomes = joined("outcomes")
                 row.update(accuracy=sum(outcomes) / max(1, len(outcomes)), correct=sum(outcomes),
                            ci95=list(wilson(sum(outcomes), len(outcomes))), outcomes=outcomes)
             else:
-                nll = [v for r in rows for v in r["nll"]]
-                tokens = [v for r in rows for v in r["target_tokens"]]
+                nll, tokens = joined("nll"), joined("target_tokens")
                 per_token, low, high = ratio_ci(nll, tokens)
                 row.update(nll_per_token=per_token, perplexity=math.exp(per_token), tokens=sum(tokens),
                            ci95=[math.exp(low), math.exp(high)], nll=nll, target_tokens=tokens)
             family["modes"][mode] = row
         families[task] = family
-    base = docs[0]
+    base = next((d for d in docs if d.get("router_provenance") is not None), docs[0])
     summary, criteria = _summarise(families, (base.get("summary") or {}).get("capable_threshold", 0.5))
     samples: dict[str, list[Any]] = {}
     for d in docs:
@@ -480,15 +504,15 @@ def merge_evaluations(docs: list[dict[str, Any]]) -> dict[str, Any]:
     for d in docs:
         for key, value in (d.get("timings") or {}).items():
             timings[key] = timings.get(key, 0.0) + value
-    n_shards = shards[0][1]
-    return {"complete": len(docs) == n_shards and all(d.get("complete") for d in docs), "families": families,
+    config["eval"]["modes"] = list(dict.fromkeys(m for f in families.values() for m in f["modes"]))
+    return {"complete": complete, "families": families,
             "summary": summary, "criteria": criteria, "samples": samples, "table": markdown_table(families),
             "pareto": pareto(families), "config": config, "flux": base.get("flux"), "router": base.get("router"),
             "router_provenance": base.get("router_provenance"), "lengths": base.get("lengths"),
             "layers": base.get("layers"), "timings": timings,
             "provenance": base.get("provenance"), "merged": [
-                {"shard": list(s), "complete": d.get("complete"), "provenance": d.get("provenance")}
-                for s, d in zip(sorted(shards), docs)]}
+                {"shard": list(s), "modes": (d.get("config") or {}).get("eval", {}).get("modes"),
+                 "complete": d.get("complete"), "provenance": d.get("provenance")} for s, d in zip(shards, docs)]}
 
 
 def _merge_breakdowns(parts: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:

@@ -412,10 +412,12 @@ def train(cfg: RunConfig, *, model: torch.nn.Module | None = None, tokenizer: An
             if layer_choice:
                 provenance["layer_choice"] = layer_choice  # in the router file's header: which layers and why
             for key, c in layer_choice.items():
-                closed = (c["loss_sparse"] - c["loss_chosen"]) / max(c["loss_sparse"] - c["loss_full"], 1e-9)
+                gap = c["loss_sparse"] - c["loss_full"]
+                closed = (f"{(c['loss_sparse'] - c['loss_chosen']) / gap:.0%} of the gap closed" if gap > 0
+                          else "all-sparse is no worse than all-full here")
                 say(f"layer choice for {key!r}: full attention in layers {c['layers']}, its loss all-sparse "
                     f"{c['loss_sparse']:.4f}, with them {c['loss_chosen']:.4f}, all-full {c['loss_full']:.4f} "
-                    f"({closed:.0%} of the gap closed)")
+                    f"({closed})")
             t = time.perf_counter()
             fit = trainer.fit_routes(data["inputs"], data["want"], cfg.train.supervise_steps,
                                      calibrate=cfg.train.calibrate_batches > 0)
@@ -477,7 +479,7 @@ def supervision_key(cfg: RunConfig, model_info: dict[str, Any]) -> dict[str, Any
     model's weights (not the dtype or device they were computed in)."""
     weights = {k: model_info.get(k) for k in ("source", "class", "parameters", "gguf_sha256")}
     return {"data": cfg.to_dict()["data"], "supervise_batches": cfg.train.supervise_batches,
-            "layer_choice_batches": cfg.train.layer_choice_batches,
+            "layer_choice": [list(cfg.train.layer_choice), cfg.train.layer_choice_batches],
             "targets": dict(sorted(cfg.train.targets.items())), "train_seed": cfg.train.seed,
             "router_on_prompt": cfg.train.router_on_prompt, "flux": cfg.flux.method_dict(), "model": weights}
 
@@ -508,11 +510,10 @@ def supervision_data(cfg: RunConfig, trainer: RouterTrainer, tokenizer: Any, pro
                 cfg.data, lengths=(min(cfg.data.lengths[0], 512),), batch_size=1))
             trainer.router_inputs([to_device(training_batch(short, tokenizer, 0), procs.device)])
         return stored, f"read {len(stored['want'])} examples from {path}"
-    middle = sorted({cfg.target_key(t) for t in cfg.data.tasks} & {k for k, v in cfg.train.targets.items() if 0 < v < 1})
     choice: dict[str, Any] = {}
-    if cfg.train.layer_choice_batches and middle:
+    if cfg.train.layer_choice:
         choice = trainer.choose_full_layers([to_device(b, procs.device) for b in family_batches(
-            cfg, tokenizer, middle, cfg.train.layer_choice_batches, procs.rank, procs.world)])
+            cfg, tokenizer, list(cfg.train.layer_choice), cfg.train.layer_choice_batches, procs.rank, procs.world)])
     batches = [to_device(training_batch(cfg, tokenizer, i, procs.rank, procs.world), procs.device)
                for i in range(cfg.train.supervise_batches)]
     data = {**trainer.supervision_inputs(batches), "layer_choice": choice}

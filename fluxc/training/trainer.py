@@ -51,11 +51,12 @@ class TrainConfig:
     # supervise_steps fitting steps of every router to its target on the pooled inputs those routes produce; 0: off
     supervise_batches: int = 0
     supervise_steps: int = 300
-    # a family with a middle target (0 < target < 1) runs full attention in the (1 - target) x layers whose full
-    # attention alone (every other layer sparse) lowers its loss most, measured on this many batches of its
-    # examples (`choose_full_layers`); 0: each example draws its full layers at random, and the routers then learn
-    # the target's probability on every layer (no decision at threshold 0.5)
-    layer_choice_batches: int = 0
+    # target keys (families) with a middle target whose full layers are measured rather than drawn: each runs
+    # full attention in the (1 - target) x layers whose full attention alone (every other layer sparse) lowers its
+    # loss most on `layer_choice_batches` batches of its examples (`choose_full_layers`); a middle target not
+    # listed draws its full layers at random per example, and its routers learn a probability, not a decision
+    layer_choice: tuple[str, ...] = ()
+    layer_choice_batches: int = 4
     seed: int = 0  # the Gumbel noise: a function of (seed, step, example in the global batch)
     # weight of a distillation term: KL(untouched model || routed model) of the next-token distributions at the
     # label tokens, so routes keep what full attention would say and not only the labels' tokens; 0: off
@@ -68,9 +69,14 @@ class TrainConfig:
         if self.supervise_batches < 0 or self.supervise_steps < 1:
             raise ConfigError(f"TrainConfig.supervise_batches={self.supervise_batches} must be >= 0 (0: off) and "
                               f"supervise_steps={self.supervise_steps} >= 1")
-        if self.layer_choice_batches < 0:
-            raise ConfigError(f"TrainConfig.layer_choice_batches={self.layer_choice_batches} must be >= 0 (0: random "
-                              f"layers for middle targets)")
+        if self.layer_choice_batches < 1:
+            raise ConfigError(f"TrainConfig.layer_choice_batches={self.layer_choice_batches} must be >= 1 (batches "
+                              f"per family of train.layer_choice)")
+        for key in self.layer_choice:
+            if not 0.0 < self.targets.get(key, -1.0) < 1.0:
+                raise ConfigError(f"TrainConfig.layer_choice names {key!r}, whose target is "
+                                  f"{self.targets.get(key, 'missing')}; list only train.targets keys with a target "
+                                  f"strictly between 0 and 1 (a share of layers to choose)")
         if self.calibrate_batches < 0:
             raise ConfigError(f"TrainConfig.calibrate_batches={self.calibrate_batches} must be >= 0 (0: no calibration)")
         if not (isinstance(self.distill, (int, float)) and self.distill >= 0.0):
@@ -307,11 +313,11 @@ class RouterTrainer:
 
     @torch.no_grad()
     def choose_full_layers(self, batches: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """Set `full_layers` of every target key of `batches` that has a middle target: its floor((1 - target) x R
-        + 1/2) layers of largest `layer_gains`. Returns per such key the layers, every layer's gain and the mean
+        """Set `full_layers` of every target key of `batches` listed in train.layer_choice: its floor((1 - target)
+        x R + 1/2) layers of largest `layer_gains`. Returns per such key the layers, every layer's gain and the mean
         loss of its examples (this process's) all-sparse, with the chosen layers full, and all-full."""
         columns = self._route_columns()
-        gains = {k: g for k, g in self.layer_gains(batches).items() if 0.0 < self.cfg.targets[k] < 1.0}
+        gains = {k: g for k, g in self.layer_gains(batches).items() if k in self.cfg.layer_choice}
         report: dict[str, dict[str, Any]] = {}
         for key, gain in gains.items():
             count = math.floor((1.0 - self.cfg.targets[key]) * columns + 0.5)
