@@ -375,6 +375,18 @@ def test_layer_choice_takes_the_layers_whose_full_attention_lowers_the_loss_most
     assert report["loss_chosen"] == pytest.approx(
         float(loss_with(["full" if i in best else "sparse" for i in range(4)]).mean()), abs=2e-5)
 
+    # two greedy rounds: the best layer alone, then the best one beside it
+    greedy = RouterTrainer(model, CFG, TrainConfig(steps=0, supervise_batches=4, layer_choice=("holistic",),
+                                                   layer_choice_rounds=2, targets=targets))
+    first = int(reference.argmax())
+    alone = loss_with(["full" if i == first else "sparse" for i in range(4)])
+    beside = torch.tensor([float((alone - loss_with(["full" if i in (first, layer) else "sparse"
+                                                        for i in range(4)])).mean()) if layer != first else -1e9
+                           for layer in range(4)])
+    two = greedy.choose_full_layers([batch])["holistic"]
+    assert two["layers"] == sorted([first, int(beside.argmax())]) and len(two["gains"]) == 2
+    torch.testing.assert_close(torch.tensor(two["gains"][1])[beside > -1], beside[beside > -1], atol=1e-4, rtol=1e-3)
+
     want, routes = trainer.target_routes({"task": ["holistic", "retrieval"]}, index=0)
     pattern = torch.zeros(4)
     pattern[best] = 1.0
@@ -398,6 +410,8 @@ def test_supervision_config_is_checked():
         TrainConfig(steps=0)
     with pytest.raises(ConfigError, match="supervise_steps=0"):
         TrainConfig(supervise_batches=2, supervise_steps=0)
+    with pytest.raises(ConfigError, match="layer_choice_rounds=0"):
+        TrainConfig(supervise_batches=2, layer_choice_rounds=0)
     with pytest.raises(ConfigError, match="layer_choice_batches=0"):
         TrainConfig(supervise_batches=2, layer_choice_batches=0)
     with pytest.raises(ConfigError, match=r"layer_choice names 'retrieval', whose target is 1.0; list only"):

@@ -479,7 +479,7 @@ def supervision_key(cfg: RunConfig, model_info: dict[str, Any]) -> dict[str, Any
     model's weights (not the dtype or device they were computed in)."""
     weights = {k: model_info.get(k) for k in ("source", "class", "parameters", "gguf_sha256")}
     return {"data": cfg.to_dict()["data"], "supervise_batches": cfg.train.supervise_batches,
-            "layer_choice": [list(cfg.train.layer_choice), cfg.train.layer_choice_batches],
+            "layer_choice": [list(cfg.train.layer_choice), cfg.train.layer_choice_batches, cfg.train.layer_choice_rounds],
             "targets": dict(sorted(cfg.train.targets.items())), "train_seed": cfg.train.seed,
             "router_on_prompt": cfg.train.router_on_prompt, "flux": cfg.flux.method_dict(), "model": weights}
 

@@ -57,6 +57,9 @@ class TrainConfig:
     # listed draws its full layers at random per example, and its routers learn a probability, not a decision
     layer_choice: tuple[str, ...] = ()
     layer_choice_batches: int = 4
+    # greedy rounds of the choice: each adds its share of the layers that lower the loss most given the layers
+    # already chosen (layers interact: alone, most barely matter), at one forward per remaining layer and round
+    layer_choice_rounds: int = 1
     seed: int = 0  # the Gumbel noise: a function of (seed, step, example in the global batch)
     # weight of a distillation term: KL(untouched model || routed model) of the next-token distributions at the
     # label tokens, so routes keep what full attention would say and not only the labels' tokens; 0: off
@@ -69,6 +72,9 @@ class TrainConfig:
         if self.supervise_batches < 0 or self.supervise_steps < 1:
             raise ConfigError(f"TrainConfig.supervise_batches={self.supervise_batches} must be >= 0 (0: off) and "
                               f"supervise_steps={self.supervise_steps} >= 1")
+        if self.layer_choice_rounds < 1:
+            raise ConfigError(f"TrainConfig.layer_choice_rounds={self.layer_choice_rounds} must be >= 1 (1: rank the "
+                              f"layers once)")
         if self.layer_choice_batches < 1:
             raise ConfigError(f"TrainConfig.layer_choice_batches={self.layer_choice_batches} must be >= 1 (batches "
                               f"per family of train.layer_choice)")
@@ -288,19 +294,26 @@ class RouterTrainer:
         return (per_token.sum(dim=1) / (target != IGNORE).sum(dim=1).clamp_min(1)).float().cpu()
 
     @torch.no_grad()
-    def layer_gains(self, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Per target key of `batches`: (R,) mean drop of its examples' loss when that layer alone runs full
-        attention and every other layer sparse (one forward per layer and one all-sparse), averaged over all
-        processes' examples."""
+    def layer_gains(self, batches: list[dict[str, Any]], chosen: dict[str, list[int]] | None = None
+                    ) -> dict[str, torch.Tensor]:
+        """Per target key of `batches`: (R,) mean drop of its examples' loss when that layer runs full attention
+        besides the key's `chosen` layers (none: every other layer sparse); 0 for the chosen layers themselves. One
+        forward per layer not chosen by any key, and one without it; averaged over all processes' examples."""
         columns = self._route_columns()
+        chosen = chosen or {}
         keys = sorted({t for b in batches for t in b["task"]})
         sums, counts = torch.zeros(len(keys), columns, dtype=torch.float64), torch.zeros(len(keys), dtype=torch.float64)
         for batch in batches:
-            rows = batch["input_ids"].shape[0]
-            sparse = self.forced_losses(batch, torch.zeros(rows, columns))  # (B,)
-            gains = torch.stack([sparse - self.forced_losses(batch, F.one_hot(torch.full((rows,), layer),
-                                                                              columns).float())
-                                 for layer in range(columns)], dim=1)  # (B, R)
+            base = torch.zeros(len(batch["task"]), columns)  # (B, R) each example's chosen layers full
+            for row, task in enumerate(batch["task"]):
+                base[row, chosen.get(task, [])] = 1.0
+            before = self.forced_losses(batch, base)  # (B,)
+            gains = torch.zeros(len(batch["task"]), columns)  # (B, R)
+            for layer in range(columns):
+                if not bool(base[:, layer].all()):
+                    with_layer = base.clone()
+                    with_layer[:, layer] = 1.0
+                    gains[:, layer] = (before - self.forced_losses(batch, with_layer)) * (1.0 - base[:, layer])
             for row, task in enumerate(batch["task"]):
                 sums[keys.index(task)] += gains[row].double()
                 counts[keys.index(task)] += 1
@@ -314,15 +327,25 @@ class RouterTrainer:
     @torch.no_grad()
     def choose_full_layers(self, batches: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """Set `full_layers` of every target key of `batches` listed in train.layer_choice: its floor((1 - target)
-        x R + 1/2) layers of largest `layer_gains`. Returns per such key the layers, every layer's gain and the mean
-        loss of its examples (this process's) all-sparse, with the chosen layers full, and all-full."""
+        x R + 1/2) layers, taken in `layer_choice_rounds` greedy rounds of largest `layer_gains` given the layers
+        taken before. Returns per such key the layers, every round's gains and the mean loss of its examples (this
+        process's) all-sparse, with the chosen layers full, and all-full."""
         columns = self._route_columns()
-        gains = {k: g for k, g in self.layer_gains(batches).items() if k in self.cfg.layer_choice}
+        keys = sorted({t for b in batches for t in b["task"]} & set(self.cfg.layer_choice))
+        wanted = {k: math.floor((1.0 - self.cfg.targets[k]) * columns + 0.5) for k in keys}
+        chosen: dict[str, list[int]] = {k: [] for k in keys}
+        rounds: dict[str, list[list[float]]] = {k: [] for k in keys}
+        for done in range(self.cfg.layer_choice_rounds):
+            gains = self.layer_gains(batches, chosen)
+            for key in keys:
+                take = math.ceil((wanted[key] - len(chosen[key])) / (self.cfg.layer_choice_rounds - done))
+                order = [i for i in gains[key].argsort(descending=True).tolist() if i not in chosen[key]]
+                chosen[key] += order[:take]
+                rounds[key].append([round(g, 5) for g in gains[key].tolist()])
         report: dict[str, dict[str, Any]] = {}
-        for key, gain in gains.items():
-            count = math.floor((1.0 - self.cfg.targets[key]) * columns + 0.5)
-            self.full_layers[key] = sorted(gain.argsort(descending=True)[:count].tolist())
-            report[key] = {"layers": self.full_layers[key], "gains": [round(g, 5) for g in gain.tolist()]}
+        for key in keys:
+            self.full_layers[key] = sorted(chosen[key])
+            report[key] = {"layers": self.full_layers[key], "gains": rounds[key]}
         every = list(range(columns))
         for name, full_of in (("loss_sparse", lambda t: []), ("loss_chosen", lambda t: self.full_layers.get(t, [])),
                               ("loss_full", lambda t: every)):
