@@ -26,9 +26,9 @@ def test_tables_from_committed_results(regions):
         in regions["e2e"]
     assert "| prefill / analytical floor | 1.11-1.15 | 1.08-1.11 | 1.07 | 1.03-1.05 |  |" in regions["e2e"]
     assert "| aoti-sparse | 10.4 (1.29x) | 36.4 (1.98x) |" in regions["export"]
-    assert "| passkey | retrieval | accuracy | 50.0% (15/30) | 0.0% (0/30) | 43.3% (13/30) | 0.07 | 4.9% |" \
+    assert "| passkey | retrieval | accuracy | 62.0% (124/200) | 0.0% (0/200) | 55.5% (111/200) | 0.06 | 4.6% |" \
         in regions["training"]
-    assert "Source: `benchmarks/results/training/smollm2_eval_h100_2k8k.json`; NVIDIA H100 80GB HBM3;" \
+    assert "Source: `benchmarks/results/training/smollm2_eval_h100_200.json`; NVIDIA H100 80GB HBM3;" \
         in regions["training"]
     assert "| 128K | 441.1 | 241.7 (582) |" in regions["kernels-prefill"]
     assert "| 8, 32K | 0.368 / 0.354 |" in regions["kernels-decode"]
@@ -44,7 +44,8 @@ def test_targets_region(regions):
     text = regions["targets"]
     assert "`benchmarks/results/e2e/e2e_h100.json`: 25 met, 10 missed, 3 not measured." in text
     assert "- **missed**: decode 32768 B=8: fluxc r=0 / r=0.75: 1.582 (goal >= 1.8)" in text
-    assert "- met: SA-fraction gap, holistic - retrieval families (router): 0.9019 (goal >= 0.4)" in text
+    assert "- met: SA-fraction gap, holistic - retrieval families (router): 0.9036 (goal >= 0.4)" in text
+    assert "- **missed**: lm: router / full perplexity: 1.107 (goal <= 1.02)" in text
 
 
 def test_new_style_provenance_is_shown(tmp_path):
