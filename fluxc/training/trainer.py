@@ -145,13 +145,18 @@ def mark_dynamic(*tensors: torch.Tensor, dims: tuple[int, ...] = (0, 1)) -> None
                 torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
-def lm_terms(logits: torch.Tensor, labels: torch.Tensor, average: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
-    """(total, count) of the LM loss: summed token cross-entropy and label tokens ("token"), or summed per-example
-    means and examples with labels ("example"); the loss is total / count, over one process or all of them."""
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T-1) next-token cross-entropy at the label tokens (0 elsewhere) and (B,) label tokens per example."""
     target = labels[:, 1:]  # (B, T-1)
     per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE,
                                 reduction="none").view(target.shape)  # (B, T-1); one float copy of the logits
-    counts = (target != IGNORE).sum(dim=1)  # (B,)
+    return per_token, (target != IGNORE).sum(dim=1)
+
+
+def lm_terms(logits: torch.Tensor, labels: torch.Tensor, average: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
+    """(total, count) of the LM loss: summed token cross-entropy and label tokens ("token"), or summed per-example
+    means and examples with labels ("example"); the loss is total / count, over one process or all of them."""
+    per_token, counts = token_nll(logits, labels)  # (B, T-1), (B,)
     if average == "token":
         return per_token.sum(), counts.sum().to(per_token.dtype)
     per_example = per_token.sum(dim=1) / counts.clamp_min(1)  # (B,)
@@ -287,11 +292,8 @@ class RouterTrainer:
             out = self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         finally:
             self.recorder.clear()
-        logits = out.logits if hasattr(out, "logits") else out  # (B, T, V)
-        target = batch["labels"][:, 1:]  # (B, T-1)
-        per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE,
-                                    reduction="none").view(target.shape)  # (B, T-1)
-        return (per_token.sum(dim=1) / (target != IGNORE).sum(dim=1).clamp_min(1)).float().cpu()
+        per_token, counts = token_nll(out.logits if hasattr(out, "logits") else out, batch["labels"])
+        return (per_token.sum(dim=1) / counts.clamp_min(1)).cpu()
 
     @torch.no_grad()
     def layer_gains(self, batches: list[dict[str, Any]], chosen: dict[str, list[int]] | None = None
