@@ -40,7 +40,7 @@ from fluxc.hf_compat import cache_keyword, output_cache
 from fluxc.stats import attention_work
 
 from .batches import heldout_examples
-from .config import RunConfig
+from .config import MODES, RunConfig
 from .data import IGNORE, PERPLEXITY_TASKS, TASKS, Example, end_of_turn_id, is_correct
 from .models import DTYPES, load_model, resolve_device
 from .runs import record_run, run_provenance, sha256_file
@@ -442,8 +442,10 @@ def merge_evaluations(docs: list[dict[str, Any]]) -> dict[str, Any]:
     differ = sorted({k for d in docs[1:] for k, v in sameness(d).items() if reference.get(k) != v})
     routers = {json.dumps(d.get("router_provenance"), sort_keys=True, default=str) for d in docs
                if d.get("router_provenance") is not None}
-    if differ or len(routers) > 1:
-        raise ConfigError(f"merge_evaluations: the eval.json files differ in {differ + ['router'] * (len(routers) > 1)};"
+    if len(routers) > 1:
+        differ.append("router")
+    if differ:
+        raise ConfigError(f"merge_evaluations: the eval.json files differ in {differ};"
                           f" merge only the shards of one evaluation (same router, method and config but eval.shard "
                           f"and eval.modes)")
     shards = [tuple((d.get("config") or {}).get("eval", {}).get("shard", (0, 1))) for d in docs]
@@ -453,8 +455,7 @@ def merge_evaluations(docs: list[dict[str, Any]]) -> dict[str, Any]:
     complete = True
     for task, first in docs[0]["families"].items():
         modes = sorted({m for d in docs for m in d["families"].get(task, {}).get("modes", {})},
-                       key=lambda m: (("full", "sparse", "router").index(m) if m in ("full", "sparse", "router") else 3,
-                                      m))  # one run's order: forced routes, the router, its other thresholds
+                       key=lambda m: (MODES.index(m) if m in MODES else len(MODES), m))  # one run's order
         family = {**{k: v for k, v in first.items() if k != "modes"}, "modes": {}, "examples": examples}
         for mode in modes:
             holders = sorted((shards[i], d) for i, d in enumerate(docs) if mode in d["families"][task]["modes"])
